@@ -1,0 +1,202 @@
+"""`arc-encoder`: inspect checkpoints, compress text, generate from compressed context.
+
+Training jobs live in `arc-encoder-train` (Lightning); this command only needs the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    """Texts from --text (repeatable) or --input (.txt: one per line; .jsonl: field 'text')."""
+    if args.text:
+        return list(args.text)
+    path = Path(args.input)
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {path}: no such file")
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}:{i + 1}: expected a JSON object with a 'text' field ({err})") from err
+        return texts
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from .config import EncoderConfig
+    from .model import ARCModel
+
+    cfg = EncoderConfig(
+        base_model=args.base_model,
+        layers_removed=args.layers_removed,
+        pooling_factor=args.pooling_factor,
+        chunk_len=args.chunk_len,
+    )
+    model = ARCModel.from_base_model(cfg, torch_dtype=DTYPES[args.dtype])
+    for spec in args.decoder or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--decoder {spec!r}: expected NAME=PATH")
+        decoder = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
+        model.add_decoder(name, decoder, hidden_dim=args.projector_hidden, decoder_path=path)
+        del decoder
+    model.to(DTYPES[args.dtype])
+    out = model.save_pretrained(args.output, overwrite=args.overwrite)
+    print(f"wrote {out} (encoder {sum(p.numel() for p in model.encoder.parameters()):,} params, "
+          f"projectors {sorted(model.projectors)})")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint import read_config, read_manifest
+
+    cfg = read_config(args.checkpoint)
+    manifest = read_manifest(args.checkpoint)
+    enc = cfg.encoder
+    print(f"checkpoint   {args.checkpoint}")
+    print(f"encoder      {enc.base_model} minus {enc.layers_removed} layers, pooling x{enc.pooling_factor} "
+          f"({enc.pooled_query_positions}), chunks of {enc.chunk_len} tokens, up to {enc.max_chunks} chunks")
+    print(f"dtype        {manifest['dtype']}")
+    for name, p in cfg.projectors.items():
+        print(f"projector    {name}: {p.input_dim} -> {p.hidden_dim} -> {p.output_dim} "
+              f"(activation {p.activation}, decoder {p.decoder or '?'})")
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"files        {len(manifest['files'])}, {total / 2**20:.1f} MiB")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import verify_checkpoint
+
+    problems = verify_checkpoint(args.checkpoint)
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        print(f"OK {args.checkpoint}: every file matches the manifest")
+    return 1 if problems else 0
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from .model import ARCModel
+    from .storage import atomic_save_tensors
+
+    device = _device(args.device)
+    model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
+    texts = _read_texts(args)
+    with torch.no_grad():
+        ctx = model.compress(texts, args.decoder)
+    atomic_save_tensors(
+        args.output,
+        {"embeddings": ctx.embeddings, "lengths": ctx.lengths},
+        {"decoder": args.decoder, "checkpoint": str(Path(args.checkpoint).resolve())},
+    )
+    n_tokens = sum(len(t) for t in model.tokenize(texts))
+    print(f"compressed {len(texts)} texts, {n_tokens} tokens -> {int(ctx.lengths.sum())} vectors "
+          f"of width {ctx.embeddings.shape[-1]}; wrote {args.output}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import ARCModel, freeze_decoder
+
+    device = _device(args.device)
+    model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
+    path = args.decoder_path or model.projector(args.decoder).config.decoder
+    if not path:
+        raise ValueError("the checkpoint does not record where the decoder is; pass --decoder-path")
+    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path).to(device))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    contexts = [Path(args.context_file).read_text()] if args.context_file else [args.context]
+    if not contexts[0]:
+        raise ValueError("give --context or --context-file")
+    out = model.generate(decoder, tokenizer, args.decoder, contexts, [args.prompt],
+                         max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(out[0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arc-encoder",
+        description="Compress text into a few continuous vectors that a frozen LLM reads "
+        "instead of the text (ARC-Encoder). Training: see `arc-encoder-train --help`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="build an untrained checkpoint from a causal LM (+ decoders)",
+                       description="Cut an encoder out of a local HF causal LM and add one fresh "
+                       "projector per --decoder. Train it with `arc-encoder-train pretrain`.")
+    p.add_argument("output", help="checkpoint directory to create")
+    p.add_argument("--base-model", required=True, help="local path of the HF causal LM the encoder starts from")
+    p.add_argument("--decoder", action="append", metavar="NAME=PATH", help="frozen decoder to add a projector for (repeatable)")
+    p.add_argument("--pooling-factor", type=int, default=4, help="tokens per compressed vector (default 4)")
+    p.add_argument("--layers-removed", type=int, default=2, help="last blocks dropped from the LM (default 2)")
+    p.add_argument("--chunk-len", type=int, default=1024, help="tokens per independently compressed chunk")
+    p.add_argument("--projector-hidden", type=int, default=2048, help="projector MLP width (default 2048)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("info", help="print a checkpoint's config and files")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check every checkpoint file against its manifest checksums")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("compress", help="compress texts into a safetensors file of decoder-space vectors",
+                       description="Writes 'embeddings' [texts, max_vectors, decoder_dim] and 'lengths' [texts].")
+    p.add_argument("checkpoint")
+    p.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="a text to compress (repeatable)")
+    src.add_argument("--input", help=".txt (one text per line) or .jsonl (field 'text')")
+    p.add_argument("--output", required=True, help="safetensors file to write (atomically)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("generate", help="answer a prompt from a compressed context with the frozen decoder")
+    p.add_argument("checkpoint")
+    p.add_argument("--decoder", required=True, help="projector name")
+    p.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
+    ctx = p.add_mutually_exclusive_group(required=True)
+    ctx.add_argument("--context", help="context text, compressed before decoding")
+    ctx.add_argument("--context-file", help="file whose text is the context")
+    p.add_argument("--prompt", required=True, help="text that follows the compressed context")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"arc-encoder {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

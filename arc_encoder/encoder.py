@@ -1,0 +1,297 @@
+"""ARCEncoder: a Hugging Face causal LM turned into a bidirectional, pooling text encoder.
+
+The backbone is the base transformer of any Llama-family causal LM (Llama, Mistral, Qwen2,
+Qwen3: blocks with ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
+``post_attention_layernorm`` and ``mlp``). We keep the backbone's own blocks and attention
+kernels for every layer but the last, called with a padding-only (bidirectional) mask. The
+last block is run here, with its queries averaged in groups of ``pooling_factor`` while
+keys and values stay full length, so a chunk of n tokens becomes ceil(n / pooling_factor)
+vectors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from .config import EncoderConfig
+
+_REQUIRED_BLOCK_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
+_REQUIRED_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class EncoderOutput:
+    """Pooled encoder states. Row b holds ``lengths[b]`` valid vectors, then padding."""
+
+    hidden_states: torch.Tensor  # [batch, compressed_len, hidden]
+    attention_mask: torch.Tensor  # [batch, compressed_len], bool, True = valid
+    lengths: torch.Tensor  # [batch], long
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """'auto' means flash-attn 2 when it is installed and a GPU is present, else PyTorch SDPA."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and not flash_attn_available():
+            raise ValueError("attn_implementation='flash_attention_2' but flash_attn is not installed")
+        return requested
+    if flash_attn_available() and torch.cuda.is_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def pool_groups(x: torch.Tensor, valid: torch.Tensor, pooling_factor: int) -> torch.Tensor:
+    """Mean over consecutive groups of ``pooling_factor`` positions along dim -2.
+
+    x: [batch, ..., n, d]; valid: [batch, n] bool (right padded). Padding never enters a
+    mean, so a sequence's shorter tail group is the mean of its real tokens only.
+    Returns [batch, ..., ceil(n / pooling_factor), d].
+    """
+    n = x.shape[-2]
+    groups = -(-n // pooling_factor)
+    pad = groups * pooling_factor - n
+    # Broadcast the [batch, n] mask over every middle dim of x.
+    weight = valid.to(x.dtype).view(valid.shape[0], *([1] * (x.dim() - 3)), n, 1)
+    x = x * weight
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+        weight = F.pad(weight, (0, 0, 0, pad))
+    x = x.unflatten(-2, (groups, pooling_factor)).sum(-2)  # [batch, ..., groups, d]
+    counts = weight.unflatten(-2, (groups, pooling_factor)).sum(-2).clamp(min=1)
+    return x / counts
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on x [batch, heads, n, head_dim] with cos/sin [batch, n, rot_dim].
+
+    Handles partial rotary (rot_dim < head_dim) by rotating the leading rot_dim channels.
+    """
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def _check_supported(backbone: PreTrainedModel) -> None:
+    model_type = getattr(backbone.config, "model_type", "?")
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(backbone, attr):
+            raise ValueError(
+                f"backbone model_type={model_type!r} has no '{attr}': only Llama-family causal "
+                "LMs (Llama, Mistral, Qwen2, Qwen3, ...) are supported as encoders"
+            )
+    block = backbone.layers[0]
+    missing = [p for p in _REQUIRED_BLOCK_PARTS if not hasattr(block, p)]
+    missing += [f"self_attn.{p}" for p in _REQUIRED_ATTN_PARTS if not hasattr(block.self_attn, p)]
+    if missing:
+        raise ValueError(
+            f"backbone model_type={model_type!r} blocks lack {missing}: only Llama-family "
+            "blocks (pre-norm, separate q/k/v/o projections) can be pooled"
+        )
+
+
+def truncate_backbone(backbone: PreTrainedModel, keep: int) -> None:
+    """Drop all blocks after the first ``keep`` (in place), keeping the config consistent."""
+    backbone.layers = nn.ModuleList(list(backbone.layers)[:keep])
+    backbone.config.num_hidden_layers = keep
+    layer_types = getattr(backbone.config, "layer_types", None)
+    if layer_types is not None:
+        backbone.config.layer_types = list(layer_types)[:keep]
+
+
+class ARCEncoder(nn.Module):
+    """Bidirectional encoder whose last block pools queries by ``config.pooling_factor``."""
+
+    def __init__(self, config: EncoderConfig, backbone: PreTrainedModel) -> None:
+        super().__init__()
+        _check_supported(backbone)
+        if backbone.config.num_hidden_layers != len(backbone.layers):
+            raise ValueError(
+                f"backbone config says {backbone.config.num_hidden_layers} layers but has "
+                f"{len(backbone.layers)}"
+            )
+        self.config = config
+        self.backbone = backbone
+        # Every attention module must run non-causally (read by HF's SDPA/flash paths).
+        for layer in backbone.layers:
+            layer.self_attn.is_causal = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base_model(
+        cls,
+        config: EncoderConfig,
+        torch_dtype: torch.dtype | None = None,
+        backbone_config: PretrainedConfig | None = None,
+    ) -> ARCEncoder:
+        """Load ``config.base_model`` (weights) and cut it down to an encoder.
+
+        With ``backbone_config`` the backbone is built with random weights from that config
+        instead (tests, speed benchmarks at real shapes).
+        """
+        attn = resolve_attn_implementation(config.attn_implementation)
+        if backbone_config is None:
+            backbone = AutoModel.from_pretrained(
+                config.base_model, dtype=torch_dtype, attn_implementation=attn
+            )
+        else:
+            backbone = AutoModel.from_config(
+                backbone_config, dtype=torch_dtype, attn_implementation=attn
+            )
+        keep = config.check_backbone(backbone.config.num_hidden_layers)
+        truncate_backbone(backbone, keep)
+        return cls(config, backbone)
+
+    @classmethod
+    def from_backbone_config(
+        cls, config: EncoderConfig, backbone_config: PretrainedConfig | dict
+    ) -> ARCEncoder:
+        """Build an (already truncated) encoder skeleton from a saved backbone config."""
+        if isinstance(backbone_config, dict):
+            data = dict(backbone_config)
+            backbone_config = AutoConfig.for_model(data.pop("model_type"), **data)
+        attn = resolve_attn_implementation(config.attn_implementation)
+        backbone = AutoModel.from_config(backbone_config, attn_implementation=attn)
+        return cls(config, backbone)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    @property
+    def pooling_factor(self) -> int:
+        return self.config.pooling_factor
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+    # ------------------------------------------------------------------ forward
+    def _layer_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Padding-only mask in the form the backbone's attention implementation expects."""
+        impl = self.backbone.config._attn_implementation
+        if bool(valid.all()):
+            return None
+        if impl == "flash_attention_2":
+            return valid.long()  # [batch, n]; HF unpads with it
+        b, n = valid.shape
+        keys = valid[:, None, None, :].expand(b, 1, n, n)  # [batch, 1, query, key]
+        if impl == "sdpa":
+            return keys
+        additive = torch.zeros(keys.shape, dtype=dtype, device=valid.device)
+        return additive.masked_fill(~keys, torch.finfo(dtype).min)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """Encode right-padded token ids [batch, n] into [batch, ceil(n / pf), hidden]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                    f"{tuple(input_ids.shape)}"
+                )
+            valid = attention_mask.bool()
+            if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+                raise ValueError("attention_mask must be right-padded (valid tokens first)")
+        lengths = valid.sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("every sequence needs at least one token; got an empty row")
+
+        bb = self.backbone
+        hidden = bb.embed_tokens(input_ids)  # [batch, n, hidden]
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
+        position_embeddings = bb.rotary_emb(hidden, position_ids=position_ids)
+        mask = self._layer_mask(valid, hidden.dtype)
+        for layer in bb.layers[:-1]:
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+
+        pooled = self.pooled_block(bb.layers[-1], hidden, valid, position_embeddings)
+        if self.config.final_norm:
+            pooled = bb.norm(pooled)
+        compressed_lengths = -(-lengths // self.config.pooling_factor)
+        out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
+        return EncoderOutput(pooled, out_mask, compressed_lengths)
+
+    def pooled_block(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        valid: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """The last block with pooled queries: [batch, n, hidden] -> [batch, m, hidden]."""
+        pf = self.config.pooling_factor
+        attn_out = self.pooled_attention(layer, hidden, valid, position_embeddings)
+        if self.config.pooled_residual:
+            attn_out = attn_out + pool_groups(hidden, valid, pf)
+        return attn_out + layer.mlp(layer.post_attention_layernorm(attn_out))
+
+    def pooled_attention(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        valid: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Self-attention with group-mean queries and full-length keys/values (no residual)."""
+        attn = layer.self_attn
+        pf = self.config.pooling_factor
+        b, n, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        head_dim = attn.head_dim
+        q = attn.q_proj(x).view(b, n, -1, head_dim)  # [b, n, heads, hd]
+        k = attn.k_proj(x).view(b, n, -1, head_dim)  # [b, n, kv_heads, hd]
+        v = attn.v_proj(x).view(b, n, -1, head_dim).transpose(1, 2)  # [b, kv_heads, n, hd]
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, heads, n, hd]
+        cos, sin = position_embeddings
+        k = apply_rope(k, cos, sin)
+        if self.config.pooled_query_positions == "group_mean":
+            q = pool_groups(apply_rope(q, cos, sin), valid, pf)
+        else:  # "pooled_index": pool raw queries, then rotate at positions 0..m-1
+            q = pool_groups(q, valid, pf)
+            m = q.shape[-2]
+            pos = torch.arange(m, device=hidden.device).unsqueeze(0).expand(b, m)
+            cos_p, sin_p = self.backbone.rotary_emb(hidden, position_ids=pos)
+            q = apply_rope(q, cos_p, sin_p)
+        key_mask = None if bool(valid.all()) else valid[:, None, None, :]  # [b, 1, 1, n]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=key_mask,
+            scale=getattr(attn, "scaling", head_dim**-0.5),
+            enable_gqa=q.shape[1] != k.shape[1],
+        )  # [b, heads, m, hd]
+        out = out.transpose(1, 2).reshape(b, out.shape[2], -1)  # [b, m, heads * hd]
+        return attn.o_proj(out)

@@ -1,0 +1,340 @@
+"""ARCModel: the shared encoder plus one projector per frozen decoder.
+
+Data flows one way: text -> encoder tokenizer -> chunks -> ARCEncoder -> pooled states ->
+projector(decoder) -> the decoder's ``inputs_embeds``, laid out per sample as
+
+    [prefix tokens (e.g. BOS)] [compressed context] [marker] [prompt tokens] [target tokens]
+
+Only target tokens carry loss. The decoder is never modified: callers pass it in, and
+``freeze_decoder`` puts it in eval mode with gradients off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import ARCConfig, EncoderConfig, ProjectorConfig, SpecialToken
+from .encoder import ARCEncoder, EncoderOutput
+from .projector import Projector
+
+IGNORE_INDEX = -100
+TokenIds = Sequence[int]
+
+
+@dataclass
+class CompressedContext:
+    """Compressed contexts in one decoder's embedding space, padded to the longest."""
+
+    embeddings: torch.Tensor  # [batch, max_len, decoder_dim]
+    lengths: torch.Tensor  # [batch], long: valid vectors per row
+    decoder: str
+
+    def unpad(self) -> list[torch.Tensor]:
+        """One [length_b, decoder_dim] tensor per sample."""
+        return [e[: int(n)] for e, n in zip(self.embeddings, self.lengths)]
+
+    @classmethod
+    def from_list(cls, items: Sequence[torch.Tensor], decoder: str) -> CompressedContext:
+        if not items:
+            raise ValueError("no compressed contexts given")
+        lengths = torch.tensor([t.shape[0] for t in items], dtype=torch.long)
+        embeddings = nn.utils.rnn.pad_sequence(list(items), batch_first=True)
+        return cls(embeddings, lengths, decoder)
+
+
+@dataclass
+class DecoderInputs:
+    """What a frozen HF decoder consumes instead of token ids."""
+
+    inputs_embeds: torch.Tensor  # [batch, seq, decoder_dim]
+    attention_mask: torch.Tensor  # [batch, seq], long
+    labels: torch.Tensor | None  # [batch, seq], IGNORE_INDEX off-target
+
+
+def freeze_decoder(decoder: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no gradients: the decoder is only ever read."""
+    decoder.eval()
+    decoder.requires_grad_(False)
+    return decoder
+
+
+class ARCModel(nn.Module):
+    """Encoder + named projectors. ``compress`` turns text into decoder-space vectors."""
+
+    def __init__(
+        self,
+        config: ARCConfig,
+        encoder: ARCEncoder,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.projectors = nn.ModuleDict(
+            {name: Projector(cfg) for name, cfg in config.projectors.items()}
+        )
+
+    @classmethod
+    def from_base_model(
+        cls,
+        encoder_config: EncoderConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        torch_dtype: torch.dtype | None = None,
+        backbone_config=None,
+    ) -> ARCModel:
+        """A fresh model (no projectors yet) whose encoder starts from a causal LM."""
+        from transformers import AutoTokenizer
+
+        encoder = ARCEncoder.from_base_model(encoder_config, torch_dtype, backbone_config)
+        if tokenizer is None and backbone_config is None:
+            tokenizer = AutoTokenizer.from_pretrained(encoder_config.base_model)
+        return cls(ARCConfig(encoder=encoder_config), encoder, tokenizer)
+
+    # ------------------------------------------------------------------ projectors
+    def add_decoder(
+        self,
+        name: str,
+        decoder: PreTrainedModel,
+        hidden_dim: int = 2048,
+        activation: str = "none",
+        decoder_path: str = "",
+    ) -> Projector:
+        """Create the projector (+ special tokens) that feeds ``decoder``."""
+        if name in self.projectors:
+            raise ValueError(f"a projector named {name!r} already exists")
+        cfg = ProjectorConfig(
+            input_dim=self.encoder.hidden_size,
+            output_dim=decoder.config.hidden_size,
+            hidden_dim=hidden_dim,
+            activation=activation,  # type: ignore[arg-type]
+            decoder=decoder_path or getattr(decoder.config, "_name_or_path", ""),
+            decoder_vocab_size=decoder.get_input_embeddings().weight.shape[0],
+        )
+        self.config.projectors[name] = cfg
+        self.config.__post_init__()  # validates the name
+        projector = Projector(cfg)
+        projector.match_decoder_embeddings(decoder.get_input_embeddings().weight)
+        param = next(self.encoder.parameters())
+        self.projectors[name] = projector.to(device=param.device)
+        return projector
+
+    def projector(self, name: str) -> Projector:
+        if name not in self.projectors:
+            known = sorted(self.projectors.keys())
+            raise ValueError(f"unknown decoder {name!r}; this model has projectors for {known}")
+        return self.projectors[name]
+
+    def check_decoder(self, name: str, decoder: PreTrainedModel) -> None:
+        """Refuse a decoder whose width or vocabulary does not match the projector."""
+        cfg = self.projector(name).config
+        width = decoder.config.hidden_size
+        vocab = decoder.get_input_embeddings().weight.shape[0]
+        if width != cfg.output_dim:
+            raise ValueError(
+                f"decoder {name!r} has hidden size {width} but its projector outputs {cfg.output_dim}"
+            )
+        if cfg.decoder_vocab_size is not None and vocab != cfg.decoder_vocab_size:
+            raise ValueError(
+                f"decoder {name!r} has vocabulary {vocab} but the projector was trained for "
+                f"{cfg.decoder_vocab_size}: wrong decoder or tokenizer"
+            )
+
+    # ------------------------------------------------------------------ compression
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encoder token ids per text (no special tokens: chunks stay uniform)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead of text")
+        if isinstance(texts, str):
+            raise ValueError("texts must be a list of strings, not one string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"text {i} is {type(text).__name__}, not str")
+            if not text.strip():
+                raise ValueError(f"text {i} is empty")
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def chunk(self, ids: TokenIds, index: int = 0) -> list[list[int]]:
+        """Split one context into chunks of at most ``chunk_len`` tokens."""
+        cfg = self.encoder.config
+        ids = list(ids)
+        if not ids:
+            raise ValueError(f"context {index} is empty (0 tokens)")
+        limit = cfg.chunk_len * cfg.max_chunks
+        if len(ids) > limit:
+            raise ValueError(
+                f"context {index} has {len(ids)} tokens, over the limit of {limit} "
+                f"({cfg.max_chunks} chunks x {cfg.chunk_len} tokens); raise max_chunks or "
+                "split the document"
+            )
+        return [ids[i : i + cfg.chunk_len] for i in range(0, len(ids), cfg.chunk_len)]
+
+    def encode_ids(self, contexts: Sequence[TokenIds]) -> tuple[EncoderOutput, list[int]]:
+        """Encode every chunk of every context as ONE batch; also return each chunk's owner."""
+        chunks: list[list[int]] = []
+        owner: list[int] = []
+        for i, ids in enumerate(contexts):
+            for c in self.chunk(ids, i):
+                chunks.append(c)
+                owner.append(i)
+        param = next(self.encoder.parameters())
+        longest = max(len(c) for c in chunks)
+        input_ids = torch.zeros(len(chunks), longest, dtype=torch.long, device=param.device)
+        mask = torch.zeros(len(chunks), longest, dtype=torch.bool, device=param.device)
+        for row, c in enumerate(chunks):
+            input_ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[row, : len(c)] = True
+        return self.encoder(input_ids, mask), owner
+
+    def compress(
+        self, contexts: Sequence[str] | Sequence[TokenIds], decoder: str
+    ) -> CompressedContext:
+        """Texts (or encoder token ids) -> decoder-space vectors, chunks concatenated per text."""
+        projector = self.projector(decoder)
+        if len(contexts) == 0:
+            raise ValueError("no contexts given")
+        if isinstance(contexts, str):
+            raise ValueError("contexts must be a list of strings, not one string")
+        ids = self.tokenize(contexts) if isinstance(contexts[0], str) else contexts
+        out, owner = self.encode_ids(ids)
+        projected = projector(out.hidden_states)  # [chunks, m, decoder_dim]
+        per_context: list[list[torch.Tensor]] = [[] for _ in contexts]
+        for row, ctx in enumerate(owner):
+            per_context[ctx].append(projected[row, : int(out.lengths[row])])
+        return CompressedContext.from_list([torch.cat(p) for p in per_context], decoder)
+
+    # ------------------------------------------------------------------ decoder inputs
+    def build_decoder_inputs(
+        self,
+        decoder_embeddings: nn.Embedding,
+        context: CompressedContext,
+        prompt_ids: Sequence[TokenIds],
+        target_ids: Sequence[TokenIds] | None = None,
+        marker: SpecialToken | None = "continuation",
+        prefix_ids: Sequence[TokenIds] | None = None,
+        padding_side: str = "right",
+    ) -> DecoderInputs:
+        """Lay out [prefix][context][marker][prompt][target] per sample, padded.
+
+        Right padding for training, left padding for ``generate``. Labels are the target
+        ids (IGNORE_INDEX elsewhere) and are None when no targets are given.
+        """
+        batch = context.embeddings.shape[0]
+        for name, seqs in (("prompt_ids", prompt_ids), ("target_ids", target_ids), ("prefix_ids", prefix_ids)):
+            if seqs is not None and len(seqs) != batch:
+                raise ValueError(f"{name} has {len(seqs)} rows but the context batch has {batch}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        projector = self.projector(context.decoder)
+        weight = decoder_embeddings.weight
+        device, dtype = weight.device, weight.dtype
+        vocab = weight.shape[0]
+        rows: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+
+        def embed(ids: TokenIds) -> torch.Tensor:
+            t = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+                raise ValueError(f"token id out of the decoder's vocabulary [0, {vocab})")
+            return decoder_embeddings(t)
+
+        for b in range(batch):
+            prefix = list(prefix_ids[b]) if prefix_ids is not None else []
+            prompt = list(prompt_ids[b])
+            target = list(target_ids[b]) if target_ids is not None else []
+            ctx = context.embeddings[b, : int(context.lengths[b])].to(device=device, dtype=dtype)
+            parts = [embed(prefix), ctx]
+            if marker is not None:
+                parts.append(projector.special_embedding(marker).to(dtype)[None, :])
+            parts += [embed(prompt), embed(target)]
+            rows.append(torch.cat(parts))
+            n_before = rows[-1].shape[0] - len(target)
+            label = torch.full((rows[-1].shape[0],), IGNORE_INDEX, dtype=torch.long, device=device)
+            if target:
+                label[n_before:] = torch.tensor(target, dtype=torch.long, device=device)
+            labels.append(label)
+
+        longest = max(r.shape[0] for r in rows)
+        embeds = torch.zeros(batch, longest, weight.shape[1], dtype=dtype, device=device)
+        mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
+        label_t = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long, device=device)
+        for b, (row, label) in enumerate(zip(rows, labels)):
+            n = row.shape[0]
+            span = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+            embeds[b, span] = row
+            mask[b, span] = 1
+            label_t[b, span] = label
+        return DecoderInputs(embeds, mask, label_t if target_ids is not None else None)
+
+    # ------------------------------------------------------------------ loss and generation
+    @staticmethod
+    def decoder_loss(decoder: PreTrainedModel, inputs: DecoderInputs) -> torch.Tensor:
+        """Mean next-token cross-entropy over target tokens."""
+        if inputs.labels is None:
+            raise ValueError("decoder_loss needs labels (pass target_ids)")
+        logits = decoder(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask
+        ).logits
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            inputs.labels[:, 1:].flatten(),
+            ignore_index=IGNORE_INDEX,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        decoder: PreTrainedModel,
+        decoder_tokenizer: PreTrainedTokenizerBase,
+        decoder_name: str,
+        contexts: Sequence[str] | CompressedContext,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        marker: SpecialToken = "continuation",
+        **generate_kwargs,
+    ) -> list[str]:
+        """Answer each prompt from its compressed context with the frozen decoder."""
+        self.check_decoder(decoder_name, decoder)
+        if isinstance(contexts, CompressedContext):
+            context = contexts
+        else:
+            context = self.compress(contexts, decoder_name)
+        if len(prompts) != context.embeddings.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {context.embeddings.shape[0]} contexts")
+        prompt_ids = decoder_tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        bos = decoder_tokenizer.bos_token_id
+        prefix = [[bos] if bos is not None else [] for _ in prompts]
+        inputs = self.build_decoder_inputs(
+            decoder.get_input_embeddings(), context, prompt_ids, None, marker, prefix, "left"
+        )
+        pad = decoder_tokenizer.pad_token_id
+        if pad is None:
+            pad = decoder_tokenizer.eos_token_id
+        out = decoder.generate(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **generate_kwargs,
+        )
+        return decoder_tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory, overwrite: bool = False):
+        """See ``arc_encoder.checkpoint.save_pretrained``."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> ARCModel:
+        """See ``arc_encoder.checkpoint.load_pretrained``."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(directory, **kwargs)

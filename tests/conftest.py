@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random models with odd sizes, no network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from arc_encoder import ARCConfig, ARCEncoder, ARCModel, EncoderConfig
+from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Python is a programming language that lets "
+    "you work quickly and integrate systems more effectively. A list is a mutable sequence. "
+    "Dictionaries map hashable keys to arbitrary values. Exceptions signal errors. "
+) * 4
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer([TEXT], vocab_size=300)
+
+
+def make_encoder(family="llama", pooling_factor=4, vocab_size=99, **cfg) -> ARCEncoder:
+    enc_cfg = EncoderConfig(base_model=f"tiny-{family}", pooling_factor=pooling_factor,
+                            layers_removed=cfg.pop("layers_removed", 1), **cfg)
+    torch.manual_seed(1)
+    return ARCEncoder.from_base_model(enc_cfg, backbone_config=tiny_config(family, vocab_size=vocab_size))
+
+
+def make_model(family="llama", dec_family="llama", pooling_factor=4, tokenizer=None, vocab_size=99,
+               dec_vocab=101, **cfg):
+    """ARCModel with one projector 'dec' for a tiny decoder of another width (24 vs 32)."""
+    enc = make_encoder(family, pooling_factor, vocab_size=vocab_size, **cfg)
+    model = ARCModel(ARCConfig(encoder=enc.config), enc, tokenizer)
+    decoder = tiny_causal_lm(tiny_config(dec_family, vocab_size=dec_vocab, hidden_size=24,
+                                         num_heads=3, num_kv_heads=1, num_layers=2), seed=2)
+    model.add_decoder("dec", decoder, hidden_dim=16)
+    return model, decoder

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from arc_encoder import ARCConfig, ARCModel, CompressedContext
+from arc_encoder.model import IGNORE_INDEX, freeze_decoder
+from arc_encoder.tiny import tiny_causal_lm, tiny_config
+from conftest import FAMILIES, TEXT, make_encoder, make_model
+
+
+def test_compress_shapes_and_chunking():
+    model, _ = make_model(pooling_factor=4, chunk_len=8)
+    ctx = model.compress([list(range(3, 23)), [5, 6, 7]], "dec")  # 20 tokens: chunks 8+8+4
+    assert ctx.embeddings.shape == (2, 2 + 2 + 1, 24)
+    assert ctx.lengths.tolist() == [5, 1]
+    # Chunks are compressed independently: the first chunk alone gives the first 2 vectors.
+    first = model.compress([list(range(3, 11))], "dec")
+    torch.testing.assert_close(ctx.embeddings[0, :2], first.embeddings[0], atol=1e-5, rtol=1e-5)
+    assert [t.shape[0] for t in ctx.unpad()] == [5, 1]
+
+
+def test_compress_text_and_errors(tokenizer):
+    model, _ = make_model(tokenizer=tokenizer, vocab_size=len(tokenizer), chunk_len=16, max_chunks=2)
+    ctx = model.compress(["Python is a language.", "A list"], "dec")
+    assert ctx.embeddings.shape[0] == 2 and ctx.decoder == "dec"
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        model.compress(["fine", "   "], "dec")
+    with pytest.raises(ValueError, match="over the limit of 32"):
+        model.compress([TEXT], "dec")
+    with pytest.raises(ValueError, match="unknown decoder 'nope'.*\\['dec'\\]"):
+        model.compress(["fine"], "nope")
+    with pytest.raises(ValueError, match="not one string"):
+        model.compress("a string", "dec")
+    with pytest.raises(ValueError, match="context 0 is empty"):
+        model.compress([[]], "dec")
+
+
+def test_decoder_inputs_layout():
+    model, decoder = make_model()
+    ctx = CompressedContext.from_list([torch.randn(3, 24), torch.randn(1, 24)], "dec")
+    emb = decoder.get_input_embeddings()
+    inp = model.build_decoder_inputs(emb, ctx, [[7, 8], [9]], [[10, 11, 12], [13]], "reconstruction", [[1], [1]])
+    # row 0: 1 prefix + 3 ctx + 1 marker + 2 prompt + 3 target = 10
+    assert inp.inputs_embeds.shape == (2, 10, 24)
+    assert inp.attention_mask.sum(-1).tolist() == [10, 1 + 1 + 1 + 1 + 1]
+    assert inp.labels[0].tolist() == [IGNORE_INDEX] * 7 + [10, 11, 12]
+    assert inp.labels[1, :5].tolist() == [IGNORE_INDEX] * 4 + [13]
+    torch.testing.assert_close(inp.inputs_embeds[0, 1:4], ctx.embeddings[0])
+    torch.testing.assert_close(inp.inputs_embeds[0, 4], model.projector("dec").special_embedding("reconstruction"))
+    torch.testing.assert_close(inp.inputs_embeds[0, 7], emb.weight[10])
+    left = model.build_decoder_inputs(emb, ctx, [[7, 8], [9]], None, padding_side="left")
+    assert left.labels is None and left.attention_mask[1].tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="out of the decoder's vocabulary"):
+        model.build_decoder_inputs(emb, ctx, [[500], [9]])
+    with pytest.raises(ValueError, match="prompt_ids has 1 rows"):
+        model.build_decoder_inputs(emb, ctx, [[5]])
+
+
+def test_training_step_trains_encoder_and_projector_never_decoder():
+    model, decoder = make_model()
+    freeze_decoder(decoder)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    enc_before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctx_ids = [list(range(3, 15)), list(range(20, 29))]
+    targets = [[5, 6, 7, 8], [9, 10]]
+    losses = []
+    for _ in range(8):
+        ctx = model.compress(ctx_ids, "dec")
+        inp = model.build_decoder_inputs(decoder.get_input_embeddings(), ctx, [[], []], targets, "continuation", [[1], [1]])
+        loss = ARCModel.decoder_loss(decoder, inp)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            assert all(p.grad is None for p in decoder.parameters())
+            assert model.encoder.backbone.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+            assert model.projector("dec").net[0].weight.grad.abs().sum() > 0
+            assert model.projector("dec").special_tokens.grad[0].abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(model.state_dict()["encoder.backbone.layers.0.mlp.up_proj.weight"],
+                           enc_before["encoder.backbone.layers.0.mlp.up_proj.weight"])
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_decoder_mismatch_refused():
+    model, decoder = make_model()
+    other = tiny_causal_lm(tiny_config("llama", vocab_size=101, hidden_size=40, num_heads=4, num_kv_heads=2))
+    with pytest.raises(ValueError, match="hidden size 40"):
+        model.check_decoder("dec", other)
+    other = tiny_causal_lm(tiny_config("llama", vocab_size=77, hidden_size=24, num_heads=3, num_kv_heads=1))
+    with pytest.raises(ValueError, match="vocabulary 77"):
+        model.check_decoder("dec", other)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_from_compressed_context(family, tokenizer):
+    enc = make_encoder(family, pooling_factor=4, vocab_size=len(tokenizer))
+    model = ARCModel(ARCConfig(encoder=enc.config), enc, tokenizer)
+    decoder = tiny_causal_lm(tiny_config(family, vocab_size=len(tokenizer), hidden_size=24, num_heads=3, num_kv_heads=1))
+    model.add_decoder(family, decoder, hidden_dim=16)
+    texts = model.generate(decoder, tokenizer, family, ["Python is a programming language.", "A list is mutable."],
+                           ["It is", "Lists are"], max_new_tokens=5, do_sample=False)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    # Greedy generation is a deterministic function of the compressed context.
+    again = model.generate(decoder, tokenizer, family, ["Python is a programming language.", "A list is mutable."],
+                           ["It is", "Lists are"], max_new_tokens=5, do_sample=False)
+    assert again == texts

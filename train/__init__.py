@@ -1,0 +1,1 @@
+"""Lightning training for arc-encoder (installed as `arc_encoder_train`)."""
