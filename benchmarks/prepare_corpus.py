@@ -553,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         "deb_file": deb.get("deb_file"),
         "deb_sha256": deb.get("deb_sha256"),
         "license": args.license,
-        "license_file": "/usr/share/doc/python3.11/copyright inside the package; "
-                        "text also in _sources/license.rst.txt",
+        "license_file": "/usr/share/doc/python3.11-doc/copyright inside the package; "
+                        "the documentation's own terms are in _sources/license.rst.txt "
+                        "('Python software and documentation are licensed under the PSF "
+                        "License Agreement')",
         "content": "reStructuredText sources of the Python 3.11 documentation "
                    "(html/_sources/**/*.rst.txt), converted to plain prose",
         "source_files_total": len(files),
