@@ -1,18 +1,24 @@
-"""ARCEncoder: a Hugging Face causal LM turned into a bidirectional, pooling text encoder.
+"""ARCEncoder: a Hugging Face transformer turned into a bidirectional, pooling text encoder.
 
-The backbone is the base transformer of any Llama-family causal LM (Llama, Mistral, Qwen2,
-Qwen3: blocks with ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
-``post_attention_layernorm`` and ``mlp``). We keep the backbone's own blocks and attention
-kernels for every layer but the last, called with a padding-only (bidirectional) mask. The
-last block is run here, with its queries averaged in groups of ``pooling_factor`` while
-keys and values stay full length, so a chunk of n tokens becomes ceil(n / pooling_factor)
-vectors.
+Two backbone families are supported:
+
+* "llama": the base transformer of any Llama-family causal LM (Llama, Mistral, Qwen2,
+  Qwen3: pre-norm blocks with ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
+  ``post_attention_layernorm``, ``mlp``, rotary positions). This is the paper's setting.
+* "bert": BERT-style post-norm encoders (BERT, MiniLM: ``attention.self.{query,key,value}``,
+  absolute positions), so a real pretrained encoder shipped on PyPI can be the starting point.
+
+We keep the backbone's own blocks and attention kernels for every layer but the last, called
+with a padding-only (bidirectional) mask. The last block is run here, with its queries
+averaged in groups of ``pooling_factor`` while keys and values stay full length, so a chunk
+of n tokens becomes ceil(n / pooling_factor) vectors.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +94,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-def _check_supported(backbone: PreTrainedModel) -> None:
+BackboneFamily = Literal["llama", "bert"]
+
+
+def backbone_family(backbone: PreTrainedModel) -> BackboneFamily:
+    """Which block layout the backbone has; ValueError naming the model type if neither."""
+    model_type = getattr(backbone.config, "model_type", "?")
+    if hasattr(backbone, "encoder") and hasattr(backbone, "embeddings") and hasattr(backbone.encoder, "layer"):
+        block = backbone.encoder.layer[0]
+        if all(hasattr(block.attention.self, p) for p in ("query", "key", "value")):
+            return "bert"
+        raise ValueError(f"backbone model_type={model_type!r}: BERT-like blocks without query/key/value")
+    _check_llama_like(backbone)
+    return "llama"
+
+
+def _check_llama_like(backbone: PreTrainedModel) -> None:
     model_type = getattr(backbone.config, "model_type", "?")
     for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if not hasattr(backbone, attr):
             raise ValueError(
                 f"backbone model_type={model_type!r} has no '{attr}': only Llama-family causal "
-                "LMs (Llama, Mistral, Qwen2, Qwen3, ...) are supported as encoders"
+                "LMs (Llama, Mistral, Qwen2, Qwen3, ...) and BERT-style encoders are supported"
             )
     block = backbone.layers[0]
     missing = [p for p in _REQUIRED_BLOCK_PARTS if not hasattr(block, p)]
@@ -106,9 +127,17 @@ def _check_supported(backbone: PreTrainedModel) -> None:
         )
 
 
+def backbone_blocks(backbone: PreTrainedModel) -> nn.ModuleList:
+    return backbone.encoder.layer if backbone_family(backbone) == "bert" else backbone.layers
+
+
 def truncate_backbone(backbone: PreTrainedModel, keep: int) -> None:
     """Drop all blocks after the first ``keep`` (in place), keeping the config consistent."""
-    backbone.layers = nn.ModuleList(list(backbone.layers)[:keep])
+    blocks = nn.ModuleList(list(backbone_blocks(backbone))[:keep])
+    if backbone_family(backbone) == "bert":
+        backbone.encoder.layer = blocks
+    else:
+        backbone.layers = blocks
     backbone.config.num_hidden_layers = keep
     layer_types = getattr(backbone.config, "layer_types", None)
     if layer_types is not None:
@@ -120,17 +149,20 @@ class ARCEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig, backbone: PreTrainedModel) -> None:
         super().__init__()
-        _check_supported(backbone)
-        if backbone.config.num_hidden_layers != len(backbone.layers):
+        self.family: BackboneFamily = backbone_family(backbone)
+        blocks = backbone_blocks(backbone)
+        if backbone.config.num_hidden_layers != len(blocks):
             raise ValueError(
-                f"backbone config says {backbone.config.num_hidden_layers} layers but has "
-                f"{len(backbone.layers)}"
+                f"backbone config says {backbone.config.num_hidden_layers} layers but has {len(blocks)}"
             )
+        if self.family == "bert" and getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # the [CLS] pooler is never used; keep it out of the weights
         self.config = config
         self.backbone = backbone
         # Every attention module must run non-causally (read by HF's SDPA/flash paths).
-        for layer in backbone.layers:
-            layer.self_attn.is_causal = False
+        for layer in blocks:
+            attn = layer.self_attn if self.family == "llama" else layer.attention.self
+            attn.is_causal = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -169,6 +201,10 @@ class ARCEncoder(nn.Module):
         attn = resolve_attn_implementation(config.attn_implementation)
         backbone = AutoModel.from_config(backbone_config, attn_implementation=attn)
         return cls(config, backbone)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return backbone_blocks(self.backbone)
 
     @property
     def hidden_size(self) -> int:
@@ -220,6 +256,11 @@ class ARCEncoder(nn.Module):
             raise ValueError("every sequence needs at least one token; got an empty row")
 
         bb = self.backbone
+        compressed_lengths = -(-lengths // self.config.pooling_factor)
+        if self.family == "bert":
+            pooled = self._forward_bert(input_ids, valid)
+            out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
+            return EncoderOutput(pooled, out_mask, compressed_lengths)
         hidden = bb.embed_tokens(input_ids)  # [batch, n, hidden]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
@@ -237,9 +278,39 @@ class ARCEncoder(nn.Module):
         pooled = self.pooled_block(bb.layers[-1], hidden, valid, position_embeddings)
         if self.config.final_norm:
             pooled = bb.norm(pooled)
-        compressed_lengths = -(-lengths // self.config.pooling_factor)
         out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
         return EncoderOutput(pooled, out_mask, compressed_lengths)
+
+    def _forward_bert(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """BERT-style post-norm backbone: absolute positions, so pooled queries need no RoPE.
+
+        The pooled block mirrors the Llama path: attention output projection with no residual
+        (unless ``pooled_residual``), then the block's own LayerNorms and feed-forward. BERT
+        has no final norm (every block ends in one), so ``final_norm`` does not apply.
+        """
+        bb = self.backbone
+        hidden = bb.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        mask = self._layer_mask(valid, hidden.dtype)
+        for layer in bb.encoder.layer[:-1]:
+            out = layer(hidden, attention_mask=mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        layer = bb.encoder.layer[-1]
+        sa = layer.attention.self
+        pf = self.config.pooling_factor
+        b, n, _ = hidden.shape
+        hd = sa.attention_head_size
+        q = pool_groups(sa.query(hidden).view(b, n, -1, hd).transpose(1, 2), valid, pf)  # [b, h, m, hd]
+        k = sa.key(hidden).view(b, n, -1, hd).transpose(1, 2)
+        v = sa.value(hidden).view(b, n, -1, hd).transpose(1, 2)
+        key_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=hd**-0.5)
+        ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], -1)  # [b, m, hidden]
+        attn_out = layer.attention.output
+        h = attn_out.dense(ctx)
+        if self.config.pooled_residual:
+            h = h + pool_groups(hidden, valid, pf)
+        h = attn_out.LayerNorm(h)
+        return layer.output(layer.intermediate(h), h)
 
     def pooled_block(
         self,

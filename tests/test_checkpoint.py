@@ -91,3 +91,16 @@ def test_dtype_round_trip(tmp_path):
     x = [list(range(3, 12))]
     with torch.no_grad():
         assert torch.equal(model.compress(x, "dec").embeddings, loaded.compress(x, "dec").embeddings)
+
+
+def test_bert_backbone_round_trip(tmp_path):
+    from arc_encoder import ARCConfig
+    from test_encoder import _tiny_bert_encoder
+
+    enc = _tiny_bert_encoder(4)
+    model = ARCModel(ARCConfig(encoder=enc.config), enc)
+    model.add_decoder("dec", tiny_causal_lm(tiny_config("llama", vocab_size=50, hidden_size=24, num_heads=3, num_kv_heads=1)), hidden_dim=8)
+    loaded = ARCModel.from_pretrained(model.save_pretrained(tmp_path / "b")).eval()
+    x = [list(range(3, 14))]
+    with torch.no_grad():
+        assert torch.equal(model.eval().compress(x, "dec").embeddings, loaded.compress(x, "dec").embeddings)

@@ -146,3 +146,33 @@ def test_eager_and_sdpa_agree_with_padding():
         outs.append(enc(torch.arange(3, 17).view(2, 7), _valid([7, 4], 7)).hidden_states)
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0][1, :1], outs[1][1, :1], atol=1e-5, rtol=1e-5)
+
+
+def _tiny_bert_encoder(pf, **cfg):
+    from transformers import AutoConfig
+
+    from arc_encoder import ARCEncoder, EncoderConfig
+
+    bert = AutoConfig.for_model("bert", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=64)
+    torch.manual_seed(3)
+    return ARCEncoder.from_base_model(EncoderConfig(base_model="tiny-bert", pooling_factor=pf, layers_removed=0, **cfg),
+                                      backbone_config=bert).eval()
+
+
+def test_bert_family_pf1_with_residual_equals_backbone():
+    enc = _tiny_bert_encoder(1, pooled_residual=True)
+    assert enc.family == "bert" and enc.backbone.pooler is None
+    ids = torch.randint(3, 99, (2, 7))
+    ours = enc(ids).hidden_states
+    theirs = enc.backbone(input_ids=ids, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_bert_family_pooling_and_padding():
+    enc = _tiny_bert_encoder(4)
+    ids = torch.randint(3, 99, (2, 7))
+    out = enc(ids, _valid([7, 5], 7))
+    assert out.hidden_states.shape == (2, 2, 32) and out.lengths.tolist() == [2, 2]
+    alone = enc(ids[1:, :5]).hidden_states
+    torch.testing.assert_close(out.hidden_states[1], alone[0], atol=1e-5, rtol=1e-5)
