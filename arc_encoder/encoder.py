@@ -155,6 +155,12 @@ class ARCEncoder(nn.Module):
             raise ValueError(
                 f"backbone config says {backbone.config.num_hidden_layers} layers but has {len(blocks)}"
             )
+        max_pos = getattr(backbone.config, "max_position_embeddings", None)
+        if self.family == "bert" and max_pos is not None and config.chunk_len > max_pos:
+            raise ValueError(
+                f"chunk_len={config.chunk_len} exceeds the BERT backbone's "
+                f"max_position_embeddings={max_pos}; set chunk_len <= {max_pos}"
+            )
         if self.family == "bert" and getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # the [CLS] pooler is never used; keep it out of the weights
         self.config = config

@@ -148,7 +148,7 @@ def test_eager_and_sdpa_agree_with_padding():
     torch.testing.assert_close(outs[0][1, :1], outs[1][1, :1], atol=1e-5, rtol=1e-5)
 
 
-def _tiny_bert_encoder(pf, **cfg):
+def _tiny_bert_encoder(pf, chunk_len=64, **cfg):
     from transformers import AutoConfig
 
     from arc_encoder import ARCEncoder, EncoderConfig
@@ -156,7 +156,7 @@ def _tiny_bert_encoder(pf, **cfg):
     bert = AutoConfig.for_model("bert", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=37, max_position_embeddings=64)
     torch.manual_seed(3)
-    return ARCEncoder.from_base_model(EncoderConfig(base_model="tiny-bert", pooling_factor=pf, layers_removed=0, **cfg),
+    return ARCEncoder.from_base_model(EncoderConfig(base_model="tiny-bert", pooling_factor=pf, layers_removed=0, chunk_len=chunk_len, **cfg),
                                       backbone_config=bert).eval()
 
 
@@ -176,3 +176,8 @@ def test_bert_family_pooling_and_padding():
     assert out.hidden_states.shape == (2, 2, 32) and out.lengths.tolist() == [2, 2]
     alone = enc(ids[1:, :5]).hidden_states
     torch.testing.assert_close(out.hidden_states[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bert_chunk_len_over_positions_is_clear_error():
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        _tiny_bert_encoder(4, chunk_len=65)
