@@ -280,7 +280,10 @@ def write_shard(
     """Write shard k (vectors, texts, then the sidecar that marks it complete). Shared by all builders."""
     directory = Path(directory)
     flat = torch.cat([v.float() for v in vectors])  # [shard_vectors, decoder_dim]
-    meta = {"format": "arc-encoder-cache", "shard": str(k), "dtype": build.dtype, "decoder": build.decoder}
+    # One metadata key: safetensors stores metadata as a hash map, so several keys would be
+    # written in a random order and identical builds would differ byte-wise.
+    info = {"shard": k, "dtype": build.dtype, "decoder": build.decoder, "format_version": CACHE_FORMAT_VERSION}
+    meta = {"arc_encoder_cache": json.dumps(info, sort_keys=True)}
     if build.dtype == "int8":
         q, scale = quantize_int8(flat)
         tensors = {"vectors": q, "scales": scale}

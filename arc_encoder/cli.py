@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    from .cache_cli import add_cache_commands
+
+    add_cache_commands(sub)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""`arc-encoder cache build|info|verify|query`: the compressed RAG cache from the command line.
+
+Multi-GPU builds: `python -m arc_encoder_train.cache_predict` (Lightning, same files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import get_args
+
+import torch
+
+from .cache import CorpusFormat, StorageDtype
+
+_DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from .cache import build_cache
+
+    result = build_cache(
+        args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
+        docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
+        corpus_format=args.format, resume=args.resume, device=_device(args.device),
+    )
+    m = result.manifest
+    docs_done = sum(min(m["docs_per_shard"], m["num_docs"] - k * m["docs_per_shard"]) for k in result.shards_written)
+    rate = docs_done / result.seconds if result.seconds > 0 else float("nan")
+    print(f"wrote {result.directory}: {m['num_docs']} docs, {m['tokens']} tokens -> {m['vectors']} vectors "
+          f"({m['dtype']}) in {m['num_shards']} shards; {len(result.shards_written)} shards built "
+          f"({rate:.1f} docs/s), {result.shards_reused} reused")
+    if m["skipped_empty"]:
+        print(f"skipped {m['skipped_empty']} empty documents")
+    if m["dropped_duplicates"]:
+        print(f"dropped {m['dropped_duplicates']} documents with a duplicate id (kept the first)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .cache import cache_report
+
+    r = cache_report(args.cache, args.decoder_path)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"cache        {args.cache}")
+    print(f"decoder      {r['decoder']}, pooling x{r['pooling_factor']}, stored as {r['dtype']}")
+    print(f"documents    {r['docs']} in {r['shards']} shards ({r['skipped_empty']} empty skipped, "
+          f"{r['dropped_duplicates']} duplicates dropped)")
+    print(f"tokens       {r['tokens']} -> {r['vectors']} vectors")
+    print(f"on disk      {r['bytes_on_disk']:,} bytes ({r['shard_bytes']:,} in vector shards)")
+    print(f"per token    {r['vector_bytes_per_token']:.2f} bytes of vectors; raw UTF-8 text "
+          f"{r['text_bytes_per_token']:.2f} bytes")
+    if "kv_cache_bytes_per_token_bf16" in r:
+        print(f"vs KV cache  decoder KV cache {r['kv_cache_bytes_per_token_bf16']:,} bytes/token (bf16): "
+              f"cache is {r['kv_cache_over_cache']:.1f}x smaller")
+    elif "kv_cache_error" in r:
+        print(f"vs KV cache  unknown ({r['kv_cache_error']}); pass --decoder-path")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .cache import verify_cache
+
+    problems = verify_cache(args.cache, args.checkpoint)
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        print(f"OK {args.cache}: every shard and index file matches the manifest")
+    return 1 if problems else 0
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .cache import BM25Retriever, CompressedCache, read_cache_manifest
+    from .model import ARCModel, freeze_decoder
+
+    manifest = read_cache_manifest(args.cache)
+    checkpoint = args.checkpoint or manifest["checkpoint"]
+    cache = CompressedCache(args.cache, checkpoint=checkpoint)
+    if args.doc_id:
+        doc_ids = list(args.doc_id)
+        missing = [d for d in doc_ids if d not in cache.index]
+        if missing:
+            raise ValueError(f"document ids not in the cache: {missing}")
+    else:
+        hits = BM25Retriever.from_cache(cache).search(args.question, args.top_k)
+        doc_ids = [d for d, _ in hits]
+        for d, score in hits:
+            print(f"retrieved    {d} (BM25 {score:.2f})")
+    device = _device(args.device)
+    model = ARCModel.from_pretrained(checkpoint, decoders=[cache.decoder], device=device).eval()
+    path = args.decoder_path or manifest.get("decoder_path")
+    if not path:
+        raise ValueError("the cache does not record where the decoder is; pass --decoder-path")
+    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path).to(device))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    answer = cache.generate(model, decoder, tokenizer, [args.question], [doc_ids],
+                            max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(answer[0])
+
+
+def add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `cache` and its subcommands on the `arc-encoder` parser."""
+    p = sub.add_parser("cache", help="compressed RAG cache: build, info, verify, query",
+                       description="Compress a corpus once into sharded safetensors, then answer "
+                       "questions from retrieved cached documents. Format: arc_encoder/CACHE_FORMAT.md.")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="CACHE_COMMAND")
+
+    b = cache_sub.add_parser("build", help="compress a corpus into a cache (resumable)",
+                             description="Documents are read in corpus order; empty ones are skipped and "
+                             "counted; shard k holds documents [k*S, (k+1)*S). An interrupted build "
+                             "continues with --resume, redoing only incomplete shards. Multi-GPU: "
+                             "python -m arc_encoder_train.cache_predict.")
+    b.add_argument("checkpoint", help="arc-encoder checkpoint directory")
+    b.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
+    b.add_argument("--corpus", required=True, help="JSONL/JSON, parquet or .txt (fields id, text; .txt: one doc per line)")
+    b.add_argument("--format", choices=get_args(CorpusFormat), default="auto", help="corpus format (default: from the suffix)")
+    b.add_argument("--output", required=True, help="cache directory to create")
+    b.add_argument("--dtype", choices=get_args(StorageDtype), default="float16",
+                   help="storage: float16/bfloat16/float32, or int8 with one absmax scale per vector")
+    b.add_argument("--docs-per-shard", type=int, default=256)
+    b.add_argument("--batch-size", type=int, default=8, help="documents compressed together")
+    b.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
+    b.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    b.set_defaults(func=cmd_build)
+
+    i = cache_sub.add_parser("info", help="sizes: bytes per token vs the decoder's KV cache and raw text")
+    i.add_argument("cache")
+    i.add_argument("--decoder-path", help="decoder config for the KV-cache comparison (default: recorded path)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=cmd_info)
+
+    v = cache_sub.add_parser("verify", help="check every shard against the manifest checksums")
+    v.add_argument("cache")
+    v.add_argument("--checkpoint", help="also check the cache was built with this checkpoint")
+    v.set_defaults(func=cmd_verify)
+
+    q = cache_sub.add_parser("query", help="retrieve cached documents (BM25) and answer with the decoder",
+                             description="Decoder input: [BOS][doc1 vectors]...[docK vectors][continuation marker][question].")
+    q.add_argument("cache")
+    q.add_argument("question")
+    q.add_argument("--top-k", type=int, default=3, help="documents retrieved with BM25 (default 3)")
+    q.add_argument("--doc-id", action="append", help="use these documents instead of retrieval (repeatable)")
+    q.add_argument("--checkpoint", help="checkpoint directory (default: the one recorded in the cache)")
+    q.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
+    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    q.set_defaults(func=cmd_query)
