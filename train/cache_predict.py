@@ -1,0 +1,187 @@
+"""Multi-GPU cache build: Lightning ``Trainer.predict`` with a shard-writing prediction writer.
+
+    python -m arc_encoder_train.cache_predict CKPT --decoder NAME --corpus docs.jsonl --output CACHE \\
+        --devices 8 --strategy ddp
+
+Each predict "batch" is one whole shard: rank r builds shards k with k % world_size == r,
+compresses them with the library's ``compress_documents`` (same batches as the
+single-process build) and writes them with the library's ``write_shard``; rank 0 merges the
+index and manifest at the end. The files are therefore identical to ``arc-encoder cache
+build``'s, and an interrupted run resumes (``--resume``) from the shards already complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from arc_encoder.cache import (
+    CacheBuildConfig,
+    CorpusFormat,
+    DocumentStream,
+    StorageDtype,
+    compress_documents,
+    finalize_cache,
+    prepare_build,
+    write_shard,
+)
+from arc_encoder.model import ARCModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _ShardList(torch.utils.data.Dataset):
+    def __init__(self, shards: Sequence[int]) -> None:
+        self.shards = list(shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> int:
+        return self.shards[i]
+
+
+def _one(items: list[int]) -> int:
+    return items[0]
+
+
+class CacheShardData(L.LightningDataModule):
+    """Shards still to build, dealt to ranks by k % world_size (no distributed sampler)."""
+
+    def __init__(self, todo: Sequence[int]) -> None:
+        super().__init__()
+        self.todo = list(todo)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = [k for k in self.todo if k % world == rank]
+        return torch.utils.data.DataLoader(_ShardList(mine), batch_size=1, collate_fn=_one)
+
+
+class CacheCompressModule(L.LightningModule):
+    """Wraps an ARCModel; ``predict_step`` compresses every document of one shard."""
+
+    def __init__(self, model: ARCModel, build: CacheBuildConfig, stream: DocumentStream) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.build = build
+        self.stream = stream
+
+    def predict_step(self, batch: int, batch_idx: int) -> dict[str, Any]:
+        k = int(batch)
+        ids, texts, _ = self.stream.shard(k, self.build.docs_per_shard)
+        vectors, tokens = compress_documents(self.model, self.build.decoder, texts, self.build.batch_size, ids)
+        return {"shard": k, "ids": ids, "texts": texts, "vectors": vectors, "tokens": tokens}
+
+
+class CacheShardWriter(BasePredictionWriter):
+    """Writes each predicted shard at once (so a crash loses at most the shards in flight)."""
+
+    def __init__(self, directory: Path, build: CacheBuildConfig, stream: DocumentStream) -> None:
+        super().__init__(write_interval="batch")
+        self.directory = Path(directory)
+        self.build = build
+        self.stream = stream
+        self.written: list[int] = []
+        self.manifest: dict[str, Any] | None = None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        p = prediction
+        write_shard(self.directory, self.build, p["shard"], p["ids"], p["texts"], p["vectors"], p["tokens"])
+        self.written.append(p["shard"])
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        trainer.strategy.barrier()  # every rank's shards are on disk before the merge
+        if trainer.global_rank == 0:
+            self.manifest = finalize_cache(self.directory, self.build, self.stream)
+        trainer.strategy.barrier()
+
+
+def build_cache_lightning(
+    checkpoint: str | Path,
+    decoder: str,
+    corpus: str | Path | DocumentStream,
+    output: str | Path,
+    dtype: StorageDtype = "float16",
+    docs_per_shard: int = 256,
+    batch_size: int = 8,
+    dedupe: bool = False,
+    corpus_format: CorpusFormat = "auto",
+    resume: bool = False,
+    model_dtype: str | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> CacheShardWriter:
+    """Same arguments and same files as ``arc_encoder.cache.build_cache``; runs on any Trainer setup."""
+    stream = corpus if isinstance(corpus, DocumentStream) else None
+    build = CacheBuildConfig.for_checkpoint(
+        checkpoint, decoder, "" if stream is not None else corpus, corpus_format=corpus_format,
+        dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe,
+    )
+    # Every rank runs this before DDP starts, so no rank is writing shards yet.
+    stream, todo = prepare_build(output, build, resume, stream)
+    model = ARCModel.from_pretrained(checkpoint, decoders=[decoder])
+    if model_dtype is not None:
+        model.to(_DTYPES[model_dtype])
+    writer = CacheShardWriter(Path(output), build, stream)
+    kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True)
+    kwargs.update(trainer_kwargs or {})
+    kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [writer]
+    trainer = L.Trainer(**kwargs)
+    trainer.predict(CacheCompressModule(model, build, stream), datamodule=CacheShardData(todo), return_predictions=False)
+    return writer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m arc_encoder_train.cache_predict",
+        description="Build a compressed RAG cache with Lightning Trainer.predict (DDP across GPUs; "
+        "rank r writes shards k with k %% world_size == r). Same files as `arc-encoder cache build`.",
+    )
+    p.add_argument("checkpoint", help="arc-encoder checkpoint directory")
+    p.add_argument("--decoder", required=True, help="projector name")
+    p.add_argument("--corpus", required=True, help="JSONL/JSON, parquet or .txt (fields id, text)")
+    p.add_argument("--format", choices=get_args(CorpusFormat), default="auto")
+    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--dtype", choices=get_args(StorageDtype), default="float16", help="storage dtype")
+    p.add_argument("--docs-per-shard", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="documents compressed together")
+    p.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted build")
+    p.add_argument("--model-dtype", choices=sorted(_DTYPES), help="cast the model (e.g. bfloat16 on GPU)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto", help="number of devices or 'auto'")
+    p.add_argument("--strategy", default="auto", help="'ddp' for several GPUs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    start = time.perf_counter()
+    try:
+        writer = build_cache_lightning(
+            args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
+            docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
+            corpus_format=args.format, resume=args.resume, model_dtype=args.model_dtype,
+            trainer_kwargs={"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy},
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"cache_predict: error: {err}", file=sys.stderr)
+        return 2
+    if writer.manifest is not None:
+        m = writer.manifest
+        print(f"wrote {args.output}: {m['num_docs']} docs, {m['tokens']} tokens -> {m['vectors']} vectors in "
+              f"{m['num_shards']} shards ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
