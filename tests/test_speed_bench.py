@@ -1,0 +1,85 @@
+"""The speed benchmark's tiny preset runs on CPU and writes complete, sane numbers.
+
+Timings on CPU mean nothing; this checks the script end to end (every section, the JSON
+fields, positive finite values, the FLOP formula) so the GPU run does not fail on a typo.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# Imported by name from benchmarks/ (spawned DDP ranks re-import it from the same sys.path).
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import speed  # noqa: E402
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_encoder_flops_formula_by_hand():
+    cfg = speed.hf_config(speed.TINY_ENCODER)  # H 48, I 71, 6 heads x 8, 2 kv heads x 8
+    h, i, dq, dkv = 48, 71, 48, 16
+    n, pf, layers = 10, 4, 3
+    m = 3
+    full = 2 * n * (h * dq + 2 * h * dkv + dq * h + 3 * h * i) + 4 * n * n * dq
+    pooled = 2 * n * (h * dq + 2 * h * dkv) + 2 * m * (dq * h + 3 * h * i) + 4 * m * n * dq
+    assert speed.encoder_forward_flops(cfg, layers, n, pf, chunks=2) == 2 * (2 * full + pooled)
+
+
+def test_tiny_preset_writes_complete_json(tmp_path, capsys):
+    res = speed.main(["--preset", "tiny", "--out-dir", str(tmp_path), "--profile", "--tag", "t"])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    stem = f"speed_{speed.device_slug(res['device_name'])}_{res['date']}_t"
+    assert f"{stem}.json" in files and f"{stem}.md" in files and "encoder_profile.txt" in files
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    s = data["sections"]
+    assert set(s) == {"matmul", "encoder", "prefill", "bytes", "train"}
+    assert _positive_finite(s["matmul"]["tflops"])
+
+    runs = s["encoder"]["runs"]
+    assert {r["pooling_factor"] for r in runs} == {4, 8}
+    for r in runs:
+        assert _positive_finite(r["tokens_per_s"]) and 0 < r["mfu"] < 5
+        assert r["tokens_per_s"] == pytest.approx(3 * 32 / r["time"]["median_s"])
+    assert "flash" in s["encoder"]["flash_attn"]
+
+    ctxs = s["prefill"]["contexts"]
+    assert [c["context_tokens"] for c in ctxs] == [32, 96]
+    for c in ctxs:
+        assert set(c["modes"]) >= {"full", "cached_x4", "cached_x8", "on_the_fly_x4", "on_the_fly_x8"}
+        for k, v in c["speedup_vs_full"].items():
+            assert _positive_finite(v)
+            full, mode = c["modes"]["full"]["time"]["median_s"], c["modes"][k]["time"]["median_s"]
+            assert v == pytest.approx(full / mode)
+        # Decoder input: BOS + ceil(n / pf) vectors + marker + prompt (5 tokens).
+        assert c["modes"]["cached_x4"]["decoder_tokens"] == 1 + c["context_tokens"] // 4 + 1 + 5
+        assert c["modes"]["full"]["decoder_tokens"] == 1 + c["context_tokens"] + 5
+        assert all(_positive_finite(v) for v in c["ttft"].values())
+
+    b = s["bytes"]
+    # Tiny decoder: 3 layers x 1 kv head x 8 dims x (K and V) x 4 bytes (float32).
+    assert b["kv_cache_bytes_per_token"] == b["kv_cache_bytes_per_token_formula"] == 3 * 8 * 2 * 4
+    assert b["compressed"]["x4"]["bytes_per_token"] == pytest.approx(40 * 4 / 4)
+    assert b["compressed"]["x8"]["ratio_to_kv"] == pytest.approx(b["compressed"]["x4"]["ratio_to_kv"] / 2)
+
+    for name in ("eager", "checkpointing"):
+        v = s["train"]["variants"][name]
+        assert _positive_finite(v["encoder_tokens_per_s"]) and _positive_finite(v["mfu"])
+        assert math.isfinite(v["loss"]) and v["loss"] > 0
+    assert data["summary"] and "| measure |" in (tmp_path / f"{stem}.md").read_text()
+
+
+def test_scaling_path_runs_with_two_cpu_ranks(tmp_path):
+    """The DDP code path for --sections scaling (gloo on CPU; NCCL on a multi-GPU machine)."""
+    res = speed.main(["--preset", "tiny", "--out-dir", str(tmp_path), "--sections", "scaling"])
+    runs = res["sections"]["scaling"]["runs"]
+    assert set(runs) == {"1", "2"}
+    assert _positive_finite(runs["2"]["train_efficiency"]) and _positive_finite(runs["2"]["cache_efficiency"])
+    assert _positive_finite(runs["1"]["cache_tokens_per_s"])
