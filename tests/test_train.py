@@ -1,0 +1,221 @@
+"""Training jobs on tiny saved decoders (CPU, seconds): loss goes down, adapt trains only the
+projector, the reconstruction ratio holds, resume is exact, bad configs fail before training."""
+
+import gzip
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from arc_encoder.tasks import is_reconstruction
+from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
+from arc_encoder_train import cli
+from arc_encoder_train.data import BatchStream, DataSpec, pretrain_samples
+from conftest import TEXT
+
+DOCS = [TEXT[i:] + " " + TEXT[: i] for i in range(0, 400, 37)]
+
+
+def save_decoder(path: Path, tok, hidden=24, heads=3, kv=1, vocab=None, seed=0) -> str:
+    cfg = tiny_config("llama", vocab_size=vocab or len(tok), hidden_size=hidden, num_heads=heads,
+                      num_kv_heads=kv, num_layers=2, intermediate_size=29,
+                      initializer_range=0.3)  # peaked logits: the loss can move in a few steps
+    tiny_causal_lm(cfg, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tok = train_tokenizer([TEXT], vocab_size=300)
+    enc = root / "enc"
+    cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=32, num_layers=3, intermediate_size=37)
+    tiny_causal_lm(cfg, seed=1).save_pretrained(enc)
+    tok.save_pretrained(enc)
+    decs = {"a": save_decoder(root / "dec_a", tok), "b": save_decoder(root / "dec_b", tok, hidden=20, heads=2, seed=3)}
+    for split in ("train", "validation"):
+        with gzip.open(root / f"{split}.jsonl.gz", "wt") as f:
+            for d in DOCS:
+                f.write(json.dumps({"text": d}) + "\n")
+    with open(root / "qa.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"context": DOCS[i % len(DOCS)][:200], "question": "What is a list?",
+                                "answer": "A mutable sequence."}) + "\n")
+    return root, str(enc), decs, tok
+
+
+def pretrain_cfg(setup, tmp_path, decoders=("a",), steps=6, ratio=0.5, name="t") -> cli.PretrainConfig:
+    root, enc, decs, _ = setup
+    return cli.PretrainConfig(
+        encoder=cli.EncoderSpec(base_model=enc, layers_removed=1, pooling_factor=2),
+        decoders=[cli.DecoderSpec(name=n, path=decs[n], projector_hidden_dim=16) for n in decoders],
+        data=DataSpec(train_files=[str(root / "train.jsonl.gz")], validation_files=[str(root / "validation.jsonl.gz")],
+                      context_tokens=12, target_tokens=6, batch_size=3, val_batches=1, reconstruction_ratio=ratio,
+                      shuffle_buffer=4),
+        optim=cli.OptimSpec(lr=3e-3, warmup_steps=0),
+        trainer=cli.TrainerSpec(max_steps=steps, accelerator="cpu", devices=1, val_check_interval=3,
+                                checkpoint_every_n_steps=3, progress_bar=False, log_every_n_steps=1),
+        run=cli.RunSpec(name=name, runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "ckpt")),
+    )
+
+
+def steps_on_fixed_batch(module, batch, n=10, lr=1e-2) -> list[float]:
+    opt = module.configure_optimizers()["optimizer"]
+    for group in opt.param_groups:
+        group["lr"] = lr
+    module._move_decoders()
+    losses = []
+    for _ in range(n):
+        loss = module.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def first_batch(dm):
+    dm.trainer = None
+    return next(iter(dm.train_dataloader()))
+
+
+def test_reconstruction_ratio_is_honoured(setup, tmp_path):
+    for ratio in (0.0, 0.2, 0.3, 0.5, 1.0):
+        assert sum(is_reconstruction(i, ratio) for i in range(100)) == round(100 * ratio)
+    root, _, _, tok = setup
+    spec = DataSpec(train_files=[str(root / "train.jsonl.gz")], context_tokens=8, target_tokens=4, batch_size=2,
+                    reconstruction_ratio=0.25)
+    from arc_encoder_train.data import DecoderTokenizers
+    stream = BatchStream(spec, [DecoderTokenizers("a", tok, True), DecoderTokenizers("b", tok, True)], tok,
+                         pretrain_samples)
+    import itertools
+    batches = list(itertools.islice(iter(stream), 40))
+    assert [b.decoder for b in batches[:4]] == ["a", "b", "a", "b"]  # round-robin over decoders
+    for name in ("a", "b"):
+        tasks = [b.task for b in batches if b.decoder == name]
+        assert tasks.count("reconstruction") == 5 and tasks.count("continuation") == 15
+    recon = next(b for b in batches if b.task == "reconstruction")
+    assert recon.target_ids == recon.context_ids and recon.marker == "reconstruction"
+    with pytest.raises(ValueError, match="reconstruction_ratio"):
+        DataSpec(reconstruction_ratio=1.5)
+
+
+def test_pretrain_two_decoders_loss_decreases(setup, tmp_path):
+    module, dm, _, _ = cli.prepare_pretrain(pretrain_cfg(setup, tmp_path, decoders=("a", "b")))
+    assert set(module.model.projectors.keys()) == {"a", "b"}
+    # Decoders are plain attributes: not in the trained state, never trainable.
+    assert not any(k.startswith("decoders") for k in module.state_dict())
+    assert all(not p.requires_grad for d in module.decoders.values() for p in d.parameters())
+    batch = first_batch(dm)
+    losses = steps_on_fixed_batch(module, batch)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_adapt_trains_only_the_new_projector(setup, tmp_path):
+    root, _, decs, _ = setup
+    cfg = pretrain_cfg(setup, tmp_path, steps=3)
+    line = cli.pretrain(cfg)
+    assert line.startswith("pretrain done: 3 steps")
+    ckpt = tmp_path / "ckpt" / "t"
+    acfg = cli.AdaptConfig(from_checkpoint=str(ckpt), decoder=cli.DecoderSpec(name="b", path=decs["b"], projector_hidden_dim=16),
+                           data=cfg.data, optim=cli.OptimSpec(lr=3e-3, warmup_steps=0),
+                           trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, name="adapt"))
+    module, dm, _, _ = cli.prepare_adapt(acfg)
+    proj_b = module.model.projector("b")
+    assert module.num_trainable_parameters() == proj_b.num_parameters()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    losses = steps_on_fixed_batch(module, first_batch(dm), n=6)
+    assert losses[-1] < losses[0], losses
+    changed = {k for k, v in module.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("projectors.b.") for k in changed), changed
+    assert "projectors.b.special_tokens" in changed
+    # Full job: exports a copy of the checkpoint plus projector b; the source is untouched.
+    line = cli.adapt(replace(acfg, run=replace(acfg.run, name="adapt2")))
+    assert "trainable parameters" in line
+    from arc_encoder import ARCModel
+    out = ARCModel.from_pretrained(tmp_path / "ckpt" / "adapt2")
+    assert set(out.projectors.keys()) == {"a", "b"}
+    assert set(ARCModel.from_pretrained(ckpt).projectors.keys()) == {"a"}
+
+
+def test_finetune_loss_on_answer_decreases(setup, tmp_path):
+    root, _, decs, _ = setup
+    cfg = pretrain_cfg(setup, tmp_path, steps=1)
+    cli.pretrain(cfg)
+    data = replace(cfg.data, train_files=[str(root / "qa.jsonl")], validation_files=[str(root / "qa.jsonl")])
+    fcfg = cli.FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), decoders=cfg.decoders, data=data,
+                              optim=cli.OptimSpec(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
+                              run=replace(cfg.run, name="ft"))
+    module, dm, _, _ = cli.prepare_finetune(fcfg)
+    batch = first_batch(dm)
+    assert batch.task == "qa" and batch.target_ids == batch.continuation_ids
+    losses = steps_on_fixed_batch(module, batch)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_resume_reproduces_steps_optimizer_and_losses(setup, tmp_path):
+    straight = pretrain_cfg(setup, tmp_path, steps=6, name="straight")
+    cli.pretrain(straight)
+    half = pretrain_cfg(setup, tmp_path, steps=3, name="resumed")
+    half.optim.total_steps = 6  # "killed" at step 3 of a 6-step schedule
+    cli.pretrain(half)
+    with pytest.raises(FileExistsError, match="--run.resume"):
+        cli.pretrain(half)
+    cli.pretrain(replace(half, trainer=replace(half.trainer, max_steps=6), run=replace(half.run, resume=True)))
+    a = torch.load(tmp_path / "runs/straight/checkpoints/last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "runs/resumed/checkpoints/last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["arc_next_batch_index"] == b["arc_next_batch_index"] == 6
+    assert b["arc_train_losses"] == pytest.approx(a["arc_train_losses"], abs=1e-5)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-5, rtol=1e-4)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert int(sa[k]["step"]) == int(sb[k]["step"]) == 6
+        torch.testing.assert_close(sb[k]["exp_avg_sq"], sa[k]["exp_avg_sq"], atol=1e-7, rtol=1e-3)
+    metrics = (tmp_path / "runs/resumed/logs/metrics.csv").read_text()
+    assert "val/loss_compressed" in metrics and "val/recon_acc" in metrics and "val/loss_full" in metrics
+
+
+def test_bad_configs_fail_before_training(setup, tmp_path):
+    root, _, decs, tok = setup
+    cfg = pretrain_cfg(setup, tmp_path)
+    missing = replace(cfg, decoders=[cli.DecoderSpec(name="a", path=str(tmp_path / "nope"))])
+    with pytest.raises(FileNotFoundError, match="decoder 'a'.*not a local model directory"):
+        cli.prepare_pretrain(missing)
+    wrong = save_decoder(tmp_path / "wrong", tok, vocab=len(tok) + 7)
+    with pytest.raises(ValueError, match="decoder 'w'.*mismatched tokenizer"):
+        cli.prepare_pretrain(replace(cfg, decoders=[cli.DecoderSpec(name="w", path=wrong)]))
+    with pytest.raises(FileNotFoundError, match="data file"):
+        cli.prepare_pretrain(replace(cfg, data=replace(cfg.data, train_files=[str(tmp_path / "x.jsonl")])))
+    assert not (tmp_path / "runs" / "t").exists()  # nothing written before the checks pass
+    assert cli.main(["pretrain", "--config", cli.default_config(), "--data.no_such_key", "1"]) != 0
+
+
+def test_paper_config_builds_with_tiny_stand_ins(setup, tmp_path):
+    import yaml
+    root, enc, decs, _ = setup
+    path = Path(cli.__file__).parent / "configs" / "paper_fsdp.yaml"
+    text = path.read_text()
+    for placeholder, real in (("/models/Llama-3.2-3B", enc), ("/models/Llama-3.1-8B", decs["a"]),
+                              ("/models/Mistral-7B-v0.1", decs["b"]),
+                              ("/data/pretrain/train.jsonl", str(root / "train.jsonl.gz")),
+                              ("/data/pretrain/validation.jsonl", str(root / "validation.jsonl.gz"))):
+        assert placeholder in text
+        text = text.replace(placeholder, real)
+    data = yaml.safe_load(text)
+    data["encoder"]["layers_removed"] = 1
+    data["run"]["runs_dir"] = str(tmp_path / "runs")
+    patched = tmp_path / "paper.yaml"
+    patched.write_text(yaml.safe_dump(data))
+    job, cfg = cli.parse(["pretrain", "--config", str(patched)])
+    assert cfg.trainer.strategy == "fsdp" and cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 8
+    assert [d.name for d in cfg.decoders] == ["llama3_8b", "mistral_7b"]
+    module, dm, _, _ = cli.prepare_pretrain(cfg)
+    assert set(module.model.projectors.keys()) == {"llama3_8b", "mistral_7b"}
+    assert module.decoders["llama3_8b"].dtype == torch.bfloat16
+    assert module.model.projector("mistral_7b").config.hidden_dim == 2048
