@@ -258,7 +258,10 @@ def build_decoder(preset: Preset, device: torch.device, dtype: torch.dtype):
 
 def build_arc_model(encoder: ARCEncoder, decoder, preset: Preset, dtype: torch.dtype) -> ARCModel:
     model = ARCModel(ARCConfig(encoder=encoder.config), encoder)
-    model.add_decoder(DECODER_NAME, decoder, hidden_dim=preset.projector_hidden)
+    # add_decoder builds the projector with the default device; make that the decoder's so
+    # its special-token init (which reads the decoder's embeddings) stays on one device.
+    with torch.device(decoder.device):
+        model.add_decoder(DECODER_NAME, decoder, hidden_dim=preset.projector_hidden)
     model.projectors.to(dtype=dtype)
     return model.eval()
 
@@ -294,8 +297,18 @@ def _encoder_batch(preset: Preset, device: torch.device, seed: int = 1) -> tuple
     return ids, torch.ones_like(ids, dtype=torch.bool)
 
 
+def set_compiled(modules, on: bool) -> None:
+    """torch.compile each module in place (``nn.Module.compile``), or undo it."""
+    for module in modules:
+        if on:
+            module.compile()
+        else:
+            module._compiled_call_impl = None
+
+
 def bench_encoder(preset: Preset, device: torch.device, dtype: torch.dtype, peak_tflops: float,
-                  encoder: ARCEncoder, out_dir: Path | None, profile: bool) -> dict[str, Any]:
+                  encoder: ARCEncoder, out_dir: Path | None, profile: bool,
+                  compile_blocks: bool = True) -> dict[str, Any]:
     """Encoder forward (cache building / on-the-fly compression) tokens/s and MFU."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -333,6 +346,36 @@ def bench_encoder(preset: Preset, device: torch.device, dtype: torch.dtype, peak
                 "pooling_factor": pf, "attention": kernel, "time": t, "model_tflop": flops / 1e12,
                 "tokens_per_s": tokens / t["median_s"], "tflops": tflops, "mfu": tflops / peak_tflops,
             })
+    if compile_blocks and device.type == "cuda":
+        # Hot spot (see encoder_profile.txt): eager RMSNorm / RoPE / SiLU are separate memory-bound
+        # kernels; torch.compile fuses them. Blocks are identical, so one compile serves all.
+        t0 = time.perf_counter()
+        set_compiled(encoder.blocks[:-1], True)
+        try:
+            for pf in preset.pooling_factors:
+                enc = with_pooling(encoder, pf)
+                flops = encoder_forward_flops(encoder.backbone.config, layers, preset.chunk_len, pf, preset.encoder_chunks)
+
+                def fwd_c() -> None:
+                    with torch.no_grad():
+                        enc(ids, mask)
+
+                fwd_c()
+                sync(device)
+                compile_s = time.perf_counter() - t0
+                t = time_fn(fwd_c, device, preset.warmup, preset.repeats)
+                tflops = flops / t["median_s"] / 1e12
+                results["runs"].append({
+                    "pooling_factor": pf, "attention": "sdpa_default+compiled_blocks", "time": t,
+                    "model_tflop": flops / 1e12, "tokens_per_s": tokens / t["median_s"], "tflops": tflops,
+                    "mfu": tflops / peak_tflops, "first_call_with_compile_s": compile_s,
+                })
+                t0 = time.perf_counter()
+        except Exception as err:  # noqa: BLE001 - report, keep the eager numbers
+            traceback.print_exc()
+            results["runs"].append({"attention": "sdpa_default+compiled_blocks", "error": str(err)[:400]})
+        finally:
+            set_compiled(encoder.blocks[:-1], False)  # later sections time the library's eager path
     ok = [r for r in results["runs"] if "mfu" in r]
     if ok:
         best = max(ok, key=lambda r: r["mfu"])
@@ -591,8 +634,8 @@ def bench_train(preset: Preset, device: torch.device, dtype: torch.dtype, peak_t
                 model.encoder.gradient_checkpointing_enable()
             t_compile = None
             if variant == "compile":
-                for layer in model.encoder.blocks[:-1]:
-                    layer.compile()
+                set_compiled(model.encoder.blocks[:-1], True)
+                set_compiled(decoder.model.layers, True)
             opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
             step = train_step_fn(model, decoder, batch, opt, encoder_mod)
             if variant == "compile":
@@ -619,9 +662,8 @@ def bench_train(preset: Preset, device: torch.device, dtype: torch.dtype, peak_t
             if variant == "checkpointing":
                 model.encoder.backbone.gradient_checkpointing_disable()
             if variant == "compile":
-                for layer in model.encoder.blocks[:-1]:
-                    if hasattr(layer, "_compiled_call_impl"):
-                        layer._compiled_call_impl = None
+                set_compiled(model.encoder.blocks[:-1], False)
+                set_compiled(decoder.model.layers, False)
             for p in trainable:
                 p.grad = None
             if device.type == "cuda":
