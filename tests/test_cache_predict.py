@@ -57,3 +57,13 @@ def test_lightning_resume_after_lost_shard(setup, tmp_path, capsys):
     assert files_of(tmp_path / "pl") == files_of(tmp_path / "ref")
     assert main([str(ckpt), "--decoder", "dec", "--corpus", str(corpus), "--output", str(tmp_path / "pl")]) == 2
     assert "pass resume" in capsys.readouterr().err
+
+
+def test_train_cli_exposes_cache_build(capsys):
+    from arc_encoder_train.cli import main as train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["cache-build", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "arc-encoder-train cache-build" in out and "--docs-per-shard" in out

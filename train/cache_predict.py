@@ -1,7 +1,7 @@
 """Multi-GPU cache build: Lightning ``Trainer.predict`` with a shard-writing prediction writer.
 
-    python -m arc_encoder_train.cache_predict CKPT --decoder NAME --corpus docs.jsonl --output CACHE \\
-        --devices 8 --strategy ddp
+    arc-encoder-train cache-build CKPT --decoder NAME --corpus docs.jsonl --output CACHE \\
+        --devices 8 --strategy ddp        # or: python -m arc_encoder_train.cache_predict ...
 
 Each predict "batch" is one whole shard: rank r builds shards k with k % world_size == r,
 compresses them with the library's ``compress_documents`` (same batches as the
@@ -139,9 +139,9 @@ def build_cache_lightning(
     return writer
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m arc_encoder_train.cache_predict") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m arc_encoder_train.cache_predict",
+        prog=prog,
         description="Build a compressed RAG cache with Lightning Trainer.predict (DDP across GPUs; "
         "rank r writes shards k with k %% world_size == r). Same files as `arc-encoder cache build`.",
     )
@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     start = time.perf_counter()
     try:

@@ -426,6 +426,10 @@ def parse(argv: list[str]) -> tuple[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "cache-build":  # Lightning cache build: its own argparse CLI
+        from .cache_predict import main as cache_build
+
+        return cache_build(argv[1:], prog="arc-encoder-train cache-build")
     if not argv:
         argv = ["pretrain", "--config", default_config()]
     elif argv[0] == "pretrain" and not any(a == "--config" or a.startswith("--config=") for a in argv):
