@@ -224,7 +224,7 @@ def run_dirs(run: RunSpec) -> tuple[Path, Path]:
     return run_dir, export_dir
 
 
-def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list) -> L.Trainer:
+def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = False) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -238,7 +238,8 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list) -> L.Trainer:
         strategy=t.strategy, precision=precision, gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps,
-        logger=CSVLogger(run_dir, name="logs", version=""), callbacks=[ckpt, *callbacks],
+        # A resumed run logs to logs/resume-<time>/ so the first part of the curve is kept.
+        logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""), callbacks=[ckpt, *callbacks],
         enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir,
     )
@@ -274,7 +275,7 @@ def fit(job: str, cfg, module: ARCTrainingModule, datamodule: ARCDataModule, exp
         export_dir: Path) -> tuple[L.Trainer, str]:
     """Shared tail of every job: trainer, resume, fit, export, summary."""
     start = time.time()
-    trainer = make_trainer(cfg.trainer, run_dir, [ExportCallback(export_fn)])
+    trainer = make_trainer(cfg.trainer, run_dir, [ExportCallback(export_fn)], cfg.run.resume)
     ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.run.resume else None
     _save_config(run_dir, job, cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
