@@ -278,8 +278,9 @@ class ARCModel(nn.Module):
         """Mean next-token cross-entropy over target tokens."""
         if inputs.labels is None:
             raise ValueError("decoder_loss needs labels (pass target_ids)")
+        # use_cache=False: a loss needs no KV cache (HF builds one by default, even in training).
         logits = decoder(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False
         ).logits
         return F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(),
