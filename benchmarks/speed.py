@@ -912,7 +912,10 @@ def plot(res: dict[str, Any], path: Path) -> str | None:
     if "encoder" in s:
         ax = axes[1]
         runs = [r for r in s["encoder"]["runs"] if "mfu" in r]
-        ax.bar([f"x{r['pooling_factor']}\n{r['attention']}" for r in runs], [r["mfu"] * 100 for r in runs])
+        labels = [f"x{r['pooling_factor']} " + r["attention"].replace("sdpa_", "").replace("+compiled_blocks", "+compile")
+                  for r in runs]
+        ax.bar(range(len(runs)), [r["mfu"] * 100 for r in runs])
+        ax.set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=8)
         ax.axhline(60, color="red", linestyle="--", label="target 60%")
         ax.set_ylabel("MFU vs measured matmul peak, %")
         ax.set_title("Encoder forward")
