@@ -220,6 +220,16 @@ class ARCEncoder(nn.Module):
     def pooling_factor(self) -> int:
         return self.config.pooling_factor
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every full-length block (in place; the pooled block stays eager).
+
+        On an H100 this lifts a 3B-shaped encoder forward from 56% to 74% of the measured bf16
+        matmul peak (benchmarks/README.md): compilation fuses the memory-bound norm, rotary and
+        activation kernels around the matmuls. Blocks share one shape, so one compile serves all.
+        """
+        for block in self.blocks[:-1]:
+            block.compile()
+
     def gradient_checkpointing_enable(self) -> None:
         self.backbone.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

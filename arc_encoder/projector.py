@@ -52,7 +52,7 @@ class Projector(nn.Module):
         A marker far off the decoder's embedding norm would be an outlier input at step 0.
         """
         std = embedding_weight.float().std().item()
-        mean = embedding_weight.float().mean(0)
+        mean = embedding_weight.float().mean(0).to(self.special_tokens.device)
         self.special_tokens.copy_(
             mean + torch.randn_like(self.special_tokens, dtype=torch.float32) * std
         )

@@ -64,6 +64,7 @@ class EncoderSpec:
     max_chunks: int = 32
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
+    compile_blocks: bool = False  # torch.compile the encoder's blocks (GPU: ~1.3x faster forward)
 
 
 @dataclass
@@ -199,9 +200,11 @@ def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
     encoder = ARCEncoder.from_base_model(enc_cfg, torch.float32)
     if e.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
-    if len(tok) > encoder.backbone.embed_tokens.weight.shape[0]:
+    if e.compile_blocks:
+        encoder.compile_blocks()
+    if len(tok) > encoder.backbone.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"encoder tokenizer has {len(tok)} tokens but the encoder's embedding table "
-                         f"has {encoder.backbone.embed_tokens.weight.shape[0]} rows: mismatched tokenizer")
+                         f"has {encoder.backbone.get_input_embeddings().weight.shape[0]} rows: mismatched tokenizer")
     model = ARCModel(ARCConfig(encoder=enc_cfg), encoder, tok)
     for spec in cfg.decoders:
         model.add_decoder(spec.name, decoders[spec.name], hidden_dim=spec.projector_hidden_dim,

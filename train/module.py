@@ -87,6 +87,9 @@ class ARCTrainingModule(L.LightningModule):
             d.to(self.device)
 
     def on_fit_start(self) -> None:
+        # from_pretrained leaves models in eval mode and Lightning keeps each module's mode:
+        # switch the trained side to train mode (dropout on, e.g. in BERT/MiniLM encoders).
+        self.model.train()
         self._move_decoders()
 
     def on_validation_start(self) -> None:
