@@ -55,16 +55,21 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def pool_groups(x: torch.Tensor, valid: torch.Tensor, pooling_factor: int) -> torch.Tensor:
+def pool_groups(x: torch.Tensor, valid: torch.Tensor | None, pooling_factor: int) -> torch.Tensor:
     """Mean over consecutive groups of ``pooling_factor`` positions along dim -2.
 
-    x: [batch, ..., n, d]; valid: [batch, n] bool (right padded). Padding never enters a
-    mean, so a sequence's shorter tail group is the mean of its real tokens only.
-    Returns [batch, ..., ceil(n / pooling_factor), d].
+    x: [batch, ..., n, d]; valid: [batch, n] bool (right padded), or None when no row is
+    padded. Padding never enters a mean, so a sequence's shorter tail group is the mean of
+    its real tokens only. Returns [batch, ..., ceil(n / pooling_factor), d].
     """
     n = x.shape[-2]
     groups = -(-n // pooling_factor)
     pad = groups * pooling_factor - n
+    if valid is None:
+        counts = torch.full((groups, 1), float(pooling_factor), dtype=x.dtype, device=x.device)
+        counts[-1] = pooling_factor - pad  # the tail group is shorter
+        x = F.pad(x, (0, 0, 0, pad)) if pad else x
+        return x.unflatten(-2, (groups, pooling_factor)).sum(-2) / counts
     # Broadcast the [batch, n] mask over every middle dim of x.
     weight = valid.to(x.dtype).view(valid.shape[0], *([1] * (x.dim() - 3)), n, 1)
     x = x * weight
@@ -236,10 +241,10 @@ class ARCEncoder(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def _layer_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    def _layer_mask(self, valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """Padding-only mask in the form the backbone's attention implementation expects."""
         impl = self.backbone.config._attn_implementation
-        if bool(valid.all()):
+        if valid is None:
             return None
         if impl == "flash_attention_2":
             return valid.long()  # [batch, n]; HF unpads with it
@@ -265,11 +270,17 @@ class ARCEncoder(nn.Module):
                     f"{tuple(input_ids.shape)}"
                 )
             valid = attention_mask.bool()
-            if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
-                raise ValueError("attention_mask must be right-padded (valid tokens first)")
         lengths = valid.sum(-1)
-        if bool((lengths == 0).any()):
+        # One device sync for all three checks (each bool() on a GPU tensor stalls the queue).
+        all_valid, left_padded, empty_row = torch.stack(
+            [valid.all(), (valid[:, 1:] & ~valid[:, :-1]).any(), (lengths == 0).any()]
+        ).tolist()
+        if left_padded:
+            raise ValueError("attention_mask must be right-padded (valid tokens first)")
+        if empty_row:
             raise ValueError("every sequence needs at least one token; got an empty row")
+        if all_valid:
+            valid = None  # no padding: masks can be dropped (lets SDPA pick its fastest kernel)
 
         bb = self.backbone
         compressed_lengths = -(-lengths // self.config.pooling_factor)
@@ -297,7 +308,7 @@ class ARCEncoder(nn.Module):
         out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
         return EncoderOutput(pooled, out_mask, compressed_lengths)
 
-    def _forward_bert(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _forward_bert(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """BERT-style post-norm backbone: absolute positions, so pooled queries need no RoPE.
 
         The pooled block mirrors the Llama path: attention output projection with no residual
@@ -318,7 +329,7 @@ class ARCEncoder(nn.Module):
         q = pool_groups(sa.query(hidden).view(b, n, -1, hd).transpose(1, 2), valid, pf)  # [b, h, m, hd]
         k = sa.key(hidden).view(b, n, -1, hd).transpose(1, 2)
         v = sa.value(hidden).view(b, n, -1, hd).transpose(1, 2)
-        key_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        key_mask = None if valid is None else valid[:, None, None, :]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=hd**-0.5)
         ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], -1)  # [b, m, hidden]
         attn_out = layer.attention.output
@@ -332,7 +343,7 @@ class ARCEncoder(nn.Module):
         self,
         layer: nn.Module,
         hidden: torch.Tensor,
-        valid: torch.Tensor,
+        valid: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """The last block with pooled queries: [batch, n, hidden] -> [batch, m, hidden]."""
@@ -346,7 +357,7 @@ class ARCEncoder(nn.Module):
         self,
         layer: nn.Module,
         hidden: torch.Tensor,
-        valid: torch.Tensor,
+        valid: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """Self-attention with group-mean queries and full-length keys/values (no residual)."""
@@ -371,7 +382,7 @@ class ARCEncoder(nn.Module):
             pos = torch.arange(m, device=hidden.device).unsqueeze(0).expand(b, m)
             cos_p, sin_p = self.backbone.rotary_emb(hidden, position_ids=pos)
             q = apply_rope(q, cos_p, sin_p)
-        key_mask = None if bool(valid.all()) else valid[:, None, None, :]  # [b, 1, 1, n]
+        key_mask = None if valid is None else valid[:, None, None, :]  # [b, 1, 1, n]
         out = F.scaled_dot_product_attention(
             q,
             k,

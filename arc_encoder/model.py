@@ -44,7 +44,10 @@ class CompressedContext:
         if not items:
             raise ValueError("no compressed contexts given")
         lengths = torch.tensor([t.shape[0] for t in items], dtype=torch.long)
-        embeddings = nn.utils.rnn.pad_sequence(list(items), batch_first=True)
+        if len(items) > 1 and all(t.shape == items[0].shape for t in items):
+            embeddings = torch.stack(list(items))  # the common case: one chunk size per batch
+        else:
+            embeddings = nn.utils.rnn.pad_sequence(list(items), batch_first=True)
         return cls(embeddings, lengths, decoder)
 
 
@@ -185,11 +188,12 @@ class ARCModel(nn.Module):
                 owner.append(i)
         param = next(self.encoder.parameters())
         longest = max(len(c) for c in chunks)
-        input_ids = torch.zeros(len(chunks), longest, dtype=torch.long, device=param.device)
-        mask = torch.zeros(len(chunks), longest, dtype=torch.bool, device=param.device)
+        input_ids = torch.zeros(len(chunks), longest, dtype=torch.long)
+        mask = torch.zeros(len(chunks), longest, dtype=torch.bool)
         for row, c in enumerate(chunks):
             input_ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
             mask[row, : len(c)] = True
+        input_ids, mask = input_ids.to(param.device), mask.to(param.device)  # one copy each
         return self.encoder(input_ids, mask), owner
 
     def compress(
@@ -204,9 +208,10 @@ class ARCModel(nn.Module):
         ids = self.tokenize(contexts) if isinstance(contexts[0], str) else contexts
         out, owner = self.encode_ids(ids)
         projected = projector(out.hidden_states)  # [chunks, m, decoder_dim]
+        lengths = out.lengths.tolist()  # one device sync for all chunks
         per_context: list[list[torch.Tensor]] = [[] for _ in contexts]
         for row, ctx in enumerate(owner):
-            per_context[ctx].append(projected[row, : int(out.lengths[row])])
+            per_context[ctx].append(projected[row, : lengths[row]])
         return CompressedContext.from_list([torch.cat(p) for p in per_context], decoder)
 
     # ------------------------------------------------------------------ decoder inputs
@@ -235,42 +240,54 @@ class ARCModel(nn.Module):
         weight = decoder_embeddings.weight
         device, dtype = weight.device, weight.dtype
         vocab = weight.shape[0]
-        rows: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
-
-        def embed(ids: TokenIds) -> torch.Tensor:
-            t = torch.as_tensor(list(ids), dtype=torch.long, device=device)
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
-                raise ValueError(f"token id out of the decoder's vocabulary [0, {vocab})")
-            return decoder_embeddings(t)
-
+        # Everything is laid out on the host from Python lists (one device sync, for the
+        # context lengths), then moved once: per-row device work would stall the GPU queue.
+        ctx_len = context.lengths.tolist()
+        has_marker = int(marker is not None)
+        rows = []
         for b in range(batch):
             prefix = list(prefix_ids[b]) if prefix_ids is not None else []
             prompt = list(prompt_ids[b])
             target = list(target_ids[b]) if target_ids is not None else []
-            ctx = context.embeddings[b, : int(context.lengths[b])].to(device=device, dtype=dtype)
-            parts = [embed(prefix), ctx]
-            if marker is not None:
-                parts.append(projector.special_embedding(marker).to(dtype)[None, :])
-            parts += [embed(prompt), embed(target)]
-            rows.append(torch.cat(parts))
-            n_before = rows[-1].shape[0] - len(target)
-            label = torch.full((rows[-1].shape[0],), IGNORE_INDEX, dtype=torch.long, device=device)
+            tokens = prefix + prompt + target
+            if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
+                raise ValueError(f"row {b}: token id out of the decoder's vocabulary [0, {vocab})")
+            rows.append((prefix, prompt, target))
+        totals = [len(p) + ctx_len[b] + has_marker + len(q) + len(t) for b, (p, q, t) in enumerate(rows)]
+        longest = max(totals)
+        ids = torch.zeros(batch, longest, dtype=torch.long)
+        mask = torch.zeros(batch, longest, dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        ctx_rows, ctx_pos, ctx_src, marker_pos = [], [], [], []
+        for b, (prefix, prompt, target) in enumerate(rows):
+            start = 0 if padding_side == "right" else longest - totals[b]
+            mask[b, start : start + totals[b]] = 1
+            pos = start
+            ids[b, pos : pos + len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+            pos += len(prefix)
+            ctx_rows += [b] * ctx_len[b]
+            ctx_pos += range(pos, pos + ctx_len[b])
+            ctx_src += range(ctx_len[b])
+            pos += ctx_len[b]
+            if has_marker:
+                marker_pos.append((b, pos))
+                pos += 1
+            tail = prompt + target
+            ids[b, pos : pos + len(tail)] = torch.tensor(tail, dtype=torch.long)
             if target:
-                label[n_before:] = torch.tensor(target, dtype=torch.long, device=device)
-            labels.append(label)
-
-        longest = max(r.shape[0] for r in rows)
-        embeds = torch.zeros(batch, longest, weight.shape[1], dtype=dtype, device=device)
-        mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
-        label_t = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long, device=device)
-        for b, (row, label) in enumerate(zip(rows, labels)):
-            n = row.shape[0]
-            span = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
-            embeds[b, span] = row
-            mask[b, span] = 1
-            label_t[b, span] = label
-        return DecoderInputs(embeds, mask, label_t if target_ids is not None else None)
+                labels[b, pos + len(prompt) : pos + len(tail)] = torch.tensor(target, dtype=torch.long)
+        embeds = decoder_embeddings(ids.to(device))  # [batch, longest, dim]; pads/ctx slots overwritten
+        if ctx_rows:
+            rows_t = torch.tensor(ctx_rows, device=device)
+            src = context.embeddings[rows_t, torch.tensor(ctx_src, device=device)].to(dtype)
+            embeds = embeds.index_put((rows_t, torch.tensor(ctx_pos, device=device)), src)
+        if marker_pos:
+            mb, mp = (torch.tensor(x, device=device) for x in zip(*marker_pos))
+            special = projector.special_embedding(marker).to(dtype).expand(len(marker_pos), -1)
+            embeds = embeds.index_put((mb, mp), special)
+        embeds = embeds * mask.to(device=device, dtype=dtype)[..., None]  # zero padding slots
+        mask, labels = mask.to(device), labels.to(device)
+        return DecoderInputs(embeds, mask, labels if target_ids is not None else None)
 
     # ------------------------------------------------------------------ loss and generation
     @staticmethod

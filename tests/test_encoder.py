@@ -181,3 +181,9 @@ def test_bert_family_pooling_and_padding():
 def test_bert_chunk_len_over_positions_is_clear_error():
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         _tiny_bert_encoder(4, chunk_len=65)
+
+
+def test_pool_groups_without_mask_equals_all_valid_mask():
+    x = torch.randn(2, 3, 7, 5)
+    for pf in (1, 3, 4, 8):
+        torch.testing.assert_close(pool_groups(x, None, pf), pool_groups(x, torch.ones(2, 7, dtype=torch.bool), pf))

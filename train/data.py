@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
@@ -47,11 +48,16 @@ class DataSpec:
     reconstruction_ratio: float = 0.3  # paper: 20-50% reconstruction works best
     shuffle_buffer: int = 1000
     seed: int = 0
+    # Tokenization runs in this many loader processes, overlapping the accelerator's step
+    # (0 = in the training process). One worker keeps the stream's order (and exact resume).
+    num_workers: Literal[0, 1] = 1
 
     def __post_init__(self) -> None:
         for name in ("context_tokens", "target_tokens", "batch_size", "val_batches", "max_context_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers not in (0, 1):
+            raise ValueError(f"data.num_workers must be 0 or 1 (one worker keeps the stream order), got {self.num_workers}")
         if not 0.0 <= self.reconstruction_ratio <= 1.0:
             raise ValueError(f"data.reconstruction_ratio must be in [0, 1], got {self.reconstruction_ratio}")
 
@@ -214,7 +220,7 @@ class ARCDataModule(L.LightningDataModule):
         # The module saves the next batch index in its checkpoint; resuming replays to it.
         start = int(getattr(self.trainer.lightning_module, "next_batch_index", 0)) if self.trainer else 0
         stream = BatchStream(self.spec, self.decoders, self.enc_tok, self.sample_fn, self.qa, start)
-        return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=0)
+        return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=self.spec.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if self._val is None:

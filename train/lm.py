@@ -76,13 +76,13 @@ class CausalLMModule(L.LightningModule):
     def __init__(self, model, spec: LMSpec) -> None:
         super().__init__()
         self.model, self.spec = model, spec
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []  # detached; read once at the end (no per-step sync)
 
     def training_step(self, block: torch.Tensor, idx: int) -> torch.Tensor:
         logits = self.model(input_ids=block[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten())
         self.log("lm/loss", loss, prog_bar=True)
-        self.losses.append(float(loss.detach()))
+        self.losses.append(loss.detach())
         return loss
 
     def configure_optimizers(self):
@@ -125,7 +125,8 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
     trainer = L.Trainer(max_steps=spec.max_steps, accelerator=accelerator, devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=progress, gradient_clip_val=1.0,
                         enable_model_summary=False, precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
-    loader = DataLoader(_TokenBlocks(data, tokenizer, spec), batch_size=None, num_workers=0)
+    # One loader process tokenizes ahead while the accelerator trains (order is unchanged).
+    loader = DataLoader(_TokenBlocks(data, tokenizer, spec), batch_size=None, num_workers=data.num_workers)
     trainer.fit(module, loader)
     model = model.cpu().float()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +134,10 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        k = max(1, len(module.losses) // 10)
-        summary = {"steps": len(module.losses), "seconds": round(time.time() - start, 1),
-                   "loss_first": sum(module.losses[:k]) / k, "loss_last": sum(module.losses[-k:]) / k,
+        losses = [float(x) for x in module.losses]
+        k = max(1, len(losses) // 10)
+        summary = {"steps": len(losses), "seconds": round(time.time() - start, 1),
+                   "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
                    "parameters": sum(p.numel() for p in model.parameters()), "spec": spec.__dict__}
         atomic_write_json(tmp / "lm_summary.json", summary)
         tmp.rename(out)

@@ -77,7 +77,13 @@ class ARCTrainingModule(L.LightningModule):
         for name, projector in self.model.projectors.items():
             projector.requires_grad_(train_projectors is None or name in train_projectors)
         self.next_batch_index = 0  # position in the batch stream, saved for exact resumption
-        self.train_losses: list[float] = []
+        self._train_losses: list[torch.Tensor | float] = []  # tensors until read: no per-step sync
+
+    @property
+    def train_losses(self) -> list[float]:
+        """Every training step's loss so far (read at checkpoints and in the summary)."""
+        self._train_losses = [float(x) for x in self._train_losses]
+        return list(self._train_losses)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -105,7 +111,7 @@ class ARCTrainingModule(L.LightningModule):
         n = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log(f"train/loss_{batch.task}", loss, batch_size=n)
-        self.train_losses.append(float(loss.detach()))
+        self._train_losses.append(loss.detach())
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -135,11 +141,11 @@ class ARCTrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["arc_next_batch_index"] = self.next_batch_index
-        checkpoint["arc_train_losses"] = list(self.train_losses)
+        checkpoint["arc_train_losses"] = self.train_losses
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.next_batch_index = int(checkpoint.get("arc_next_batch_index", 0))
-        self.train_losses = list(checkpoint.get("arc_train_losses", []))
+        self._train_losses = list(checkpoint.get("arc_train_losses", []))
 
 
 class ExportCallback(Callback):
