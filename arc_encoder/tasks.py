@@ -91,11 +91,16 @@ def split_windows(
     context_tokens: int,
     target_tokens: int,
     min_context_tokens: int = 8,
+    ids: list[int] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
-    """Cut one document into (context, continuation) decoder-token windows, no overlap."""
+    """Cut one document into (context, continuation) decoder-token windows, no overlap.
+
+    ``ids``: the document already tokenized with ``decoder_tokenizer`` (skips that work).
+    """
     if context_tokens < 1 or target_tokens < 1:
         raise ValueError(f"context_tokens and target_tokens must be >= 1, got {context_tokens}, {target_tokens}")
-    ids = decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids is None:
+        ids = decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
     span = context_tokens + target_tokens
     out = []
     for start in range(0, len(ids), span):

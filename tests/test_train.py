@@ -219,3 +219,19 @@ def test_paper_config_builds_with_tiny_stand_ins(setup, tmp_path):
     assert set(module.model.projectors.keys()) == {"llama3_8b", "mistral_7b"}
     assert module.decoders["llama3_8b"].dtype == torch.bfloat16
     assert module.model.projector("mistral_7b").config.hidden_dim == 2048
+
+
+def test_token_cache_returns_tokenizer_ids_and_respects_its_bound():
+    from arc_encoder.tiny import train_tokenizer
+    from arc_encoder_train.data import TokenCache
+
+    tok = train_tokenizer(["hello world, hello tokens"] * 3, vocab_size=280)
+    cache = TokenCache(max_tokens=4)
+    ids = tok("hello world", add_special_tokens=False)["input_ids"]
+    assert cache(tok, "hello world") == ids == cache(tok, "hello world")
+    assert cache.held(tok) == (len(ids) if len(ids) <= 4 else 0)
+    long = "hello tokens hello world hello"
+    assert cache(tok, long) == tok(long, add_special_tokens=False)["input_ids"]  # over the bound: not stored
+    assert cache.held(tok) <= 4
+    other = train_tokenizer(["completely different text here"] * 3, vocab_size=270)
+    assert cache(other, "hello world") == other("hello world", add_special_tokens=False)["input_ids"]

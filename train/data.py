@@ -122,6 +122,38 @@ def iter_texts(spec: DataSpec, split: str, epoch: int = 0, shuffle: bool = False
             yield text
 
 
+class TokenCache:
+    """Token ids of documents already seen, so epochs after the first skip tokenization.
+
+    Tokenizing is the slowest part of the input pipeline (a GPU step of a small model is
+    faster than tokenizing its batch), and small corpora are read for many epochs. Bounded
+    by ``max_tokens``; past that, documents are tokenized each time they come.
+    """
+
+    def __init__(self, max_tokens: int = 200_000_000) -> None:
+        self.max_tokens = max_tokens
+
+    def __call__(self, tokenizer, text: str) -> list[int]:
+        # Stored on the tokenizer itself: a cache keyed by id(tokenizer) could hand one
+        # tokenizer's ids to another created later at the same address.
+        store = tokenizer.__dict__.setdefault("_arc_token_ids", {})
+        ids = store.get(text)
+        if ids is None:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            held = tokenizer.__dict__.get("_arc_token_count", 0)
+            if held + len(ids) <= self.max_tokens:
+                store[text] = ids
+                tokenizer.__dict__["_arc_token_count"] = held + len(ids)
+        return ids
+
+    @staticmethod
+    def held(tokenizer) -> int:
+        return tokenizer.__dict__.get("_arc_token_count", 0)
+
+
+_CACHE = TokenCache()  # per process (the loader worker keeps its own across epochs)
+
+
 @dataclass
 class DecoderTokenizers:
     """What the data side needs to know about one decoder."""
@@ -136,7 +168,8 @@ SampleFn = Callable[[DataSpec, DecoderTokenizers, object, str, int, bool], Itera
 
 def pretrain_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[Sample]:
     for text in iter_texts(spec, split, epoch, shuffle):
-        for ctx, cont in split_windows(text, dec.tokenizer, spec.context_tokens, spec.target_tokens):
+        ids = _CACHE(dec.tokenizer, text)
+        for ctx, cont in split_windows(text, dec.tokenizer, spec.context_tokens, spec.target_tokens, ids=ids):
             yield text_sample(ctx, cont, enc_tok, dec.tokenizer, dec.same_as_encoder)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from arc_encoder.storage import atomic_write_json
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
-from .data import DataSpec, iter_texts
+from .data import _CACHE, DataSpec, iter_texts
 
 
 @dataclass
@@ -63,7 +63,7 @@ class _TokenBlocks(IterableDataset):
         rows: list[list[int]] = []
         for epoch in itertools.count():
             for text in iter_texts(self.data, "train", epoch, shuffle=True):
-                buf += self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+                buf += _CACHE(self.tok, text) + [self.tok.eos_token_id]
                 while len(buf) >= n:
                     rows.append(buf[:n])
                     buf = buf[n:]
