@@ -278,9 +278,12 @@ class ARCModel(nn.Module):
                 labels[b, pos + len(prompt) : pos + len(tail)] = torch.tensor(target, dtype=torch.long)
         embeds = decoder_embeddings(ids.to(device))  # [batch, longest, dim]; pads/ctx slots overwritten
         if ctx_rows:
-            rows_t = torch.tensor(ctx_rows, device=device)
-            src = context.embeddings[rows_t, torch.tensor(ctx_src, device=device)].to(dtype)
-            embeds = embeds.index_put((rows_t, torch.tensor(ctx_pos, device=device)), src)
+            cdev = context.embeddings.device  # cached contexts may live elsewhere (e.g. CPU mmap)
+            src = context.embeddings[torch.tensor(ctx_rows, device=cdev), torch.tensor(ctx_src, device=cdev)]
+            embeds = embeds.index_put(
+                (torch.tensor(ctx_rows, device=device), torch.tensor(ctx_pos, device=device)),
+                src.to(device=device, dtype=dtype),
+            )
         if marker_pos:
             mb, mp = (torch.tensor(x, device=device) for x in zip(*marker_pos))
             special = projector.special_embedding(marker).to(dtype).expand(len(marker_pos), -1)

@@ -107,3 +107,11 @@ def test_generate_from_compressed_context(family, tokenizer):
     again = model.generate(decoder, tokenizer, family, ["Python is a programming language.", "A list is mutable."],
                            ["It is", "Lists are"], max_new_tokens=5, do_sample=False)
     assert again == texts
+
+
+def test_decoder_inputs_accept_context_in_another_dtype():
+    model, decoder = make_model()
+    ctx = CompressedContext.from_list([torch.randn(3, 24, dtype=torch.float64)], "dec")
+    inp = model.build_decoder_inputs(decoder.get_input_embeddings(), ctx, [[7]], [[8]])
+    assert inp.inputs_embeds.dtype == torch.float32
+    torch.testing.assert_close(inp.inputs_embeds[0, :3], ctx.embeddings[0].float())

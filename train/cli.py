@@ -12,6 +12,7 @@ exports checkpoints/<name>/ in the `ARCModel.from_pretrained` format.
 from __future__ import annotations
 
 import shutil
+from importlib import resources
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,9 @@ from .lm import LMSpec, is_decoder_dir, train_lm
 from .module import ARCTrainingModule, ExportCallback, OptimSpec
 
 BUILTIN_TINY = "builtin:tiny-lm"
+# A tiny decoder trained by this project and shipped in the package, so the quickstart
+# needs no LM training; used when run.tiny_lm is left at its defaults.
+BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder") / "data" / "tiny_lm"))
 
 
 # ---------------------------------------------------------------------------- config dataclasses
@@ -141,6 +145,8 @@ def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
     if path != BUILTIN_TINY:
         return path
     out = Path(run.tiny_lm.out_dir)
+    if not is_decoder_dir(out) and run.tiny_lm == LMSpec() and is_decoder_dir(BUNDLED_TINY_LM):
+        return str(BUNDLED_TINY_LM)  # the shipped tiny decoder (see arc_encoder/data/README.md)
     if not is_decoder_dir(out):
         if out.exists():
             raise ValueError(f"{out} exists but is not a complete decoder (config, tokenizer, weights); remove it")
