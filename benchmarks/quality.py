@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pooling-factors", default="1,4,8")
     p.add_argument("--decoder-a", default="", help="use this local LM as decoder A instead of training one")
     p.add_argument("--decoder-b", default="", help="use this local LM as decoder B instead of training one")
-    p.add_argument("--steps", type=int, default=0, help="override the preset's pretraining steps")
+    p.add_argument("--steps", type=int, default=0, help="override the preset's pretraining and adapt steps")
+    p.add_argument("--lm-steps", type=int, default=0, help="override the preset's decoder-LM training steps")
     p.add_argument("--output", default="", help="JSON path (default benchmarks/results/quality_<device>.json)")
     p.add_argument("--time-budget", type=float, default=0,
                    help="seconds; variants not started by then are skipped (and listed as skipped)")
@@ -239,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     if args.steps:
-        preset["steps"] = args.steps
+        preset["steps"] = preset["adapt_steps"] = args.steps
+    if args.lm_steps:
+        preset["lm_a"] = {**preset["lm_a"], "max_steps": args.lm_steps}
+        preset["lm_b"] = {**preset["lm_b"], "max_steps": args.lm_steps}
     if not (Path(args.data_dir) / "test.jsonl.gz").is_file():
         p.error(f"--data-dir {args.data_dir} has no test.jsonl.gz")
     if args.minilm and not (Path(args.minilm) / "config.json").is_file():
