@@ -235,3 +235,14 @@ def test_token_cache_returns_tokenizer_ids_and_respects_its_bound():
     assert cache.held(tok) <= 4
     other = train_tokenizer(["completely different text here"] * 3, vocab_size=270)
     assert cache(other, "hello world") == other("hello world", add_special_tokens=False)["input_ids"]
+
+
+def test_batches_are_not_walked_on_transfer():
+    """Lightning's default transfer walks every token list (slow); ours hands the Batch over as is."""
+    import torch
+
+    from arc_encoder.tasks import Batch
+    from arc_encoder_train.module import ARCTrainingModule
+
+    batch = Batch("d", "continuation", [[1, 2]], [[1, 2]], [[]], [[3]], [[1]])
+    assert ARCTrainingModule.transfer_batch_to_device(None, batch, torch.device("cpu"), 0) is batch
