@@ -62,3 +62,21 @@ def test_help_explains_every_command(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
     assert "--pooling-factor" in capsys.readouterr().out
+
+
+def test_generate_cli_matches_library(tmp_path, tokenizer, capsys):
+    from arc_encoder import ARCConfig, freeze_decoder
+    from arc_encoder.tiny import tiny_causal_lm, tiny_config
+    from conftest import make_encoder
+
+    enc = make_encoder("llama", vocab_size=len(tokenizer))
+    model = ARCModel(ARCConfig(encoder=enc.config), enc, tokenizer).eval()
+    dec = freeze_decoder(tiny_causal_lm(tiny_config("qwen2", vocab_size=len(tokenizer), hidden_size=24, num_heads=3, num_kv_heads=1)))
+    dec.save_pretrained(tmp_path / "dec")
+    tokenizer.save_pretrained(tmp_path / "dec")
+    model.add_decoder("q", dec, hidden_dim=16, decoder_path=str(tmp_path / "dec"))
+    ckpt = model.save_pretrained(tmp_path / "ck")
+    expected = model.generate(dec, tokenizer, "q", ["A list is mutable."], ["Lists are"], max_new_tokens=6, do_sample=False)[0]
+    assert main(["generate", str(ckpt), "--decoder", "q", "--context", "A list is mutable.", "--prompt", "Lists are",
+                 "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
