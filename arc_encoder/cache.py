@@ -29,8 +29,9 @@ import torch
 
 from .checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from .checkpoint import read_config
+from .config import dataclass_from_dict
 from .model import ARCModel, CompressedContext
-from .storage import PathLike, atomic_save_tensors, atomic_write_bytes, atomic_write_json, sha256_file
+from .storage import PathLike, atomic_save_tensors, atomic_write_bytes, atomic_write_json, read_json_file, sha256_file
 
 CACHE_FORMAT_VERSION = 1
 CACHE_MANIFEST = "cache_manifest.json"
@@ -113,11 +114,7 @@ class CacheBuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = BUILD_CONFIG) -> CacheBuildConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, where)
 
     @classmethod
     def for_checkpoint(cls, checkpoint: PathLike, decoder: str, corpus: PathLike, **kwargs) -> CacheBuildConfig:
@@ -471,13 +468,7 @@ def read_cache_manifest(directory: PathLike) -> dict[str, Any]:
     if not path.is_file():
         hint = " (a build started here but did not finish: resume it)" if (Path(directory) / BUILD_CONFIG).is_file() else ""
         raise FileNotFoundError(f"{directory} is not a complete arc-encoder cache: {CACHE_MANIFEST} is missing{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')} is not {CACHE_FORMAT_VERSION}")
-    return manifest
+    return read_json_file(path, CACHE_FORMAT_VERSION)
 
 
 def verify_cache(directory: PathLike, checkpoint: PathLike | None = None) -> list[str]:

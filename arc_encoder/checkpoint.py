@@ -15,7 +15,6 @@ adding a projector rewrites only its file and the two JSON files, each atomicall
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from .storage import (
     atomic_write_json,
     check_state_dict,
     load_tensors,
+    read_json_file,
     sha256_file,
 )
 
@@ -122,13 +122,7 @@ def read_manifest(directory: PathLike) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    return manifest
+    return read_json_file(path, FORMAT_VERSION)
 
 
 def verify_checkpoint(directory: PathLike) -> list[str]:

@@ -32,7 +32,8 @@ def _check_literal(name: str, value: Any, allowed_type: Any) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls(**data)``, but unknown keys are a ValueError naming ``where`` and the allowed keys."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -141,7 +142,7 @@ class ARCConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
-            self.encoder = _from_dict(EncoderConfig, self.encoder, "encoder")
+            self.encoder = dataclass_from_dict(EncoderConfig, self.encoder, "encoder")
         fixed: dict[str, ProjectorConfig] = {}
         for name, proj in dict(self.projectors).items():
             if not name or not name.replace("-", "_").replace(".", "_").isidentifier():
@@ -150,7 +151,7 @@ class ARCConfig:
                     "(it becomes a file name)"
                 )
             fixed[name] = (
-                _from_dict(ProjectorConfig, proj, f"projectors.{name}")
+                dataclass_from_dict(ProjectorConfig, proj, f"projectors.{name}")
                 if isinstance(proj, dict)
                 else proj
             )
@@ -165,7 +166,7 @@ class ARCConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ARCConfig:
-        return _from_dict(cls, data, "ARCConfig")
+        return dataclass_from_dict(cls, data, "ARCConfig")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -44,6 +44,18 @@ def atomic_write_json(path: PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_file(path: PathLike, format_version: int | None = None) -> Any:
+    """Parse a JSON file; bad JSON or another ``format_version`` is a ValueError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if format_version is not None and data.get("format_version") != format_version:
+        raise ValueError(f"{path}: format_version {data.get('format_version')} is not {format_version}")
+    return data
+
+
 def atomic_save_tensors(
     path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> str:

@@ -22,7 +22,6 @@ point `--decoder-a/--decoder-b` at local HF model directories to skip step 1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import math

@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import re
 import statistics
@@ -48,7 +47,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

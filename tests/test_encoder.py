@@ -137,9 +137,6 @@ def test_unsupported_backbone_is_clear_error():
 
 
 def test_eager_and_sdpa_agree_with_padding():
-    from arc_encoder import ARCEncoder
-    from arc_encoder.tiny import tiny_config
-
     outs = []
     for impl in ("eager", "sdpa"):
         enc = make_encoder("llama", attn_implementation=impl).eval()

@@ -24,7 +24,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from arc_encoder.checkpoint import read_config, save_projector
+from arc_encoder.checkpoint import save_projector
 from arc_encoder.config import ARCConfig, EncoderConfig
 from arc_encoder.encoder import ARCEncoder
 from arc_encoder.model import ARCModel
