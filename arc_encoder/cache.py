@@ -31,7 +31,15 @@ from .checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from .checkpoint import read_config
 from .config import dataclass_from_dict
 from .model import ARCModel, CompressedContext
-from .storage import PathLike, atomic_save_tensors, atomic_write_bytes, atomic_write_json, read_json_file, sha256_file
+from .storage import (
+    PathLike,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_files,
+    read_json_file,
+    sha256_file,
+)
 
 CACHE_FORMAT_VERSION = 1
 CACHE_MANIFEST = "cache_manifest.json"
@@ -475,15 +483,7 @@ def verify_cache(directory: PathLike, checkpoint: PathLike | None = None) -> lis
     """Check every file against the manifest (and the index against the shards); return problems."""
     directory = Path(directory)
     manifest = read_cache_manifest(directory)
-    problems = []
-    for rel, entry in sorted(manifest["files"].items()):
-        path = directory / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: checksum mismatch (corrupt or altered shard)")
+    problems = check_files(directory, manifest["files"])
     if not problems:
         index = json.loads((directory / INDEX_NAME).read_text())["docs"]
         if len(index) != manifest["num_docs"]:

@@ -67,12 +67,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .cache import verify_cache
 
-    problems = verify_cache(args.cache, args.checkpoint)
-    for p in problems:
-        print(f"FAIL {p}")
-    if not problems:
-        print(f"OK {args.cache}: every shard and index file matches the manifest")
-    return 1 if problems else 0
+    from .cli import report_problems
+
+    return report_problems(verify_cache(args.cache, args.checkpoint),
+                           f"{args.cache}: every shard and index file matches the manifest")
 
 
 def cmd_query(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ from .storage import (
     PathLike,
     atomic_save_tensors,
     atomic_write_json,
+    check_files,
     check_state_dict,
     load_tensors,
     read_json_file,
@@ -127,18 +128,7 @@ def read_manifest(directory: PathLike) -> dict:
 
 def verify_checkpoint(directory: PathLike) -> list[str]:
     """Check every file against the manifest; return the problems found (empty = good)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    problems = []
-    for rel, entry in manifest["files"].items():
-        path = directory / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: checksum mismatch")
-    return problems
+    return check_files(directory, read_manifest(directory)["files"])
 
 
 def _expected_sha(manifest: dict, directory: Path, rel: str, verify: bool) -> str | None:

@@ -40,6 +40,15 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
+def report_problems(problems: list[str], ok_message: str) -> int:
+    """Print one FAIL line per problem (or OK); exit code 1 when anything failed."""
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        print(f"OK {ok_message}")
+    return 1 if problems else 0
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -86,12 +95,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .checkpoint import verify_checkpoint
 
-    problems = verify_checkpoint(args.checkpoint)
-    for p in problems:
-        print(f"FAIL {p}")
-    if not problems:
-        print(f"OK {args.checkpoint}: every file matches the manifest")
-    return 1 if problems else 0
+    return report_problems(verify_checkpoint(args.checkpoint), f"{args.checkpoint}: every file matches the manifest")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:

@@ -73,6 +73,21 @@ def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_files(directory: PathLike, files: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every ``{relative path: {"bytes", "sha256"}}`` entry against the disk; the problems found."""
+    directory = Path(directory)
+    problems = []
+    for rel, entry in sorted(files.items()):
+        path = directory / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: checksum mismatch (corrupt, truncated or altered)")
+    return problems
+
+
 def load_tensors(path: PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load a safetensors file; a missing, truncated or altered file is a ValueError naming it."""
     path = Path(path)
