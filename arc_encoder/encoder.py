@@ -5,6 +5,9 @@ Two backbone families are supported:
 * "llama": the base transformer of any Llama-family causal LM (Llama, Mistral, Qwen2,
   Qwen3: pre-norm blocks with ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
   ``post_attention_layernorm``, ``mlp``, rotary positions). This is the paper's setting.
+* "neox": GPT-NeoX-family causal LMs (Pythia, GPT-NeoX: fused ``query_key_value``, partial
+  rotary, parallel residual). In the pooled block the MLP reads the pooled block input
+  when the residual is parallel.
 * "bert": BERT-style post-norm encoders (BERT, MiniLM: ``attention.self.{query,key,value}``,
   absolute positions), so a real pretrained encoder shipped on PyPI can be the starting point.
 
@@ -99,7 +102,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-BackboneFamily = Literal["llama", "bert"]
+BackboneFamily = Literal["llama", "neox", "bert"]
 
 
 def backbone_family(backbone: PreTrainedModel) -> BackboneFamily:
@@ -110,6 +113,11 @@ def backbone_family(backbone: PreTrainedModel) -> BackboneFamily:
         if all(hasattr(block.attention.self, p) for p in ("query", "key", "value")):
             return "bert"
         raise ValueError(f"backbone model_type={model_type!r}: BERT-like blocks without query/key/value")
+    if hasattr(backbone, "embed_in") and hasattr(backbone, "layers"):
+        block = backbone.layers[0]
+        if hasattr(block, "attention") and hasattr(block.attention, "query_key_value"):
+            return "neox"
+        raise ValueError(f"backbone model_type={model_type!r}: GPT-NeoX-like blocks without query_key_value")
     _check_llama_like(backbone)
     return "llama"
 
@@ -120,7 +128,8 @@ def _check_llama_like(backbone: PreTrainedModel) -> None:
         if not hasattr(backbone, attr):
             raise ValueError(
                 f"backbone model_type={model_type!r} has no '{attr}': only Llama-family causal "
-                "LMs (Llama, Mistral, Qwen2, Qwen3, ...) and BERT-style encoders are supported"
+                "LMs (Llama, Mistral, Qwen2, Qwen3, ...), GPT-NeoX-family LMs and BERT-style encoders "
+                "are supported"
             )
     block = backbone.layers[0]
     missing = [p for p in _REQUIRED_BLOCK_PARTS if not hasattr(block, p)]
@@ -172,7 +181,8 @@ class ARCEncoder(nn.Module):
         self.backbone = backbone
         # Every attention module must run non-causally (read by HF's SDPA/flash paths).
         for layer in blocks:
-            attn = layer.self_attn if self.family == "llama" else layer.attention.self
+            attn = {"llama": lambda: layer.self_attn, "neox": lambda: layer.attention,
+                    "bert": lambda: layer.attention.self}[self.family]()
             attn.is_causal = False
 
     # ------------------------------------------------------------------ construction
@@ -288,7 +298,7 @@ class ARCEncoder(nn.Module):
             pooled = self._forward_bert(input_ids, valid)
             out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
             return EncoderOutput(pooled, out_mask, compressed_lengths)
-        hidden = bb.embed_tokens(input_ids)  # [batch, n, hidden]
+        hidden = bb.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
         position_embeddings = bb.rotary_emb(hidden, position_ids=position_ids)
@@ -304,7 +314,7 @@ class ARCEncoder(nn.Module):
 
         pooled = self.pooled_block(bb.layers[-1], hidden, valid, position_embeddings)
         if self.config.final_norm:
-            pooled = bb.norm(pooled)
+            pooled = (bb.final_layer_norm if self.family == "neox" else bb.norm)(pooled)
         out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
         return EncoderOutput(pooled, out_mask, compressed_lengths)
 
@@ -349,6 +359,10 @@ class ARCEncoder(nn.Module):
         """The last block with pooled queries: [batch, n, hidden] -> [batch, m, hidden]."""
         pf = self.config.pooling_factor
         attn_out = self.pooled_attention(layer, hidden, valid, position_embeddings)
+        if getattr(layer, "use_parallel_residual", False):  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
+            pooled_in = pool_groups(hidden, valid, pf)
+            out = attn_out + layer.mlp(layer.post_attention_layernorm(pooled_in))
+            return out + pooled_in if self.config.pooled_residual else out
         if self.config.pooled_residual:
             attn_out = attn_out + pool_groups(hidden, valid, pf)
         return attn_out + layer.mlp(layer.post_attention_layernorm(attn_out))
@@ -361,17 +375,25 @@ class ARCEncoder(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """Self-attention with group-mean queries and full-length keys/values (no residual)."""
-        attn = layer.self_attn
         pf = self.config.pooling_factor
         b, n, _ = hidden.shape
         x = layer.input_layernorm(hidden)
-        head_dim = attn.head_dim
-        q = attn.q_proj(x).view(b, n, -1, head_dim)  # [b, n, heads, hd]
-        k = attn.k_proj(x).view(b, n, -1, head_dim)  # [b, n, kv_heads, hd]
-        v = attn.v_proj(x).view(b, n, -1, head_dim).transpose(1, 2)  # [b, kv_heads, n, hd]
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, heads, n, hd]
+        if self.family == "neox":
+            attn = layer.attention
+            head_dim = attn.head_size
+            qkv = attn.query_key_value(x).view(b, n, -1, 3 * head_dim).transpose(1, 2)
+            q, k, v = qkv.chunk(3, dim=-1)  # each [b, heads, n, hd]
+            out_proj = attn.dense
+        else:
+            attn = layer.self_attn
+            head_dim = attn.head_dim
+            q = attn.q_proj(x).view(b, n, -1, head_dim)  # [b, n, heads, hd]
+            k = attn.k_proj(x).view(b, n, -1, head_dim)  # [b, n, kv_heads, hd]
+            v = attn.v_proj(x).view(b, n, -1, head_dim).transpose(1, 2)  # [b, kv_heads, n, hd]
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, heads, n, hd]
+            out_proj = attn.o_proj
         cos, sin = position_embeddings
         k = apply_rope(k, cos, sin)
         if self.config.pooled_query_positions == "group_mean":
@@ -392,4 +414,4 @@ class ARCEncoder(nn.Module):
             enable_gqa=q.shape[1] != k.shape[1],
         )  # [b, heads, m, hd]
         out = out.transpose(1, 2).reshape(b, out.shape[2], -1)  # [b, m, heads * hd]
-        return attn.o_proj(out)
+        return out_proj(out)

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-Family = Literal["llama", "mistral", "qwen2"]
+Family = Literal["llama", "mistral", "qwen2", "gpt_neox"]
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 

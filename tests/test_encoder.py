@@ -184,3 +184,34 @@ def test_pool_groups_without_mask_equals_all_valid_mask():
     x = torch.randn(2, 3, 7, 5)
     for pf in (1, 3, 4, 8):
         torch.testing.assert_close(pool_groups(x, None, pf), pool_groups(x, torch.ones(2, 7, dtype=torch.bool), pf))
+
+
+def _tiny_neox_encoder(pf, **cfg):
+    from transformers import AutoConfig
+
+    from arc_encoder import ARCEncoder, EncoderConfig
+
+    neox = AutoConfig.for_model("gpt_neox", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, rotary_pct=0.5)  # partial rotary: 4 of 8 dims
+    torch.manual_seed(4)
+    return ARCEncoder.from_base_model(EncoderConfig(base_model="tiny-neox", pooling_factor=pf, layers_removed=0, **cfg),
+                                      backbone_config=neox).eval()
+
+
+def test_gpt_neox_pf1_with_residual_equals_whole_bidirectional_backbone():
+    enc = _tiny_neox_encoder(1, pooled_residual=True)
+    assert enc.family == "neox" and enc.blocks[0].use_parallel_residual
+    ids = torch.randint(3, 99, (2, 7))
+    ours = enc(ids).hidden_states
+    full = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+    theirs = enc.backbone(input_ids=ids, attention_mask=full).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["pooled_index", "group_mean"])
+def test_gpt_neox_pooling_lengths_and_padding(positions):
+    enc = _tiny_neox_encoder(4, pooled_query_positions=positions)
+    ids = torch.randint(3, 99, (2, 7))
+    out = enc(ids, _valid([7, 5], 7))
+    assert out.hidden_states.shape == (2, 2, 32) and out.lengths.tolist() == [2, 2]
+    torch.testing.assert_close(out.hidden_states[1], enc(ids[1:, :5]).hidden_states[0], atol=1e-5, rtol=1e-5)

@@ -94,7 +94,7 @@ def test_decoder_mismatch_refused():
         model.check_decoder("dec", other)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["gpt_neox"])
 def test_generate_from_compressed_context(family, tokenizer):
     enc = make_encoder(family, pooling_factor=4, vocab_size=len(tokenizer))
     model = ARCModel(ARCConfig(encoder=enc.config), enc, tokenizer)
