@@ -71,3 +71,14 @@ def test_bad_json_is_value_error(tmp_path):
 def test_compressed_len():
     cfg = EncoderConfig(base_model="m", pooling_factor=4)
     assert [cfg.compressed_len(n) for n in (1, 4, 5, 7, 8, 9)] == [1, 1, 2, 2, 2, 3]
+
+
+def test_library_never_imports_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, arc_encoder, arc_encoder.cache, arc_encoder.cache_cli, arc_encoder.cli, arc_encoder.checkpoint, "
+            "arc_encoder.evaluate, arc_encoder.tasks, arc_encoder.tiny; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
