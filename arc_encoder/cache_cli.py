@@ -101,7 +101,12 @@ def cmd_query(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     answer = cache.generate(model, decoder, tokenizer, [args.question], [doc_ids],
                             max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(answer[0])
+    print(format_answer(answer[0]))
+
+
+def format_answer(text: str) -> str:
+    """One labelled line, so whitespace-only generations are visible as such."""
+    return "answer       " + (" ".join(text.split()) or "(empty: the decoder generated only whitespace)")
 
 
 def add_cache_commands(sub: argparse._SubParsersAction) -> None:

@@ -229,7 +229,9 @@ def test_cli_build_info_verify_query(setup, tmp_path, capsys):
     top = [lines[0].split()[1], lines[1].split()[1]]
     cache = CompressedCache(out)
     expect = cache.generate(model, decoder, tok, [question], [top], max_new_tokens=5, do_sample=False)
-    assert lines[2] == expect[0]
+    from arc_encoder.cache_cli import format_answer
+
+    assert lines[2] == format_answer(expect[0]) and lines[2].startswith("answer       ")
     assert main(["cache", "query", str(out), "q", "--doc-id", "missing"]) == 2
     assert "not in the cache: ['missing']" in capsys.readouterr().err
     assert main(["cache", "build", str(ckpt), "--decoder", "dec", "--corpus", str(corpus), "--output", str(out)]) == 2
