@@ -60,6 +60,13 @@ class DecoderInputs:
     labels: torch.Tensor | None  # [batch, seq], IGNORE_INDEX off-target
 
 
+def _absolute_if_local(path: str) -> str:
+    """Record local decoder paths absolutely, so the checkpoint works from any directory."""
+    from pathlib import Path
+
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
 def freeze_decoder(decoder: PreTrainedModel) -> PreTrainedModel:
     """Eval mode, no gradients: the decoder is only ever read."""
     decoder.eval()
@@ -117,7 +124,7 @@ class ARCModel(nn.Module):
             output_dim=decoder.config.hidden_size,
             hidden_dim=hidden_dim,
             activation=activation,  # type: ignore[arg-type]
-            decoder=decoder_path or getattr(decoder.config, "_name_or_path", ""),
+            decoder=_absolute_if_local(decoder_path or getattr(decoder.config, "_name_or_path", "")),
             decoder_vocab_size=decoder.get_input_embeddings().weight.shape[0],
         )
         self.config.projectors[name] = cfg

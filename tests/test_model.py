@@ -115,3 +115,13 @@ def test_decoder_inputs_accept_context_in_another_dtype():
     inp = model.build_decoder_inputs(decoder.get_input_embeddings(), ctx, [[7]], [[8]])
     assert inp.inputs_embeds.dtype == torch.float32
     torch.testing.assert_close(inp.inputs_embeds[0, :3], ctx.embeddings[0].float())
+
+
+def test_local_decoder_path_is_recorded_absolute(tmp_path, monkeypatch):
+    model, decoder = make_model()
+    (tmp_path / "dec2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    model.add_decoder("d2", decoder, hidden_dim=8, decoder_path="dec2")
+    assert model.projector("d2").config.decoder == str(tmp_path / "dec2")
+    model.add_decoder("d3", decoder, hidden_dim=8, decoder_path="org/hub-id")  # not local: kept as given
+    assert model.projector("d3").config.decoder == "org/hub-id"
