@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,6 @@ class DecoderInputs:
 
 def _absolute_if_local(path: str) -> str:
     """Record local decoder paths absolutely, so the checkpoint works from any directory."""
-    from pathlib import Path
-
     return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
