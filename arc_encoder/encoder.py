@@ -292,12 +292,17 @@ class ARCEncoder(nn.Module):
         if all_valid:
             valid = None  # no padding: masks can be dropped (lets SDPA pick its fastest kernel)
 
-        bb = self.backbone
-        compressed_lengths = -(-lengths // self.config.pooling_factor)
         if self.family == "bert":
             pooled = self._forward_bert(input_ids, valid)
-            out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
-            return EncoderOutput(pooled, out_mask, compressed_lengths)
+        else:
+            pooled = self._forward_rotary(input_ids, valid)
+        compressed_lengths = -(-lengths // self.config.pooling_factor)
+        out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
+        return EncoderOutput(pooled, out_mask, compressed_lengths)
+
+    def _forward_rotary(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Llama-family and GPT-NeoX backbones: rotary positions, pre-norm blocks, final norm."""
+        bb = self.backbone
         hidden = bb.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
@@ -315,8 +320,7 @@ class ARCEncoder(nn.Module):
         pooled = self.pooled_block(bb.layers[-1], hidden, valid, position_embeddings)
         if self.config.final_norm:
             pooled = (bb.final_layer_norm if self.family == "neox" else bb.norm)(pooled)
-        out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
-        return EncoderOutput(pooled, out_mask, compressed_lengths)
+        return pooled
 
     def _forward_bert(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """BERT-style post-norm backbone: absolute positions, so pooled queries need no RoPE.
