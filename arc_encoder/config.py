@@ -65,6 +65,9 @@ class EncoderConfig:
     # A context longer than chunk_len * max_chunks tokens is refused (paper: 32 x 1024).
     max_chunks: int = 32
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # Mixed-pooling training: every sample draws its factor from this set, so one encoder
+    # serves entropy-adaptive compression (arc_encoder.adaptive). Empty: pooling_factor only.
+    pooling_factors: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model:
@@ -81,6 +84,19 @@ class EncoderConfig:
             raise ValueError(
                 f"chunk_len ({self.chunk_len}) must be >= pooling_factor ({self.pooling_factor})"
             )
+        self.pooling_factors = tuple(self.pooling_factors)
+        for pf in self.pooling_factors:
+            if isinstance(pf, bool) or not isinstance(pf, int) or not 1 <= pf <= self.chunk_len:
+                raise ValueError(f"pooling_factors must be integers in [1, chunk_len={self.chunk_len}], got {pf!r}")
+        if self.pooling_factors:
+            if len(set(self.pooling_factors)) != len(self.pooling_factors):
+                raise ValueError(f"pooling_factors has duplicates: {list(self.pooling_factors)}")
+            if self.pooling_factor not in self.pooling_factors:
+                raise ValueError(
+                    f"pooling_factor={self.pooling_factor} (the default) must be one of "
+                    f"pooling_factors={list(self.pooling_factors)}"
+                )
+            self.pooling_factors = tuple(sorted(self.pooling_factors))
         _check_literal("pooled_query_positions", self.pooled_query_positions, PooledQueryPositions)
         _check_literal(
             "attn_implementation",
@@ -98,9 +114,14 @@ class EncoderConfig:
             )
         return kept
 
-    def compressed_len(self, num_tokens: int) -> int:
+    @property
+    def trained_pooling_factors(self) -> tuple[int, ...]:
+        """Every factor this encoder was trained to produce."""
+        return self.pooling_factors or (self.pooling_factor,)
+
+    def compressed_len(self, num_tokens: int, pooling_factor: int | None = None) -> int:
         """Number of vectors a chunk of ``num_tokens`` tokens becomes."""
-        return -(-num_tokens // self.pooling_factor)
+        return -(-num_tokens // (pooling_factor or self.pooling_factor))
 
 
 @dataclass

@@ -20,6 +20,7 @@ of n tokens becomes ceil(n / pooling_factor) vectors.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -265,12 +266,36 @@ class ARCEncoder(nn.Module):
         additive = torch.zeros(keys.shape, dtype=dtype, device=valid.device)
         return additive.masked_fill(~keys, torch.finfo(dtype).min)
 
+    def row_pooling_factors(self, batch: int, pooling_factors: int | Sequence[int] | None) -> list[int]:
+        """One pooling factor per row: the config's by default, one int for all, or a list."""
+        if pooling_factors is None:
+            return [self.config.pooling_factor] * batch
+        if isinstance(pooling_factors, int):
+            pooling_factors = [pooling_factors] * batch
+        pfs = list(pooling_factors)
+        if len(pfs) != batch:
+            raise ValueError(f"pooling_factors has {len(pfs)} entries for {batch} rows")
+        for pf in pfs:
+            if isinstance(pf, bool) or not isinstance(pf, int) or pf < 1:
+                raise ValueError(f"pooling factors must be integers >= 1, got {pf!r}")
+        return pfs
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pooling_factors: int | Sequence[int] | None = None,
     ) -> EncoderOutput:
-        """Encode right-padded token ids [batch, n] into [batch, ceil(n / pf), hidden]."""
+        """Encode right-padded token ids [batch, n] into [batch, ceil(n / pf), hidden].
+
+        ``pooling_factors``: None (the config's), one int, or one int per row. Rows with
+        different factors share every full-length layer; only the pooled block runs once per
+        distinct factor (entropy-adaptive compression, ``arc_encoder.adaptive``). Row b then
+        holds ceil(n_b / pf_b) valid vectors (``lengths``); positions after them are padding.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        pfs = self.row_pooling_factors(input_ids.shape[0], pooling_factors)
         if attention_mask is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
         else:
@@ -293,14 +318,43 @@ class ARCEncoder(nn.Module):
             valid = None  # no padding: masks can be dropped (lets SDPA pick its fastest kernel)
 
         if self.family == "bert":
-            pooled = self._forward_bert(input_ids, valid)
+            pooled = self._forward_bert(input_ids, valid, pfs)
         else:
-            pooled = self._forward_rotary(input_ids, valid)
-        compressed_lengths = -(-lengths // self.config.pooling_factor)
+            pooled = self._forward_rotary(input_ids, valid, pfs)
+        if len(set(pfs)) == 1:
+            compressed_lengths = -(-lengths // pfs[0])
+        else:
+            compressed_lengths = -(-lengths // torch.tensor(pfs, device=lengths.device))
         out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
         return EncoderOutput(pooled, out_mask, compressed_lengths)
 
-    def _forward_rotary(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _pool_rows(
+        pooled_fn: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        valid: torch.Tensor | None,
+        pfs: list[int],
+        per_row: tuple[torch.Tensor, ...] = (),
+    ) -> torch.Tensor:
+        """Run ``pooled_fn(hidden, valid, pf, *per_row)`` once per distinct factor, rows scattered back.
+
+        One factor (the common case) is a single call. Mixed factors give [batch, max_m, d]
+        with zeros after each row's own ceil(n / pf_b) vectors.
+        """
+        if len(set(pfs)) == 1:
+            return pooled_fn(hidden, valid, pfs[0], *per_row)
+        b, n, _ = hidden.shape
+        out: torch.Tensor | None = None
+        for pf in sorted(set(pfs)):
+            idx = torch.tensor([i for i, p in enumerate(pfs) if p == pf], device=hidden.device)
+            sub_valid = None if valid is None else valid[idx]
+            part = pooled_fn(hidden[idx], sub_valid, pf, *(t[idx] for t in per_row))  # [rows, m_pf, d]
+            if out is None:
+                out = part.new_zeros(b, -(-n // min(pfs)), part.shape[-1])
+            out = out.index_put((idx[:, None], torch.arange(part.shape[1], device=idx.device)[None, :]), part)
+        return out
+
+    def _forward_rotary(self, input_ids: torch.Tensor, valid: torch.Tensor | None, pfs: list[int]) -> torch.Tensor:
         """Llama-family and GPT-NeoX backbones: rotary positions, pre-norm blocks, final norm."""
         bb = self.backbone
         hidden = bb.get_input_embeddings()(input_ids)  # [batch, n, hidden]
@@ -317,12 +371,17 @@ class ARCEncoder(nn.Module):
             )
             hidden = out[0] if isinstance(out, tuple) else out
 
-        pooled = self.pooled_block(bb.layers[-1], hidden, valid, position_embeddings)
+        cos, sin = position_embeddings
+
+        def pooled_fn(h, v, pf, c, s):
+            return self.pooled_block(bb.layers[-1], h, v, (c, s), pf)
+
+        pooled = self._pool_rows(pooled_fn, hidden, valid, pfs, (cos, sin))
         if self.config.final_norm:
             pooled = (bb.final_layer_norm if self.family == "neox" else bb.norm)(pooled)
         return pooled
 
-    def _forward_bert(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def _forward_bert(self, input_ids: torch.Tensor, valid: torch.Tensor | None, pfs: list[int]) -> torch.Tensor:
         """BERT-style post-norm backbone: absolute positions, so pooled queries need no RoPE.
 
         The pooled block mirrors the Llama path: attention output projection with no residual
@@ -335,9 +394,12 @@ class ARCEncoder(nn.Module):
         for layer in bb.encoder.layer[:-1]:
             out = layer(hidden, attention_mask=mask)
             hidden = out[0] if isinstance(out, tuple) else out
-        layer = bb.encoder.layer[-1]
+        return self._pool_rows(self._bert_pooled_block, hidden, valid, pfs)
+
+    def _bert_pooled_block(self, hidden: torch.Tensor, valid: torch.Tensor | None, pf: int) -> torch.Tensor:
+        """BERT's last block with pooled queries: [batch, n, hidden] -> [batch, ceil(n / pf), hidden]."""
+        layer = self.backbone.encoder.layer[-1]
         sa = layer.attention.self
-        pf = self.config.pooling_factor
         b, n, _ = hidden.shape
         hd = sa.attention_head_size
         q = pool_groups(sa.query(hidden).view(b, n, -1, hd).transpose(1, 2), valid, pf)  # [b, h, m, hd]
@@ -359,10 +421,11 @@ class ARCEncoder(nn.Module):
         hidden: torch.Tensor,
         valid: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        pooling_factor: int | None = None,
     ) -> torch.Tensor:
         """The last block with pooled queries: [batch, n, hidden] -> [batch, m, hidden]."""
-        pf = self.config.pooling_factor
-        attn_out = self.pooled_attention(layer, hidden, valid, position_embeddings)
+        pf = pooling_factor or self.config.pooling_factor
+        attn_out = self.pooled_attention(layer, hidden, valid, position_embeddings, pf)
         if getattr(layer, "use_parallel_residual", False):  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
             pooled_in = pool_groups(hidden, valid, pf)
             out = attn_out + layer.mlp(layer.post_attention_layernorm(pooled_in))
@@ -377,9 +440,10 @@ class ARCEncoder(nn.Module):
         hidden: torch.Tensor,
         valid: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        pooling_factor: int | None = None,
     ) -> torch.Tensor:
         """Self-attention with group-mean queries and full-length keys/values (no residual)."""
-        pf = self.config.pooling_factor
+        pf = pooling_factor or self.config.pooling_factor
         b, n, _ = hidden.shape
         x = layer.input_layernorm(hidden)
         if self.family == "neox":

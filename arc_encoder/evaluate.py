@@ -46,7 +46,7 @@ def decoder_inputs(
     else:
         target_ids, marker = batch.continuation_ids, "continuation"
     if context == "compressed":
-        ctx = model.compress(batch.encoder_ids, batch.decoder)
+        ctx = model.compress(batch.encoder_ids, batch.decoder, batch.pooling_factors)
         return model.build_decoder_inputs(emb, ctx, batch.prompt_ids, target_ids, marker, batch.prefix_ids)
     if context not in ("none", "full"):
         raise ValueError(f"context must be 'compressed', 'none' or 'full', got {context!r}")

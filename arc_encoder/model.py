@@ -26,6 +26,8 @@ from .projector import Projector
 
 IGNORE_INDEX = -100
 TokenIds = Sequence[int]
+# Per context: one factor for all its chunks, or one factor per chunk.
+PoolingPlan = Sequence[int | Sequence[int]]
 
 
 @dataclass
@@ -184,14 +186,43 @@ class ARCModel(nn.Module):
             )
         return [ids[i : i + cfg.chunk_len] for i in range(0, len(ids), cfg.chunk_len)]
 
-    def encode_ids(self, contexts: Sequence[TokenIds]) -> tuple[EncoderOutput, list[int]]:
-        """Encode every chunk of every context as ONE batch; also return each chunk's owner."""
+    def chunk_pooling(
+        self, contexts: Sequence[TokenIds], pooling_factors: int | PoolingPlan | None
+    ) -> list[list[int]] | None:
+        """Resolve ``pooling_factors`` into one factor per chunk per context (None: the config's)."""
+        if pooling_factors is None:
+            return None
+        if isinstance(pooling_factors, int):
+            pooling_factors = [pooling_factors] * len(contexts)
+        if len(pooling_factors) != len(contexts):
+            raise ValueError(f"pooling_factors has {len(pooling_factors)} entries for {len(contexts)} contexts")
+        plan = []
+        for i, (ids, pf) in enumerate(zip(contexts, pooling_factors)):
+            n_chunks = len(self.chunk(ids, i))
+            per_chunk = [pf] * n_chunks if isinstance(pf, int) else list(pf)
+            if len(per_chunk) != n_chunks:
+                raise ValueError(f"context {i} has {n_chunks} chunks but {len(per_chunk)} pooling factors")
+            plan.append(per_chunk)
+        return plan
+
+    def encode_ids(
+        self, contexts: Sequence[TokenIds], pooling_factors: int | PoolingPlan | None = None
+    ) -> tuple[EncoderOutput, list[int]]:
+        """Encode every chunk of every context as ONE batch; also return each chunk's owner.
+
+        ``pooling_factors``: None (the config's), one int, or per context an int or a list
+        with one factor per chunk (see ``arc_encoder.adaptive``).
+        """
+        plan = self.chunk_pooling(contexts, pooling_factors)
         chunks: list[list[int]] = []
         owner: list[int] = []
+        row_pf: list[int] = []
         for i, ids in enumerate(contexts):
-            for c in self.chunk(ids, i):
+            for j, c in enumerate(self.chunk(ids, i)):
                 chunks.append(c)
                 owner.append(i)
+                if plan is not None:
+                    row_pf.append(plan[i][j])
         param = next(self.encoder.parameters())
         longest = max(len(c) for c in chunks)
         input_ids = torch.zeros(len(chunks), longest, dtype=torch.long)
@@ -200,19 +231,26 @@ class ARCModel(nn.Module):
             input_ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
             mask[row, : len(c)] = True
         input_ids, mask = input_ids.to(param.device), mask.to(param.device)  # one copy each
-        return self.encoder(input_ids, mask), owner
+        return self.encoder(input_ids, mask, row_pf if plan is not None else None), owner
 
     def compress(
-        self, contexts: Sequence[str] | Sequence[TokenIds], decoder: str
+        self,
+        contexts: Sequence[str] | Sequence[TokenIds],
+        decoder: str,
+        pooling_factors: int | PoolingPlan | None = None,
     ) -> CompressedContext:
-        """Texts (or encoder token ids) -> decoder-space vectors, chunks concatenated per text."""
+        """Texts (or encoder token ids) -> decoder-space vectors, chunks concatenated per text.
+
+        ``pooling_factors`` overrides the config's factor: one int, or per context an int or a
+        per-chunk list (entropy-adaptive plans from ``arc_encoder.adaptive.plan_pooling``).
+        """
         projector = self.projector(decoder)
         if len(contexts) == 0:
             raise ValueError("no contexts given")
         if isinstance(contexts, str):
             raise ValueError("contexts must be a list of strings, not one string")
         ids = self.tokenize(contexts) if isinstance(contexts[0], str) else contexts
-        out, owner = self.encode_ids(ids)
+        out, owner = self.encode_ids(ids, pooling_factors)
         projected = projector(out.hidden_states)  # [chunks, m, decoder_dim]
         lengths = out.lengths.tolist()  # one device sync for all chunks
         per_context: list[list[torch.Tensor]] = [[] for _ in contexts]

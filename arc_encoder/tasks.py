@@ -17,6 +17,7 @@ score the same window both ways and compare compressed context with the full tex
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,6 +51,9 @@ class Batch:
     prefix_ids: list[list[int]]  # e.g. [bos] per row
     index: int = 0  # position in the batch stream (reproducible task schedule)
     meta: dict = field(default_factory=dict)
+    # Per sample a pooling factor, or one per chunk (mixed-pooling training, adaptive plans);
+    # None: the encoder's default.
+    pooling_factors: list[int] | list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.encoder_ids)
@@ -159,6 +163,17 @@ def is_reconstruction(step: int, ratio: float) -> bool:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"reconstruction ratio must be in [0, 1], got {ratio}")
     return math.floor((step + 1) * ratio + 1e-9) > math.floor(step * ratio + 1e-9)
+
+
+def mixed_pooling(index: int, batch_size: int, factors: Sequence[int]) -> list[int]:
+    """Per-sample pooling factors for batch ``index``, drawn uniformly from ``factors``.
+
+    Seeded by the batch index alone, so a resumed run draws the same factors again.
+    """
+    if not factors:
+        raise ValueError("mixed_pooling needs at least one factor")
+    rng = random.Random(f"arc-mixed-pooling-{index}")
+    return [rng.choice(list(factors)) for _ in range(batch_size)]
 
 
 def collate(

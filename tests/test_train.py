@@ -246,3 +246,23 @@ def test_batches_are_not_walked_on_transfer():
 
     batch = Batch("d", "continuation", [[1, 2]], [[1, 2]], [[]], [[3]], [[1]])
     assert ARCTrainingModule.transfer_batch_to_device(None, batch, torch.device("cpu"), 0) is batch
+
+
+def test_mixed_pooling_pretrain_draws_factors_and_saves_them(setup, tmp_path):
+    from arc_encoder.model import ARCModel
+
+    cfg = pretrain_cfg(setup, tmp_path, steps=3, name="mixed")
+    cfg.encoder.pooling_factors = [2, 3, 5]
+    module, dm, _, export_dir = cli.prepare_pretrain(cfg)
+    batch = first_batch(dm)
+    module._move_decoders()
+    module.training_step(batch, 0)
+    assert len(batch.pooling_factors) == len(batch) and set(batch.pooling_factors) <= {2, 3, 5}
+    cli.pretrain(replace(cfg, run=replace(cfg.run, name="mixed-run")))
+    model = ARCModel.from_pretrained(tmp_path / "ckpt" / "mixed-run")
+    assert model.encoder.config.pooling_factors == (2, 3, 5)
+    assert model.compress([[5] * 15], "a", pooling_factors=[[5]]).lengths.tolist() == [3]
+    bad = pretrain_cfg(setup, tmp_path, name="bad")
+    bad.encoder.pooling_factors = [3, 5]  # the default factor 2 must be one of them
+    with pytest.raises(ValueError, match="must be one of"):
+        cli.prepare_pretrain(bad)

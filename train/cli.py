@@ -62,6 +62,9 @@ class EncoderSpec:
     tokenizer: str = ""  # default: base_model's directory
     layers_removed: int = 1  # paper: 2 (of 28); the tiny default has 4 layers
     pooling_factor: int = 4
+    # Mixed-pooling training (entropy-adaptive compression): each sample draws its factor from
+    # this list; pooling_factor (the default at inference) must be one of them. Empty: fixed.
+    pooling_factors: list[int] = field(default_factory=list)
     pooled_query_positions: Literal["pooled_index", "group_mean"] = "pooled_index"
     final_norm: bool = True
     chunk_len: int = 1024
@@ -201,6 +204,7 @@ def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
         raise FileNotFoundError(f"encoder base_model {base!r} is not a local model directory (no config.json)")
     tok = encoder_tokenizer(e, base)
     enc_cfg = EncoderConfig(base_model=base, layers_removed=e.layers_removed, pooling_factor=e.pooling_factor,
+                            pooling_factors=tuple(e.pooling_factors),
                             pooled_query_positions=e.pooled_query_positions, final_norm=e.final_norm,
                             chunk_len=e.chunk_len, max_chunks=e.max_chunks, attn_implementation=e.attn_implementation)
     encoder = ARCEncoder.from_base_model(enc_cfg, torch.float32)

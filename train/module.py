@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from arc_encoder.evaluate import batch_loss, evaluate_batch
 from arc_encoder.model import ARCModel, freeze_decoder
-from arc_encoder.tasks import Batch
+from arc_encoder.tasks import Batch, mixed_pooling
 
 
 @dataclass
@@ -114,6 +114,9 @@ class ARCTrainingModule(L.LightningModule):
             self.model.encoder.eval()  # frozen encoder: no dropout/noise while adapting
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        factors = self.model.encoder.config.pooling_factors
+        if factors:  # mixed-pooling training: every sample draws its factor (seeded by batch index)
+            batch.pooling_factors = mixed_pooling(batch.index, len(batch), factors)
         loss = batch_loss(self.model, self.decoders[batch.decoder], batch)
         self.next_batch_index = batch.index + 1
         n = len(batch)

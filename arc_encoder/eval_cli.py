@@ -1,0 +1,213 @@
+"""`arc-encoder eval info`: how much of a text survives compression, with no downstream task.
+
+Scores a checkpoint + frozen decoder on (context, continuation) windows of any corpus at one
+or several pooling factors (a rate-distortion curve), chunk lengths, and entropy-adaptive
+plans; writes JSON (the planner's quality curve, `arc-encoder plan --quality`) and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import get_args
+
+import torch
+
+from .adaptive import Density
+
+_INTS = "comma-separated integers"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected {_INTS}, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected {_INTS} >= 1, got {text!r}")
+    return values
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def load_decoder(model, name: str, path: str | None, device: str, dtype: torch.dtype):
+    """The frozen decoder of projector ``name`` (recorded path unless given) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import freeze_decoder
+
+    path = path or model.projector(name).config.decoder
+    if not path or not Path(path).is_dir():
+        raise FileNotFoundError(f"decoder {name!r}: {path!r} is not a local model directory; pass --decoder-path")
+    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device))
+    model.check_decoder(name, decoder)
+    return decoder, AutoTokenizer.from_pretrained(path), path
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .adaptive import AdaptivePooling, chunk_scorer, plan_pooling
+    from .cache import DocumentStream
+    from .info import InfoEvaluator, eval_batches
+    from .model import ARCModel
+    from .storage import atomic_write_json
+
+    device = _device(args.device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
+    decoder, dec_tok, dec_path = load_decoder(model, args.decoder, args.decoder_path, device, dtype)
+    stream = DocumentStream.from_corpus(args.data, args.format)
+    batches = eval_batches(stream.texts, model, args.decoder, dec_tok, args.context_tokens,
+                           args.target_tokens, args.max_samples, args.batch_size)
+    if not batches:
+        raise ValueError(f"{args.data}: no document has {args.context_tokens}+{args.target_tokens} decoder tokens")
+    ev = InfoEvaluator(model, decoder, batches, em_k=args.em_k,
+                       autocast_dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    trained = model.encoder.config.trained_pooling_factors
+    pfs = args.pooling_factors or list(trained)
+    chunk_lens = args.chunk_lens or [model.encoder.config.chunk_len]
+    jobs: list[tuple[str, object, int]] = [(f"pf{pf}", pf, c) for c in chunk_lens for pf in pfs]
+    if args.adaptive:
+        jobs += [(f"adaptive-{d}", d, c) for c in chunk_lens for d in args.adaptive]
+    points = []
+    with torch.no_grad():
+        for label, what, chunk in tqdm(jobs, desc="eval info", unit="point", disable=args.no_progress):
+            if isinstance(what, int):
+                plan = what
+            else:
+                policy = AdaptivePooling(tuple(args.adaptive_factors or trained), args.target, what)  # type: ignore[arg-type]
+                scorer = chunk_scorer(policy, decoder, dec_tok)
+                from .info import chunk_len_override
+
+                with chunk_len_override(model, chunk):
+                    plan = plan_pooling(model, ev.all_encoder_ids(), policy, scorer)
+            point = ev.point(plan, chunk_len=chunk, label=label).to_dict()
+            point["trained_factor"] = bool(point["pooling_factor"] in trained) if isinstance(what, int) else True
+            points.append(point)
+    result = {
+        "benchmark": "info",
+        "command": "arc-encoder eval info " + " ".join(shlex.quote(a) for a in args.argv),
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "decoder": args.decoder,
+        "decoder_path": dec_path,
+        "data": str(Path(args.data).resolve()),
+        "context_tokens": args.context_tokens,
+        "target_tokens": args.target_tokens,
+        "trained_pooling_factors": list(trained),
+        "points": points,
+    }
+    print(format_table(points))
+    if args.output:
+        atomic_write_json(args.output, result)
+        print(f"wrote {args.output}")
+    if args.plot:
+        print(plot_info(result, Path(args.plot)))
+    return 0
+
+
+def format_table(points: list[dict]) -> str:
+    head = (f"{'point':<22}{'chunk':>6}{'vec/tok':>8}{'bits/tok':>9}{'recov':>7}{'bits/vec':>9}"
+            f"{'kept%':>7}{'loss':>7}{'gap%':>6}{'EM@k':>6}")
+    rows = [head]
+    for p in points:
+        flag = "" if p.get("trained_factor", True) else " (untrained)"
+        rows.append(f"{p['label'] + flag:<22}{p['chunk_len']:>6}{p['rate_vectors_per_token']:>8.3f}"
+                    f"{p['bits_none_per_token']:>9.2f}{p['bits_recovered_per_token']:>7.2f}"
+                    f"{p['bits_per_vector']:>9.2f}{100 * p['info_retained']:>7.1f}{p['loss_compressed']:>7.3f}"
+                    f"{100 * p['gap_closed']:>6.0f}{p['em_at_k']:>6.2f}")
+    if points:
+        p = points[0]
+        rows.append(f"closed book loss {p['loss_none']:.3f}, open book {p['loss_full']:.3f} (nats/token); "
+                    f"bits/tok = H(text) per token with no context; recov = bits recovered per token")
+    return "\n".join(rows)
+
+
+def plot_info(result: dict, path: Path) -> str:
+    """Rate-distortion (continuation loss vs vectors per token) and bits recovered vs rate."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    pts = result["points"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for chunk in sorted({p["chunk_len"] for p in pts}):
+        fixed = sorted((p for p in pts if not p["adaptive"] and p["chunk_len"] == chunk),
+                       key=lambda p: p["rate_vectors_per_token"])
+        xs = [p["rate_vectors_per_token"] for p in fixed]
+        a.plot(xs, [p["loss_compressed"] for p in fixed], "o-", label=f"fixed pooling, chunk {chunk}")
+        b.plot(xs, [p["bits_recovered_per_token"] for p in fixed], "o-", label=f"fixed, chunk {chunk}")
+        for p in fixed:
+            a.annotate(f"x{p['pooling_factor']}", (p["rate_vectors_per_token"], p["loss_compressed"]), fontsize=7)
+    for p in (p for p in pts if p["adaptive"]):
+        a.plot([p["rate_vectors_per_token"]], [p["loss_compressed"]], "*", ms=11, label=p["label"])
+        b.plot([p["rate_vectors_per_token"]], [p["bits_recovered_per_token"]], "*", ms=11, label=p["label"])
+    if pts:
+        a.axhline(pts[0]["loss_none"], color="tab:red", ls="--", label="no context")
+        a.axhline(pts[0]["loss_full"], color="tab:green", ls="--", label="full text")
+        b.axhline(pts[0]["bits_none_per_token"], color="tab:gray", ls=":", label="H(text) per token")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rate: compressed vectors per original token")
+        ax.legend(fontsize=7)
+    a.set_ylabel("distortion: continuation loss (nats/token)")
+    b.set_ylabel("bits recovered per original token")
+    fig.suptitle(f"{Path(result['checkpoint']).name} -> {result['decoder']} ({result['device']}, {result['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `eval` and its subcommands on the `arc-encoder` parser."""
+    p = sub.add_parser("eval", help="task-agnostic evaluation: information kept by compression",
+                       description=__doc__.split("\n\n")[1])
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    i = eval_sub.add_parser(
+        "info", help="bits of the text recoverable per vector, rate-distortion over pooling factors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="For each (context, continuation) window: H(text) = the decoder's NLL of the "
+        "context with no context, H(text|vectors) = its NLL reading the compressed context back "
+        "(reconstruction marker). Bits recovered = their difference, per original token and per "
+        "vector; plus continuation loss with no / compressed / full-text context (distortion) at "
+        "each rate (vectors per original token). No labels or downstream task needed.",
+        epilog="example:\n  arc-encoder eval info checkpoints/tiny --decoder tiny --data corpus.jsonl.gz \\\n"
+        "      --pooling-factors 2,4,8 --output info.json --plot info.png")
+    i.add_argument("checkpoint", help="arc-encoder checkpoint directory")
+    i.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
+    i.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
+    i.add_argument("--data", required=True, help="corpus: JSONL/JSON(.gz), parquet or .txt (field 'text')")
+    i.add_argument("--format", choices=["auto", "json", "parquet", "text"], default="auto")
+    i.add_argument("--pooling-factors", type=_int_list, default=None,
+                   help="rate-distortion points (default: the factors the encoder was trained with)")
+    i.add_argument("--chunk-lens", type=_int_list, default=None,
+                   help="also vary the chunk length (default: the checkpoint's)")
+    i.add_argument("--adaptive", nargs="*", choices=get_args(Density), default=[],
+                   help="also score entropy-adaptive plans with these chunk scores (needs a "
+                   "mixed-pooling encoder)")
+    i.add_argument("--adaptive-factors", type=_int_list, default=None,
+                   help="factors the adaptive plan may use (default: the trained ones)")
+    i.add_argument("--target", type=float, default=4.0,
+                   help="adaptive plans spend the vectors of fixed pooling at this factor (default 4)")
+    i.add_argument("--context-tokens", type=int, default=128, help="decoder tokens per context window")
+    i.add_argument("--target-tokens", type=int, default=32, help="continuation tokens scored after it")
+    i.add_argument("--max-samples", type=int, default=256)
+    i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--em-k", type=int, default=4, help="EM@k: the first k continuation tokens exactly")
+    i.add_argument("--device", default="auto")
+    i.add_argument("--output", help="JSON file (also the planner's --quality curve)")
+    i.add_argument("--plot", help="PNG: rate-distortion and bits recovered vs rate")
+    i.add_argument("--no-progress", action="store_true")
+    i.set_defaults(func=cmd_info)

@@ -1,0 +1,269 @@
+"""Task-agnostic compression quality: how much of a text's information survives compression.
+
+The compressor is treated as a noisy channel and the frozen decoder as the model of the text.
+For a context x (N decoder tokens) compressed into V vectors z:
+
+    H(x)     = -log2 p_dec(x)                 bits the decoder needs with no context
+    H(x | z) = -log2 p_dec(x | z, <recon>)    bits it still needs when reading the vectors
+    I        = H(x) - H(x | z)                bits recovered from the vectors
+
+reported per original token (``bits_recovered_per_token``), per vector (``bits_per_vector``)
+and as a share of H(x) (``info_retained``). Both terms are cross-entropies under the same
+decoder, so I is a plug-in estimate of the information the vectors carry *for this decoder*
+(no downstream task, no labels). Alongside it: the continuation loss with compressed, no
+and full-text context (the distortion of a rate-distortion curve whose rate is vectors, or
+bytes, per original token), the share of the closed-/open-book gap closed, and ``em_at_k``:
+the share of rows whose first k continuation tokens greedy decoding reproduces exactly
+(k teacher-forced argmax hits in a row are exactly what greedy generation emits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from .evaluate import decoder_inputs
+from .model import IGNORE_INDEX, ARCModel, DecoderInputs, PoolingPlan
+from .tasks import Batch, collate, split_windows, text_sample
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class RowScores:
+    """Per-row sums over target tokens (nats), so any set of rows can be pooled exactly."""
+
+    nll: list[float]
+    tokens: list[int]
+    correct: list[int]
+    prefix_exact: list[bool]  # the first k targets all predicted (greedy reproduces them)
+
+
+@torch.no_grad()
+def target_scores(decoder: PreTrainedModel, inputs: DecoderInputs, em_k: int = 4) -> RowScores:
+    """Per-row NLL, token count, argmax hits and k-prefix exact match over the labelled tokens."""
+    if inputs.labels is None:
+        raise ValueError("target_scores needs labels")
+    logits = decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False).logits
+    logits, labels = logits[:, :-1].float(), inputs.labels[:, 1:]
+    on = labels != IGNORE_INDEX
+    nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * on
+    hit = (logits.argmax(-1) == labels) & on
+    # The first k labelled positions of each row: rank labelled positions left to right.
+    rank = on.long().cumsum(-1)
+    first_k = on & (rank <= em_k)
+    prefix_exact = (hit & first_k).sum(-1) == first_k.sum(-1)
+    stacked = torch.stack([nll.sum(-1), on.sum(-1).float(), hit.sum(-1).float(), prefix_exact.float()]).cpu()
+    return RowScores(stacked[0].tolist(), [int(x) for x in stacked[1]], [int(x) for x in stacked[2]],
+                     [bool(x) for x in stacked[3]])
+
+
+@dataclass
+class InfoPoint:
+    """One operating point (a pooling factor or an adaptive plan) on one evaluation set."""
+
+    label: str
+    pooling_factor: int | None  # None: adaptive (per-chunk factors)
+    chunk_len: int
+    adaptive: bool
+    samples: int
+    context_tokens: int  # decoder tokens of the original contexts
+    vectors: int
+    rate_vectors_per_token: float
+    bytes_per_token: float  # fp16 storage of the vectors, per original decoder token
+    bits_none_per_token: float
+    bits_given_vectors_per_token: float
+    bits_recovered_per_token: float
+    bits_per_vector: float
+    info_retained: float
+    recon_acc: float
+    loss_none: float
+    loss_full: float
+    loss_compressed: float
+    gap_closed: float
+    cont_acc: float
+    em_at_k: float
+    em_k: int
+    factor_counts: dict[str, int]  # chunks per pooling factor
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def chunk_len_override(model: ARCModel, chunk_len: int | None) -> Iterator[None]:
+    """Temporarily compress with another chunk length (quality-vs-chunk curves)."""
+    cfg = model.encoder.config
+    old = cfg.chunk_len
+    if chunk_len is not None:
+        if chunk_len < 1:
+            raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+        cfg.chunk_len = chunk_len
+    try:
+        yield
+    finally:
+        cfg.chunk_len = old
+
+
+def eval_batches(
+    texts: Sequence[str],
+    model: ARCModel,
+    decoder_name: str,
+    decoder_tokenizer,
+    context_tokens: int,
+    target_tokens: int,
+    max_samples: int,
+    batch_size: int,
+) -> list[Batch]:
+    """(context, continuation) windows from raw texts, in order, as batches for one decoder."""
+    if model.tokenizer is None:
+        raise ValueError("the checkpoint has no encoder tokenizer")
+    same = model.tokenizer.get_vocab() == decoder_tokenizer.get_vocab()
+    samples = []
+    for text in texts:
+        for ctx, cont in split_windows(text, decoder_tokenizer, context_tokens, target_tokens):
+            samples.append(text_sample(ctx, cont, model.tokenizer, decoder_tokenizer, same))
+            if len(samples) >= max_samples:
+                break
+        if len(samples) >= max_samples:
+            break
+    bos = decoder_tokenizer.bos_token_id
+    return [collate(samples[i : i + batch_size], decoder_name, "continuation", bos, index=i // batch_size)
+            for i in range(0, len(samples), batch_size)]
+
+
+class InfoEvaluator:
+    """Scores one model + decoder on fixed batches; the no-/full-context baselines are computed once."""
+
+    def __init__(self, model: ARCModel, decoder: PreTrainedModel, batches: Sequence[Batch], em_k: int = 4,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        if not batches:
+            raise ValueError("no evaluation batches (is the data too short for one context + continuation?)")
+        self.model, self.decoder, self.batches, self.em_k = model, decoder, list(batches), em_k
+        self.autocast_dtype = autocast_dtype
+        self._baseline: dict[str, RowScores] | None = None
+        self.last_rows: dict[str, RowScores] = {}
+
+    def _autocast(self):
+        device = next(self.decoder.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
+
+    def _scores(self, batch: Batch, context: str, targets: str) -> RowScores:
+        with self._autocast():
+            inputs = decoder_inputs(self.model, self.decoder, batch, context, targets)  # type: ignore[arg-type]
+            return target_scores(self.decoder, inputs, self.em_k)
+
+    @staticmethod
+    def _merge(scores: list[RowScores]) -> RowScores:
+        return RowScores([x for s in scores for x in s.nll], [x for s in scores for x in s.tokens],
+                         [x for s in scores for x in s.correct], [x for s in scores for x in s.prefix_exact])
+
+    def baseline(self) -> dict[str, RowScores]:
+        """Recon NLL with no context (H(x)), continuation with no / full-text context."""
+        if self._baseline is None:
+            self._baseline = {
+                "recon_none": self._merge([self._scores(b, "none", "reconstruction") for b in self.batches]),
+                "cont_none": self._merge([self._scores(b, "none", "continuation") for b in self.batches]),
+                "cont_full": self._merge([self._scores(b, "full", "continuation") for b in self.batches]),
+            }
+        return self._baseline
+
+    def all_encoder_ids(self) -> list[list[int]]:
+        return [ids for b in self.batches for ids in b.encoder_ids]
+
+    @torch.no_grad()
+    def point(self, pooling_factors: int | PoolingPlan | None = None, chunk_len: int | None = None,
+              label: str = "") -> InfoPoint:
+        """Score one operating point. ``pooling_factors``: one int, or a plan for ALL samples in order."""
+        base = self.baseline()
+        n_samples = sum(len(b) for b in self.batches)
+        plan = pooling_factors
+        if plan is not None and not isinstance(plan, int) and len(plan) != n_samples:
+            raise ValueError(f"the pooling plan has {len(plan)} entries for {n_samples} samples")
+        recon, cont, vectors = [], [], 0
+        counts: dict[str, int] = {}
+        offset = 0
+        with chunk_len_override(self.model, chunk_len):
+            for batch in self.batches:
+                part = plan if plan is None or isinstance(plan, int) else list(plan[offset : offset + len(batch)])
+                offset += len(batch)
+                per_chunk = self.model.chunk_pooling(batch.encoder_ids, part)
+                if per_chunk is None:
+                    default = self.model.encoder.config.pooling_factor
+                    per_chunk = [[default] * len(self.model.chunk(ids, i)) for i, ids in enumerate(batch.encoder_ids)]
+                for ids, pfs in zip(batch.encoder_ids, per_chunk):
+                    chunks = self.model.chunk(ids)
+                    vectors += sum(-(-len(c) // pf) for c, pf in zip(chunks, pfs))
+                    for pf in pfs:
+                        counts[str(pf)] = counts.get(str(pf), 0) + 1
+                scored = dataclasses.replace(batch, pooling_factors=per_chunk)
+                recon.append(self._scores(scored, "compressed", "reconstruction"))
+                cont.append(self._scores(scored, "compressed", "continuation"))
+            chunk = self.model.encoder.config.chunk_len
+        r, c = self._merge(recon), self._merge(cont)
+        self.last_rows = {"recon": r, "cont": c}  # per-row scores of this point (paired comparisons)
+        ctx_tokens = sum(base["recon_none"].tokens)
+        h0, h1 = sum(base["recon_none"].nll) / LN2, sum(r.nll) / LN2
+        cont_tokens = sum(c.tokens)
+        loss_none = sum(base["cont_none"].nll) / cont_tokens
+        loss_full = sum(base["cont_full"].nll) / cont_tokens
+        loss_comp = sum(c.nll) / cont_tokens
+        gap = loss_none - loss_full
+        width = self.model.projector(self.batches[0].decoder).config.output_dim
+        fixed = isinstance(plan, int) or plan is None
+        pf_value = (plan if isinstance(plan, int) else self.model.encoder.config.pooling_factor) if fixed else None
+        return InfoPoint(
+            label=label or (f"pf{pf_value}" if fixed else "adaptive"),
+            pooling_factor=pf_value, chunk_len=chunk, adaptive=not fixed, samples=n_samples,
+            context_tokens=ctx_tokens, vectors=vectors,
+            rate_vectors_per_token=vectors / ctx_tokens,
+            bytes_per_token=vectors * width * 2 / ctx_tokens,
+            bits_none_per_token=h0 / ctx_tokens,
+            bits_given_vectors_per_token=h1 / ctx_tokens,
+            bits_recovered_per_token=(h0 - h1) / ctx_tokens,
+            bits_per_vector=(h0 - h1) / max(vectors, 1),
+            info_retained=(h0 - h1) / h0 if h0 > 0 else float("nan"),
+            recon_acc=sum(r.correct) / max(sum(r.tokens), 1),
+            loss_none=loss_none, loss_full=loss_full, loss_compressed=loss_comp,
+            gap_closed=(loss_none - loss_comp) / gap if gap > 0 else float("nan"),
+            cont_acc=sum(c.correct) / max(cont_tokens, 1),
+            em_at_k=sum(c.prefix_exact) / max(len(c.prefix_exact), 1), em_k=self.em_k,
+            factor_counts=dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+        )
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    n = len(xs)
+    if n != len(ys) or n < 3:
+        return float("nan")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    return pearson(_ranks(xs), _ranks(ys))
