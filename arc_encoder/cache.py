@@ -27,6 +27,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .adaptive import AdaptivePooling, ChunkScorer, chunk_scorer, plan_pooling
 from .checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from .checkpoint import read_config
 from .config import dataclass_from_dict
@@ -50,6 +51,7 @@ SHARD_DIR = "shards"
 StorageDtype = Literal["float16", "bfloat16", "float32", "int8"]
 CorpusFormat = Literal["auto", "json", "parquet", "text"]
 VerifyMode = Literal["checksum", "size"]
+PoolingMode = Literal["fixed", "adaptive"]
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Bytes per stored element (int8 also stores one float32 scale per vector, counted separately).
 _ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
@@ -103,6 +105,13 @@ class CacheBuildConfig:
     pooling_factor: int = 0
     chunk_len: int = 0
     max_chunks: int = 0
+    # Entropy-adaptive pooling (arc_encoder.adaptive): per-chunk factors from adaptive_factors,
+    # spending within each shard the vectors fixed pooling at adaptive_target would.
+    pooling: PoolingMode = "fixed"
+    adaptive_factors: list[int] = field(default_factory=list)
+    adaptive_target: float = 0.0
+    adaptive_density: str = ""
+    adaptive_strength: float = 1.0
     format_version: int = CACHE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -116,6 +125,17 @@ class CacheBuildConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.format_version != CACHE_FORMAT_VERSION:
             raise ValueError(f"cache format_version {self.format_version} is not {CACHE_FORMAT_VERSION}")
+        if self.pooling not in get_args(PoolingMode):
+            raise ValueError(f"pooling={self.pooling!r} is not one of {list(get_args(PoolingMode))}")
+        self.adaptive_factors = [int(f) for f in self.adaptive_factors]
+        self.policy()  # validates the adaptive settings
+
+    def policy(self) -> AdaptivePooling | None:
+        """The adaptive pooling policy of this build (None: fixed pooling)."""
+        if self.pooling == "fixed":
+            return None
+        return AdaptivePooling(tuple(self.adaptive_factors), self.adaptive_target,
+                               self.adaptive_density, self.adaptive_strength)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,12 +145,23 @@ class CacheBuildConfig:
         return dataclass_from_dict(cls, data, where)
 
     @classmethod
-    def for_checkpoint(cls, checkpoint: PathLike, decoder: str, corpus: PathLike, **kwargs) -> CacheBuildConfig:
+    def for_checkpoint(
+        cls, checkpoint: PathLike, decoder: str, corpus: PathLike, adaptive: AdaptivePooling | None = None, **kwargs
+    ) -> CacheBuildConfig:
         """Fill the checkpoint-derived fields (hash, decoder path and width, chunking)."""
         config = read_config(checkpoint)
         if decoder not in config.projectors:
             raise ValueError(f"{checkpoint}: no projector for decoder {decoder!r}; it has {sorted(config.projectors)}")
         proj = config.projectors[decoder]
+        if adaptive is not None:
+            untrained = sorted(set(adaptive.factors) - set(config.encoder.trained_pooling_factors))
+            if untrained:
+                raise ValueError(
+                    f"{checkpoint}: adaptive factors {untrained} were never trained (the encoder knows "
+                    f"{list(config.encoder.trained_pooling_factors)}; pretrain with encoder.pooling_factors)"
+                )
+            kwargs.update(pooling="adaptive", adaptive_factors=list(adaptive.factors), adaptive_target=adaptive.target,
+                          adaptive_density=adaptive.density, adaptive_strength=adaptive.strength)
         return cls(
             checkpoint=str(Path(checkpoint).resolve()),
             checkpoint_sha256=checkpoint_sha256(checkpoint),
@@ -247,7 +278,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compress_documents(
-    model: ARCModel, decoder: str, texts: Sequence[str], batch_size: int, ids: Sequence[str] | None = None
+    model: ARCModel,
+    decoder: str,
+    texts: Sequence[str],
+    batch_size: int,
+    ids: Sequence[str] | None = None,
+    plan: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Compress documents in batches of ``batch_size``; return per-doc vectors and token counts.
 
@@ -268,9 +304,47 @@ def compress_documents(
             )
     vectors: list[torch.Tensor] = []
     for start in range(0, len(token_ids), batch_size):
-        ctx = model.compress(token_ids[start : start + batch_size], decoder)
+        part = None if plan is None else list(plan[start : start + batch_size])
+        ctx = model.compress(token_ids[start : start + batch_size], decoder, part)
         vectors += [v.detach().cpu() for v in ctx.unpad()]
     return vectors, [len(t) for t in token_ids]
+
+
+def make_scorer(build: CacheBuildConfig, device: str | torch.device = "cpu") -> ChunkScorer | None:
+    """The chunk scorer of an adaptive build (loads the frozen decoder for ``decoder_nll``)."""
+    policy = build.policy()
+    if policy is None:
+        return None
+    if policy.density != "decoder_nll":
+        return chunk_scorer(policy)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import freeze_decoder
+
+    if not build.decoder_path or not Path(build.decoder_path).is_dir():
+        raise ValueError(f"adaptive_density='decoder_nll' needs the decoder, but {build.decoder_path!r} is not a local directory")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dec = freeze_decoder(AutoModelForCausalLM.from_pretrained(build.decoder_path, dtype=dtype).to(device))
+    return chunk_scorer(policy, dec, AutoTokenizer.from_pretrained(build.decoder_path))
+
+
+@torch.no_grad()
+def compress_shard(
+    model: ARCModel, build: CacheBuildConfig, texts: Sequence[str], ids: Sequence[str], scorer: ChunkScorer | None
+) -> tuple[list[torch.Tensor], list[int], list[list[int]] | None]:
+    """One shard's vectors, token counts and (adaptive builds) per-document chunk factors.
+
+    The adaptive budget is allocated within the shard, so every builder (resumed, multi-GPU)
+    computes the same plan from the same documents.
+    """
+    policy = build.policy()
+    plan = None
+    if policy is not None:
+        if scorer is None:
+            raise ValueError("an adaptive build needs a chunk scorer (make_scorer)")
+        plan = plan_pooling(model, model.tokenize(list(texts)), policy, scorer)
+    vectors, tokens = compress_documents(model, build.decoder, texts, build.batch_size, ids, plan)
+    return vectors, tokens, plan
 
 
 def write_shard(
@@ -281,6 +355,7 @@ def write_shard(
     texts: Sequence[str],
     vectors: Sequence[torch.Tensor],
     tokens: Sequence[int],
+    plan: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Write shard k (vectors, texts, then the sidecar that marks it complete). Shared by all builders."""
     directory = Path(directory)
@@ -299,9 +374,11 @@ def write_shard(
     blob = gzip.compress(lines.encode("utf-8"), mtime=0)  # mtime=0: same bytes on every build
     atomic_write_bytes(directory / texts_name(k), blob)
     docs, offset = [], 0
-    for doc_id, text, vec, n_tok in zip(ids, texts, vectors, tokens):
+    for i, (doc_id, text, vec, n_tok) in enumerate(zip(ids, texts, vectors, tokens)):
         docs.append({"id": doc_id, "offset": offset, "length": int(vec.shape[0]), "tokens": int(n_tok),
                      "text_sha256": text_sha256(text), "text_bytes": len(text.encode("utf-8"))})
+        if plan is not None:
+            docs[-1]["pooling_factors"] = [int(f) for f in plan[i]]
         offset += int(vec.shape[0])
     sidecar = {
         "shard": k,
@@ -379,6 +456,7 @@ def finalize_cache(directory: PathLike, build: CacheBuildConfig, stream: Documen
     index: dict[str, dict[str, Any]] = {}
     files: dict[str, dict[str, Any]] = {}
     totals = {"tokens": 0, "vectors": 0, "text_bytes": 0}
+    chunk_counts: dict[str, int] = {}
     for k in range(n_shards):
         path = directory / sidecar_name(k)
         if not path.is_file():
@@ -389,6 +467,10 @@ def finalize_cache(directory: PathLike, build: CacheBuildConfig, stream: Documen
         for d in side["docs"]:
             index[d["id"]] = {"shard": k, "offset": d["offset"], "length": d["length"],
                               "tokens": d["tokens"], "text_sha256": d["text_sha256"]}
+            if "pooling_factors" in d:
+                index[d["id"]]["pooling_factors"] = d["pooling_factors"]
+                for f in d["pooling_factors"]:
+                    chunk_counts[str(f)] = chunk_counts.get(str(f), 0) + 1
             totals["tokens"] += d["tokens"]
             totals["text_bytes"] += d["text_bytes"]
         totals["vectors"] += side["vectors"]
@@ -406,6 +488,8 @@ def finalize_cache(directory: PathLike, build: CacheBuildConfig, stream: Documen
         "skipped_empty": stream.skipped_empty,
         "dropped_duplicates": stream.dropped_duplicates,
         **totals,
+        **({"chunks_per_pooling_factor": dict(sorted(chunk_counts.items(), key=lambda kv: int(kv[0])))}
+           if chunk_counts else {}),
         "files": files,
     }
     atomic_write_json(directory / CACHE_MANIFEST, manifest)
@@ -436,6 +520,7 @@ def build_cache(
     model: ARCModel | None = None,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    adaptive: AdaptivePooling | None = None,
 ) -> BuildResult:
     """Single-process build (also the resume path). ``model``: already loaded from ``checkpoint``.
 
@@ -448,19 +533,20 @@ def build_cache(
     stream = corpus if isinstance(corpus, DocumentStream) else None
     build = CacheBuildConfig.for_checkpoint(
         checkpoint, decoder, "" if stream is not None else corpus, corpus_format=corpus_format,
-        dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe,
+        dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe, adaptive=adaptive,
     )
     stream, todo = prepare_build(output, build, resume, stream)
     if model is None:
         model = ARCModel.from_pretrained(checkpoint, decoders=[decoder], device=device)
     model.eval()
+    scorer = make_scorer(build, device) if todo else None
     start = time.perf_counter()
     n_todo_docs = sum(len(stream.shard(k, docs_per_shard)[0]) for k in todo)
     bar = tqdm(total=n_todo_docs, unit="doc", desc="cache build", disable=not progress)
     for k in todo:
         ids, texts, _ = stream.shard(k, docs_per_shard)
-        vectors, tokens = compress_documents(model, decoder, texts, batch_size, ids)
-        write_shard(output, build, k, ids, texts, vectors, tokens)
+        vectors, tokens, plan = compress_shard(model, build, texts, ids, scorer)
+        write_shard(output, build, k, ids, texts, vectors, tokens, plan)
         bar.update(len(ids))
         if on_shard is not None:
             on_shard(k)
@@ -683,6 +769,8 @@ def cache_report(directory: PathLike, decoder_path: str | None = None) -> dict[s
     report: dict[str, Any] = {
         "docs": m["num_docs"], "shards": m["num_shards"], "tokens": m["tokens"], "vectors": m["vectors"],
         "dtype": m["dtype"], "decoder": m["decoder"], "pooling_factor": m["pooling_factor"],
+        "pooling": m.get("pooling", "fixed"), "vectors_per_token": m["vectors"] / m["tokens"],
+        "chunks_per_pooling_factor": m.get("chunks_per_pooling_factor", {}),
         "skipped_empty": m["skipped_empty"], "dropped_duplicates": m["dropped_duplicates"],
         "bytes_on_disk": disk, "shard_bytes": shard_bytes,
         "vector_bytes_per_token": vector_bytes / m["tokens"],

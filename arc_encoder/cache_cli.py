@@ -22,6 +22,35 @@ def _device(name: str) -> str:
     return name
 
 
+def add_adaptive_args(p: argparse.ArgumentParser) -> None:
+    """Entropy-adaptive pooling flags, shared by both cache builders."""
+    p.add_argument("--adaptive", choices=["zlib", "decoder_nll"], default=None,
+                   help="entropy-adaptive pooling: score each chunk (zlib: compressed size, free; decoder_nll: "
+                   "the frozen decoder's NLL) and give dense chunks finer factors, at the same total vectors "
+                   "per shard as fixed pooling at --adaptive-target (needs a mixed-pooling encoder)")
+    p.add_argument("--adaptive-factors", default="", help="factors to choose from (default: the trained ones)")
+    p.add_argument("--adaptive-target", type=float, default=0.0,
+                   help="average pooling factor to match (default: the checkpoint's pooling_factor)")
+    p.add_argument("--adaptive-strength", type=float, default=1.0,
+                   help="vectors per chunk ~ tokens * density**strength (0: uniform; default 1)")
+
+
+def adaptive_from_args(args: argparse.Namespace):
+    """An AdaptivePooling from the flags (None without --adaptive); defaults from the checkpoint."""
+    if args.adaptive is None:
+        return None
+    from .adaptive import AdaptivePooling
+    from .checkpoint import read_config
+
+    enc = read_config(args.checkpoint).encoder
+    try:
+        factors = tuple(int(x) for x in args.adaptive_factors.split(",") if x.strip()) or enc.trained_pooling_factors
+    except ValueError as err:
+        raise ValueError(f"--adaptive-factors {args.adaptive_factors!r}: expected comma-separated integers") from err
+    return AdaptivePooling(factors, args.adaptive_target or float(enc.pooling_factor), args.adaptive,
+                           args.adaptive_strength)
+
+
 def cmd_build(args: argparse.Namespace) -> None:
     from .cache import build_cache
 
@@ -29,6 +58,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
         docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
         corpus_format=args.format, resume=args.resume, device=_device(args.device),
+        adaptive=adaptive_from_args(args),
     )
     m = result.manifest
     docs_done = sum(min(m["docs_per_shard"], m["num_docs"] - k * m["docs_per_shard"]) for k in result.shards_written)
@@ -36,6 +66,10 @@ def cmd_build(args: argparse.Namespace) -> None:
     print(f"wrote {result.directory}: {m['num_docs']} docs, {m['tokens']} tokens -> {m['vectors']} vectors "
           f"({m['dtype']}) in {m['num_shards']} shards; {len(result.shards_written)} shards built "
           f"({rate:.1f} docs/s), {result.shards_reused} reused")
+    if m.get("pooling") == "adaptive":
+        print(f"adaptive pooling ({m['adaptive_density']}): chunks per factor {m.get('chunks_per_pooling_factor')}, "
+              f"{m['vectors'] / m['tokens']:.4f} vectors/token (fixed x{m['adaptive_target']:g}: "
+              f"{1 / m['adaptive_target']:.4f})")
     if m["skipped_empty"]:
         print(f"skipped {m['skipped_empty']} empty documents")
     if m["dropped_duplicates"]:
@@ -50,7 +84,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(json.dumps(r, indent=2))
         return
     print(f"cache        {args.cache}")
-    print(f"decoder      {r['decoder']}, pooling x{r['pooling_factor']}, stored as {r['dtype']}")
+    pooling = (f"adaptive pooling, chunks per factor {r['chunks_per_pooling_factor']}" if r["pooling"] == "adaptive"
+               else f"pooling x{r['pooling_factor']}")
+    print(f"decoder      {r['decoder']}, {pooling}, stored as {r['dtype']}")
     print(f"documents    {r['docs']} in {r['shards']} shards ({r['skipped_empty']} empty skipped, "
           f"{r['dropped_duplicates']} duplicates dropped)")
     print(f"tokens       {r['tokens']} -> {r['vectors']} vectors")
@@ -133,6 +169,7 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
     b.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    add_adaptive_args(b)
     b.set_defaults(func=cmd_build)
 
     i = cache_sub.add_parser("info", help="sizes: bytes per token vs the decoder's KV cache and raw text")

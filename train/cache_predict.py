@@ -21,6 +21,9 @@ from typing import Any, get_args
 
 import lightning as L
 import torch
+
+from arc_encoder.adaptive import AdaptivePooling
+from arc_encoder.cache_cli import adaptive_from_args, add_adaptive_args
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from arc_encoder.cache import (
@@ -28,7 +31,8 @@ from arc_encoder.cache import (
     CorpusFormat,
     DocumentStream,
     StorageDtype,
-    compress_documents,
+    compress_shard,
+    make_scorer,
     finalize_cache,
     prepare_build,
     write_shard,
@@ -74,12 +78,15 @@ class CacheCompressModule(L.LightningModule):
         self.model = model.eval()
         self.build = build
         self.stream = stream
+        self.scorer = None
 
     def predict_step(self, batch: int, batch_idx: int) -> dict[str, Any]:
         k = int(batch)
         ids, texts, _ = self.stream.shard(k, self.build.docs_per_shard)
-        vectors, tokens = compress_documents(self.model, self.build.decoder, texts, self.build.batch_size, ids)
-        return {"shard": k, "ids": ids, "texts": texts, "vectors": vectors, "tokens": tokens}
+        if self.scorer is None and self.build.policy() is not None:
+            self.scorer = make_scorer(self.build, self.device)  # adaptive builds score chunks first
+        vectors, tokens, plan = compress_shard(self.model, self.build, texts, ids, self.scorer)
+        return {"shard": k, "ids": ids, "texts": texts, "vectors": vectors, "tokens": tokens, "plan": plan}
 
 
 class CacheShardWriter(BasePredictionWriter):
@@ -95,7 +102,7 @@ class CacheShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         p = prediction
-        write_shard(self.directory, self.build, p["shard"], p["ids"], p["texts"], p["vectors"], p["tokens"])
+        write_shard(self.directory, self.build, p["shard"], p["ids"], p["texts"], p["vectors"], p["tokens"], p["plan"])
         self.written.append(p["shard"])
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -118,12 +125,13 @@ def build_cache_lightning(
     resume: bool = False,
     model_dtype: str | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
+    adaptive: AdaptivePooling | None = None,
 ) -> CacheShardWriter:
     """Same arguments and same files as ``arc_encoder.cache.build_cache``; runs on any Trainer setup."""
     stream = corpus if isinstance(corpus, DocumentStream) else None
     build = CacheBuildConfig.for_checkpoint(
         checkpoint, decoder, "" if stream is not None else corpus, corpus_format=corpus_format,
-        dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe,
+        dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe, adaptive=adaptive,
     )
     # Every rank runs this before DDP starts, so no rank is writing shards yet.
     stream, todo = prepare_build(output, build, resume, stream)
@@ -159,6 +167,7 @@ def build_parser(prog: str = "python -m arc_encoder_train.cache_predict") -> arg
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto", help="number of devices or 'auto'")
     p.add_argument("--strategy", default="auto", help="'ddp' for several GPUs")
+    add_adaptive_args(p)
     return p
 
 
@@ -172,6 +181,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
             corpus_format=args.format, resume=args.resume, model_dtype=args.model_dtype,
             trainer_kwargs={"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy},
+            adaptive=adaptive_from_args(args),
         )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"cache_predict: error: {err}", file=sys.stderr)

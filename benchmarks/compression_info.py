@@ -1,0 +1,263 @@
+"""Information kept by compression, and entropy-adaptive pooling, on the quality benchmark's data.
+
+Issue 7, items 1 and 2, on real held-out text (the Python 3.11 docs, TEST split):
+
+1. Does the task-agnostic estimate predict downstream quality? Train an encoder with mixed
+   pooling factors (2, 4, 8 per sample) and one with fixed pooling 4 against decoder A, in
+   stages (checkpoints after each), then score every (checkpoint, pooling factor) with
+   ``arc_encoder.info``: bits recovered per token / per vector, share of H(text) kept
+   (reconstruction, no labels) vs continuation loss, gap closed and EM@k (downstream).
+   Reports Pearson and Spearman correlations over all points, and a rate-distortion curve.
+2. Entropy-adaptive vs fixed pooling at EQUAL average rate (same total vectors), on the
+   final mixed checkpoint: fixed x4; adaptive plans scored by the decoder's NLL
+   (strength 1 and 2) and by zlib; and two controls with the adaptive plan's exact factor
+   mix: shuffled across samples, and inverted (dense text gets the coarse factors). Gains
+   are paired per sample against fixed x4 (mean +- standard error).
+
+Same script on CPU (`--preset tiny`, minutes) and GPU (`--preset gpu`). Writes
+benchmarks/results/info_<device>.json and a .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import quality  # noqa: E402  (the quality benchmark's presets, data and decoders)
+
+PRESETS = {
+    "tiny": dict(base="tiny", stages=(150, 400, 1000), eval_samples=256, eval_batch=32, em_k=2),
+    "gpu": dict(base="gpu", stages=(100, 300, 900), eval_samples=1024, eval_batch=128, em_k=2),
+}
+FACTORS = (2, 4, 8)
+METRICS_X = ("bits_recovered_per_token", "info_retained", "bits_per_vector")
+METRICS_Y = ("loss_compressed", "gap_closed", "em_at_k", "cont_acc")
+
+
+def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, ...], stages) -> list[tuple[int, str]]:
+    """Pretrain in stages (resuming; one LR schedule over the last stage); copy the checkpoint after each."""
+    from arc_encoder_train.cli import (DecoderSpec, EncoderSpec, OptimSpec, PretrainConfig, RunSpec, TrainerSpec,
+                                       pretrain)
+
+    q = quality.PRESETS[preset["base"]]
+    ck_dir = Path(args.work_dir) / "checkpoints"
+    out = []
+    for i, steps in enumerate(stages):
+        copy = ck_dir / f"{name}-step{steps}"
+        if not copy.is_dir():
+            cfg = PretrainConfig(
+                encoder=EncoderSpec(base_model=dec_a, layers_removed=q["layers_removed"], pooling_factor=4,
+                                    pooling_factors=list(factors), chunk_len=q["context_tokens"] * 4),
+                decoders=[DecoderSpec(name="A", path=dec_a, projector_hidden_dim=q["projector_hidden"],
+                                      dtype="bfloat16" if torch.cuda.is_available() else "float32")],
+                data=quality._data(args, q),
+                optim=OptimSpec(lr=q["lr"], warmup_steps=q["warmup"], total_steps=stages[-1]),
+                trainer=TrainerSpec(max_steps=steps, val_check_interval=stages[-1] + 1,
+                                    checkpoint_every_n_steps=math.gcd(*stages), progress_bar=not args.no_progress),
+                run=RunSpec(name=name, runs_dir=str(Path(args.work_dir) / "runs"), checkpoints_dir=str(ck_dir),
+                            resume=i > 0),
+            )
+            print(pretrain(cfg), flush=True)
+            shutil.copytree(ck_dir / name, copy)
+        out.append((steps, str(copy)))
+    return out
+
+
+def paired(base_rows, rows) -> dict:
+    """Per-sample continuation loss gain of ``rows`` over ``base_rows`` (nats/token): mean +- SE."""
+    diffs = [(a - b) / n for a, b, n in zip(base_rows.nll, rows.nll, rows.tokens)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
+    return {"gain_nats_per_token": mean, "standard_error": sd / math.sqrt(n), "samples": n}
+
+
+def adaptive_study(ev, model, decoder, dec_tok, target: float = 4.0) -> list[dict]:
+    """Fixed x4 vs adaptive plans vs controls, all at the same total number of vectors."""
+    from arc_encoder.adaptive import AdaptivePooling, decoder_scorer, plan_pooling, zlib_scorer
+
+    ids = ev.all_encoder_ids()
+    rows = []
+    point = ev.point(int(target), label=f"fixed x{int(target)}").to_dict()
+    base_rows = ev.last_rows["cont"]
+    rows.append({**point, "paired_vs_fixed": paired(base_rows, base_rows)})
+    dnll = decoder_scorer(decoder, dec_tok)
+    bits = dnll(model.tokenizer.batch_decode(ids))  # one chunk per sample at this chunk_len
+    density = [b / len(x) for b, x in zip(bits, ids)]
+    plans = {}
+    for label, scorer, strength in (("adaptive decoder-NLL s=1", dnll, 1.0), ("adaptive decoder-NLL s=2", dnll, 2.0),
+                                    ("adaptive decoder-NLL s=4", dnll, 4.0), ("adaptive zlib s=2", zlib_scorer, 2.0)):
+        plans[label] = plan_pooling(model, ids, AdaptivePooling(FACTORS, target, "zlib", strength), scorer)
+    # Controls keep the s=2 plan's exact factor mix (same vectors) but not its assignment.
+    mix = [p[0] for p in plans["adaptive decoder-NLL s=2"]]
+    rng = random.Random(0)
+    shuffled = mix[:]
+    rng.shuffle(shuffled)
+    plans["control: shuffled mix"] = [[f] for f in shuffled]
+    order = sorted(range(len(ids)), key=lambda i: density[i])  # least dense first
+    inverted = [0] * len(ids)
+    for rank, i in enumerate(order):  # least dense gets the finest factor
+        inverted[i] = sorted(mix)[rank]
+    plans["control: inverted"] = [[f] for f in inverted]
+    for label, plan in plans.items():
+        point = ev.point(plan, label=label).to_dict()
+        rows.append({**point, "paired_vs_fixed": paired(base_rows, ev.last_rows["cont"])})
+    return rows
+
+
+def correlations(points: list[dict]) -> dict:
+    from arc_encoder.info import pearson, spearman
+
+    out = {}
+    for x in METRICS_X:
+        for y in METRICS_Y:
+            xs, ys = [p[x] for p in points], [p[y] for p in points]
+            out[f"{x} vs {y}"] = {"pearson": pearson(xs, ys), "spearman": spearman(xs, ys), "points": len(xs)}
+    return out
+
+
+def plot(res: dict, path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
+    pts = res["points"]
+    for run in sorted({p["run"] for p in pts}):
+        for step in sorted({p["step"] for p in pts if p["run"] == run}):
+            sel = sorted((p for p in pts if p["run"] == run and p["step"] == step), key=lambda p: p["rate_vectors_per_token"])
+            a.plot([p["rate_vectors_per_token"] for p in sel], [p["loss_compressed"] for p in sel],
+                   "o-" if run == "mixed" else "s", label=f"{run} @ {step} steps")
+    for r in res["adaptive"][1:5]:
+        a.plot([r["rate_vectors_per_token"]], [r["loss_compressed"]], "*", ms=12, label=r["label"])
+    a.axhline(pts[0]["loss_none"], color="tab:red", ls="--", label="no context")
+    a.axhline(pts[0]["loss_full"], color="tab:green", ls="--", label="full text")
+    a.set_xscale("log", base=2)
+    a.set(xlabel="rate: vectors per original token", ylabel="continuation loss (nats/token)",
+          title="rate-distortion (test split)")
+    a.legend(fontsize=6)
+    for pf, marker in zip(FACTORS, "o^s"):
+        sel = [p for p in pts if p["pooling_factor"] == pf]
+        b.scatter([p["bits_recovered_per_token"] for p in sel], [p["loss_compressed"] for p in sel], marker=marker,
+                  label=f"x{pf}")
+    cr = res["correlations"]["bits_recovered_per_token vs loss_compressed"]
+    b.set(xlabel="bits recovered per original token (no labels)", ylabel="continuation loss (downstream)",
+          title=f"Pearson {cr['pearson']:.2f}, Spearman {cr['spearman']:.2f}, n={cr['points']}")
+    b.legend(fontsize=7)
+    rows = res["adaptive"][1:]
+    ys = range(len(rows))
+    c.barh(list(ys), [r["paired_vs_fixed"]["gain_nats_per_token"] for r in rows],
+           xerr=[r["paired_vs_fixed"]["standard_error"] for r in rows], color="tab:blue")
+    c.set_yticks(list(ys), [f"{r['label']} ({r['rate_vectors_per_token']:.3f} v/t)" for r in rows], fontsize=7)
+    c.axvline(0, color="k", lw=0.8)
+    c.set(xlabel="continuation loss gain vs fixed x4 (nats/token, +- SE)", title="equal average rate")
+    fig.suptitle(f"compression info + adaptive pooling, {res['device']}, {res['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "tiny")
+    p.add_argument("--data-dir", default=str(REPO / "arc_encoder" / "data" / "pydoc_small"))
+    p.add_argument("--work-dir", default="runs/info")
+    p.add_argument("--decoder-a", default="", help="local LM as decoder A (default: train one as quality.py does)")
+    p.add_argument("--stages", default="", help="override the preset's training stages, e.g. 100,300,900")
+    p.add_argument("--output", default="")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    if args.stages:
+        preset["stages"] = tuple(int(x) for x in args.stages.split(","))
+    q = quality.PRESETS[preset["base"]]
+    args.preset = preset["base"]  # quality._data reads it
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)"
+    t_start = time.time()
+    dec_a = args.decoder_a or quality.train_decoder(args, "A", q["lm_a"])[0]
+    runs = {"mixed": train_staged(args, preset, "mixed", dec_a, FACTORS, preset["stages"]),
+            "fixed4": train_staged(args, preset, "fixed4", dec_a, (4,), preset["stages"])}
+    t_train = time.time() - t_start
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arc_encoder import ARCModel, freeze_decoder
+    from arc_encoder.cache import DocumentStream
+    from arc_encoder.info import InfoEvaluator, eval_batches
+    from arc_encoder.storage import atomic_write_json
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(dec_a, dtype=dtype).to(device))
+    dec_tok = AutoTokenizer.from_pretrained(dec_a)
+    texts = DocumentStream.from_corpus(Path(args.data_dir) / "test.jsonl.gz").texts
+    ev = None
+    points = []
+    t0 = time.time()
+    for run, stages in runs.items():
+        for step, ck in stages:
+            model = ARCModel.from_pretrained(ck, decoders=["A"], device=device).eval()
+            if ev is None:
+                batches = eval_batches(texts, model, "A", dec_tok, q["context_tokens"], q["target_tokens"],
+                                       preset["eval_samples"], preset["eval_batch"])
+                ev = InfoEvaluator(model, decoder, batches, em_k=preset["em_k"],
+                                   autocast_dtype=torch.bfloat16 if device == "cuda" else None)
+            ev.model = model
+            for pf in model.encoder.config.trained_pooling_factors:
+                points.append({"run": run, "step": step, **ev.point(pf).to_dict()})
+                print(f"{run} step {step} x{pf}: bits recovered/token {points[-1]['bits_recovered_per_token']:.3f}, "
+                      f"loss {points[-1]['loss_compressed']:.3f}", flush=True)
+    final = ARCModel.from_pretrained(runs["mixed"][-1][1], decoders=["A"], device=device).eval()
+    ev.model = final
+    adaptive = adaptive_study(ev, final, decoder, dec_tok)
+    res = {
+        "benchmark": "compression_info",
+        "command": "python benchmarks/compression_info.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "date": dt.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
+        "preset": preset, "quality_preset": q,
+        "data": {"dir": args.data_dir, "scored_on": "test split", "samples": sum(len(b) for b in ev.batches),
+                 "context_tokens": q["context_tokens"], "target_tokens": q["target_tokens"]},
+        "decoder_a": dec_a, "pooling_factors": FACTORS,
+        "points": points, "correlations": correlations(points), "adaptive": adaptive,
+        "wall_seconds": {"train": round(t_train, 1), "eval": round(time.time() - t0, 1),
+                         "total": round(time.time() - t_start, 1)},
+    }
+    tag = "cpu" if device == "cpu" else torch.cuda.get_device_name().split()[-1].lower().replace("/", "-")
+    out = Path(args.output or REPO / "benchmarks" / "results" / f"info_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, res)
+    print(plot(res, out.with_suffix(".png")))
+    print("\ncorrelation over", len(points), "points (checkpoints x pooling factors):")
+    for k, v in res["correlations"].items():
+        print(f"  {k:<46} pearson {v['pearson']:+.3f}  spearman {v['spearman']:+.3f}")
+    print("\nequal-rate comparison on the final mixed checkpoint:")
+    for r in adaptive:
+        g = r["paired_vs_fixed"]
+        print(f"  {r['label']:<28} vec/tok {r['rate_vectors_per_token']:.4f}  loss {r['loss_compressed']:.4f}  "
+              f"gain {g['gain_nats_per_token']:+.4f} +- {g['standard_error']:.4f}  mix {r['factor_counts']}")
+    print(f"wrote {out} in {res['wall_seconds']['total']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
