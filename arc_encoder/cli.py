@@ -191,13 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from .cache_cli import add_cache_commands
+    from .plan_cli import add_plan_command
+    from .eval_cli import add_eval_commands
 
     add_cache_commands(sub)
+    add_plan_command(sub)
+    add_eval_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shlex
-import sys
 from pathlib import Path
 from typing import get_args
 
@@ -55,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from .adaptive import AdaptivePooling, chunk_scorer, plan_pooling
     from .cache import DocumentStream
-    from .info import InfoEvaluator, eval_batches
+    from .info import InfoEvaluator, chunk_len_override, eval_batches
     from .model import ARCModel
     from .storage import atomic_write_json
 
@@ -84,8 +82,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             else:
                 policy = AdaptivePooling(tuple(args.adaptive_factors or trained), args.target, what)  # type: ignore[arg-type]
                 scorer = chunk_scorer(policy, decoder, dec_tok)
-                from .info import chunk_len_override
-
                 with chunk_len_override(model, chunk):
                     plan = plan_pooling(model, ev.all_encoder_ids(), policy, scorer)
             point = ev.point(plan, chunk_len=chunk, label=label).to_dict()

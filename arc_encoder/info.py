@@ -44,6 +44,15 @@ class RowScores:
     tokens: list[int]
     correct: list[int]
     prefix_exact: list[bool]  # the first k targets all predicted (greedy reproduces them)
+    # The first half (ceil) of each row's targets alone: lets a benchmark choose on one half
+    # of the tokens and measure on the other (no selection on the scored labels).
+    nll_head: list[float] = dataclasses.field(default_factory=list)
+    tokens_head: list[int] = dataclasses.field(default_factory=list)
+
+    def tail(self) -> RowScores:
+        """The second half of each row's targets (what ``nll_head`` did not see)."""
+        return RowScores([a - b for a, b in zip(self.nll, self.nll_head)],
+                         [a - b for a, b in zip(self.tokens, self.tokens_head)], [], [])
 
 
 @torch.no_grad()
@@ -60,9 +69,11 @@ def target_scores(decoder: PreTrainedModel, inputs: DecoderInputs, em_k: int = 4
     rank = on.long().cumsum(-1)
     first_k = on & (rank <= em_k)
     prefix_exact = (hit & first_k).sum(-1) == first_k.sum(-1)
-    stacked = torch.stack([nll.sum(-1), on.sum(-1).float(), hit.sum(-1).float(), prefix_exact.float()]).cpu()
+    head = on & (rank <= (on.sum(-1, keepdim=True) + 1) // 2)
+    stacked = torch.stack([nll.sum(-1), on.sum(-1).float(), hit.sum(-1).float(), prefix_exact.float(),
+                           (nll * head).sum(-1), head.sum(-1).float()]).cpu()
     return RowScores(stacked[0].tolist(), [int(x) for x in stacked[1]], [int(x) for x in stacked[2]],
-                     [bool(x) for x in stacked[3]])
+                     [bool(x) for x in stacked[3]], stacked[4].tolist(), [int(x) for x in stacked[5]])
 
 
 @dataclass
@@ -163,8 +174,7 @@ class InfoEvaluator:
 
     @staticmethod
     def _merge(scores: list[RowScores]) -> RowScores:
-        return RowScores([x for s in scores for x in s.nll], [x for s in scores for x in s.tokens],
-                         [x for s in scores for x in s.correct], [x for s in scores for x in s.prefix_exact])
+        return RowScores(*([x for s in scores for x in getattr(s, f.name)] for f in dataclasses.fields(RowScores)))
 
     def baseline(self) -> dict[str, RowScores]:
         """Recon NLL with no context (H(x)), continuation with no / full-text context."""

@@ -10,9 +10,12 @@ Issue 7, items 1 and 2, on real held-out text (the Python 3.11 docs, TEST split)
    Reports Pearson and Spearman correlations over all points, and a rate-distortion curve.
 2. Entropy-adaptive vs fixed pooling at EQUAL average rate (same total vectors), on the
    final mixed checkpoint: fixed x4; adaptive plans scored by the decoder's NLL
-   (strength 1 and 2) and by zlib; and two controls with the adaptive plan's exact factor
-   mix: shuffled across samples, and inverted (dense text gets the coarse factors). Gains
-   are paired per sample against fixed x4 (mean +- standard error).
+   (strength 1, 2, 4) and by zlib (strength 2); two controls with the strength-2 plan's
+   exact factor mix: shuffled across samples, and inverted (dense text gets the coarse
+   factors); and an oracle that picks each sample's factor from its own test loss (an
+   upper bound on what any chunk score could gain). Gains are paired per sample against
+   fixed x4 (mean +- standard error); fixed x2 and x8 are listed as references at 2x and
+   0.5x the vectors.
 
 Same script on CPU (`--preset tiny`, minutes) and GPU (`--preset gpu`). Writes
 benchmarks/results/info_<device>.json and a .png.
@@ -59,7 +62,9 @@ def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, 
     out = []
     for i, steps in enumerate(stages):
         copy = ck_dir / f"{name}-step{steps}"
-        if not copy.is_dir():
+        if copy.is_dir():
+            print(f"reusing {copy} (trained by an earlier call with this --work-dir)", flush=True)
+        else:
             cfg = PretrainConfig(
                 encoder=EncoderSpec(base_model=dec_a, layers_removed=q["layers_removed"], pooling_factor=4,
                                     pooling_factors=list(factors), chunk_len=q["context_tokens"] * 4),
@@ -79,23 +84,73 @@ def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, 
 
 
 def paired(base_rows, rows) -> dict:
-    """Per-sample continuation loss gain of ``rows`` over ``base_rows`` (nats/token): mean +- SE."""
-    diffs = [(a - b) / n for a, b, n in zip(base_rows.nll, rows.nll, rows.tokens)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
-    return {"gain_nats_per_token": mean, "standard_error": sd / math.sqrt(n), "samples": n}
+    """Continuation loss gain of ``rows`` over ``base_rows`` (nats/token) with its standard error.
+
+    Token-weighted like the losses themselves (sum of per-sample NLL differences over all
+    scored tokens), so the gain equals the difference of the reported losses; the standard
+    error is the ratio estimator's, treating samples as the independent units.
+    """
+    pairs = [(a - b, n) for a, b, n in zip(base_rows.nll, rows.nll, rows.tokens) if n > 0]
+    total = sum(n for _, n in pairs)
+    gain = sum(d for d, _ in pairs) / total
+    k = len(pairs)
+    resid = sum((d - gain * n) ** 2 for d, n in pairs)
+    se = math.sqrt(resid * k / (k - 1)) / total if k > 1 else float("nan")
+    return {"gain_nats_per_token": gain, "standard_error": se, "samples": k}
 
 
-def adaptive_study(ev, model, decoder, dec_tok, target: float = 4.0) -> list[dict]:
-    """Fixed x4 vs adaptive plans vs controls, all at the same total number of vectors."""
-    from arc_encoder.adaptive import AdaptivePooling, decoder_scorer, plan_pooling, zlib_scorer
+def oracle_plan(nll_by_pf: dict[int, list[float]], tokens: list[int], budget: int) -> list[int]:
+    """Per-sample factors that minimise a given per-sample loss within the vector budget.
+
+    Greedy on gain per extra vector from the coarsest factor up (a multiple-choice knapsack).
+    Fed the first half of each sample's continuation loss and scored on the second half, it
+    estimates what the best possible per-sample choice gains, without selecting on noise.
+    """
+    from arc_encoder.adaptive import vectors_for
+
+    fs = sorted(nll_by_pf)
+    choice = [fs[-1]] * len(tokens)
+    used = sum(vectors_for(t, fs[-1]) for t in tokens)
+    while True:
+        best = None
+        for i, t in enumerate(tokens):
+            for f in fs:
+                if f >= choice[i]:
+                    continue
+                extra = vectors_for(t, f) - vectors_for(t, choice[i])
+                gain = nll_by_pf[choice[i]][i] - nll_by_pf[f][i]
+                if gain > 0 and used + extra <= budget and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, i, f, extra)
+        if best is None:
+            return choice
+        _, i, f, extra = best
+        choice[i] = f
+        used += extra
+
+
+def adaptive_study(ev, model, decoder, dec_tok, target: float = 4.0) -> tuple[list[dict], list[dict]]:
+    """Fixed x4 vs adaptive plans vs controls, all at the same total number of vectors.
+
+    Also returns references at other rates (fixed x2 and x8), whose per-sample losses feed
+    the oracle allocation.
+    """
+    from arc_encoder.adaptive import AdaptivePooling, decoder_scorer, plan_pooling, vectors_for, zlib_scorer
 
     ids = ev.all_encoder_ids()
-    rows = []
+    rows, references, nll_by_pf, full_by_pf = [], [], {}, {}
+    for pf in FACTORS:
+        if pf != int(target):
+            point = ev.point(pf, label=f"fixed x{pf} (reference rate)").to_dict()
+            nll_by_pf[pf] = ev.last_rows["cont"].nll_head
+            full_by_pf[pf] = ev.last_rows["cont"].nll
+            references.append(point)
     point = ev.point(int(target), label=f"fixed x{int(target)}").to_dict()
     base_rows = ev.last_rows["cont"]
+    nll_by_pf[int(target)] = base_rows.nll_head
     rows.append({**point, "paired_vs_fixed": paired(base_rows, base_rows)})
+    for r in references:
+        r["paired_vs_fixed"] = paired(base_rows, type(base_rows)(full_by_pf[r["pooling_factor"]], base_rows.tokens,
+                                                                  base_rows.correct, base_rows.prefix_exact))
     dnll = decoder_scorer(decoder, dec_tok)
     bits = dnll(model.tokenizer.batch_decode(ids))  # one chunk per sample at this chunk_len
     density = [b / len(x) for b, x in zip(bits, ids)]
@@ -114,10 +169,16 @@ def adaptive_study(ev, model, decoder, dec_tok, target: float = 4.0) -> list[dic
     for rank, i in enumerate(order):  # least dense gets the finest factor
         inverted[i] = sorted(mix)[rank]
     plans["control: inverted"] = [[f] for f in inverted]
+    budget = sum(vectors_for(len(x), int(target)) for x in ids)
+    oracle = "oracle (chosen on 1st half of each continuation)"
+    plans[oracle] = [[f] for f in oracle_plan(nll_by_pf, [len(x) for x in ids], budget)]
     for label, plan in plans.items():
         point = ev.point(plan, label=label).to_dict()
         rows.append({**point, "paired_vs_fixed": paired(base_rows, ev.last_rows["cont"])})
-    return rows
+        # Every plan is also compared on the 2nd half of the continuations: the oracle's honest score.
+        rows[-1]["paired_vs_fixed_2nd_half"] = paired(base_rows.tail(), ev.last_rows["cont"].tail())
+    rows[0]["paired_vs_fixed_2nd_half"] = paired(base_rows.tail(), base_rows.tail())
+    return rows, references
 
 
 def correlations(points: list[dict]) -> dict:
@@ -139,21 +200,21 @@ def plot(res: dict, path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not installed: no plot"
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     pts = res["points"]
     for run in sorted({p["run"] for p in pts}):
         for step in sorted({p["step"] for p in pts if p["run"] == run}):
             sel = sorted((p for p in pts if p["run"] == run and p["step"] == step), key=lambda p: p["rate_vectors_per_token"])
             a.plot([p["rate_vectors_per_token"] for p in sel], [p["loss_compressed"] for p in sel],
                    "o-" if run == "mixed" else "s", label=f"{run} @ {step} steps")
-    for r in res["adaptive"][1:5]:
+    for r in res["adaptive"][1:5]:  # the oracle is left out: its full-data loss selected on its labels
         a.plot([r["rate_vectors_per_token"]], [r["loss_compressed"]], "*", ms=12, label=r["label"])
     a.axhline(pts[0]["loss_none"], color="tab:red", ls="--", label="no context")
     a.axhline(pts[0]["loss_full"], color="tab:green", ls="--", label="full text")
     a.set_xscale("log", base=2)
     a.set(xlabel="rate: vectors per original token", ylabel="continuation loss (nats/token)",
           title="rate-distortion (test split)")
-    a.legend(fontsize=6)
+    a.legend(fontsize=6, loc="best")
     for pf, marker in zip(FACTORS, "o^s"):
         sel = [p for p in pts if p["pooling_factor"] == pf]
         b.scatter([p["bits_recovered_per_token"] for p in sel], [p["loss_compressed"] for p in sel], marker=marker,
@@ -162,13 +223,15 @@ def plot(res: dict, path: Path) -> str:
     b.set(xlabel="bits recovered per original token (no labels)", ylabel="continuation loss (downstream)",
           title=f"Pearson {cr['pearson']:.2f}, Spearman {cr['spearman']:.2f}, n={cr['points']}")
     b.legend(fontsize=7)
-    rows = res["adaptive"][1:]
+    rows = res["adaptive"][1:] + res["adaptive_references"]
     ys = range(len(rows))
-    c.barh(list(ys), [r["paired_vs_fixed"]["gain_nats_per_token"] for r in rows],
-           xerr=[r["paired_vs_fixed"]["standard_error"] for r in rows], color="tab:blue")
+    # The oracle chose on the 1st half of each continuation: show its gain on the 2nd half.
+    gains = [r["paired_vs_fixed_2nd_half" if r["label"].startswith("oracle") else "paired_vs_fixed"] for r in rows]
+    c.barh(list(ys), [g["gain_nats_per_token"] for g in gains], xerr=[g["standard_error"] for g in gains],
+           color=["tab:orange" if r["label"].startswith("oracle") else "tab:blue" for r in rows])
     c.set_yticks(list(ys), [f"{r['label']} ({r['rate_vectors_per_token']:.3f} v/t)" for r in rows], fontsize=7)
     c.axvline(0, color="k", lw=0.8)
-    c.set(xlabel="continuation loss gain vs fixed x4 (nats/token, +- SE)", title="equal average rate")
+    c.set(xlabel="continuation loss gain vs fixed x4 (nats/token, +- SE)", title="vs fixed x4 at equal rate")
     fig.suptitle(f"compression info + adaptive pooling, {res['device']}, {res['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -229,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"loss {points[-1]['loss_compressed']:.3f}", flush=True)
     final = ARCModel.from_pretrained(runs["mixed"][-1][1], decoders=["A"], device=device).eval()
     ev.model = final
-    adaptive = adaptive_study(ev, final, decoder, dec_tok)
+    adaptive, references = adaptive_study(ev, final, decoder, dec_tok)
     res = {
         "benchmark": "compression_info",
         "command": "python benchmarks/compression_info.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -239,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                  "context_tokens": q["context_tokens"], "target_tokens": q["target_tokens"]},
         "decoder_a": dec_a, "pooling_factors": FACTORS,
         "points": points, "correlations": correlations(points), "adaptive": adaptive,
+        "adaptive_references": references,
         "wall_seconds": {"train": round(t_train, 1), "eval": round(time.time() - t0, 1),
                          "total": round(time.time() - t_start, 1)},
     }
@@ -251,10 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in res["correlations"].items():
         print(f"  {k:<46} pearson {v['pearson']:+.3f}  spearman {v['spearman']:+.3f}")
     print("\nequal-rate comparison on the final mixed checkpoint:")
-    for r in adaptive:
-        g = r["paired_vs_fixed"]
-        print(f"  {r['label']:<28} vec/tok {r['rate_vectors_per_token']:.4f}  loss {r['loss_compressed']:.4f}  "
-              f"gain {g['gain_nats_per_token']:+.4f} +- {g['standard_error']:.4f}  mix {r['factor_counts']}")
+    for r in adaptive + references:
+        g, h = r["paired_vs_fixed"], r.get("paired_vs_fixed_2nd_half")
+        half = f"  2nd-half gain {h['gain_nats_per_token']:+.4f} +- {h['standard_error']:.4f}" if h else ""
+        print(f"  {r['label'][:34]:<35} vec/tok {r['rate_vectors_per_token']:.4f}  loss {r['loss_compressed']:.4f}  "
+              f"gain {g['gain_nats_per_token']:+.4f} +- {g['standard_error']:.4f}{half}  mix {r['factor_counts']}")
     print(f"wrote {out} in {res['wall_seconds']['total']} s")
     return 0
 

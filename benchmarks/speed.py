@@ -15,20 +15,18 @@ number against it, so ratios (MFU, speedups) hold for the card as found. Section
   train    one pretraining step (trainable encoder + projector, frozen decoder): tokens/s,
            MFU, peak memory; eager, activation checkpointing, torch.compile'd layers
   scaling  (multi-GPU only) DDP training and cache-build throughput on N GPUs vs 1
+  grid     (not in the default run) speed curves for `arc-encoder plan`: on-the-fly compression
+           over chunk_len x pooling factor x tokens, decoder prefill over input lengths, and
+           end-to-end validation queries off the grid; writes plan_speed_<gpu>_<date>.json
 
-FLOP counts (model FLOPs: what the math needs, not recomputation; embeddings, norms and
-rotary are ignored). With H hidden, I MLP width, dq = heads * head_dim, dkv = kv_heads *
-head_dim, a chunk of n tokens pooled to m = ceil(n / pf) vectors:
-  per token, matmuls of one block: P_qkv = H*dq + 2*H*dkv, P_o = dq*H, P_mlp = 3*H*I
-  encoder block (bidirectional):  2*n*(P_qkv + P_o + P_mlp) + 4*n^2*dq   (QK^T and AV)
-  pooled last block:              2*n*P_qkv + 2*m*(P_o + P_mlp) + 4*m*n*dq (m query rows)
-  decoder forward over T tokens:  2*T*(blocks' params + lm_head rows kept) + 2*T^2*dq per
-                                  layer (causal: half of the 4*T^2*dq square)
+FLOP counts: model FLOPs as defined (formulas included) in ``arc_encoder/flops.py``, where
+the functions this script uses live; the planner (``arc-encoder plan``) shares them.
   training step: encoder and projector 3x forward (forward + input and weight grads);
                  frozen decoder 2x forward (forward + input grads only, no weight grads).
 
 Usage (repo root):  PYTHONPATH=. python3 benchmarks/speed.py [--preset h100|tiny]
                     [--sections matmul,encoder,prefill,bytes,train] [--out-dir DIR]
+                    planner curves: --sections matmul,grid
 Writes speed_<gpu>_<date>.json, a .png plot and a .md table to --out-dir
 (default benchmarks/results/).
 """
@@ -66,10 +64,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig  # n
 
 from arc_encoder import ARCConfig, ARCEncoder, ARCModel, CompressedContext, EncoderConfig  # noqa: E402
 from arc_encoder.encoder import flash_attn_available  # noqa: E402
+from arc_encoder.flops import (  # noqa: E402
+    attention_dims, decoder_forward_flops, encoder_forward_flops, projector_flops,
+)
 from arc_encoder.model import freeze_decoder  # noqa: E402
 from arc_encoder.storage import atomic_save_tensors, atomic_write_json, atomic_write_text  # noqa: E402
 
-SECTIONS = ("matmul", "encoder", "prefill", "bytes", "train", "scaling")
+SECTIONS = ("matmul", "encoder", "prefill", "bytes", "train", "scaling", "grid")
 DEFAULT_SECTIONS = "matmul,encoder,prefill,bytes,train"
 DECODER_NAME = "llama8b"
 FLASH_NOTE = (
@@ -131,6 +132,19 @@ class Preset:
     train_steps: int = 5
     cache_contexts: int = 8  # contexts per cache-build batch in the scaling section
     train_variants: tuple[str, ...] = ("eager", "checkpointing", "compile")
+    # grid section (planner speed curves). Encoder token counts are whole chunks of every chunk
+    # length up to them (longer chunks are skipped at that count); prefill contexts are powers
+    # of two, timed at decoder input length BOS + context + marker + prompt, plus the
+    # closed-book BOS + prompt.
+    plan_chunk_lens: tuple[int, ...] = (256, 512, 1024, 2048)
+    plan_pooling_factors: tuple[int, ...] = (2, 4, 8)
+    plan_encoder_tokens: tuple[int, ...] = (1024, 4096, 16384)
+    plan_prefill_contexts: tuple[int, ...] = tuple(2**k for k in range(6, 16))  # 64 ... 32768
+    plan_validation_contexts: tuple[int, ...] = (3000, 6000, 12000)
+    plan_validation_pfs: tuple[int, ...] = (4, 8)
+    plan_validation_chunks: tuple[int, ...] = (512, 1024)
+    plan_warmup: int = 1
+    plan_repeats: int = 5
 
 
 PRESETS = {
@@ -144,6 +158,8 @@ PRESETS = {
         chunk_len=32, encoder_chunks=3, context_lens=(32, 96), prompt_len=5, train_batch=2,
         train_context=32, train_target=9, warmup=1, repeats=2, projector_hidden=24, train_steps=2,
         cache_contexts=2, train_variants=("eager", "checkpointing"),
+        plan_chunk_lens=(8, 16, 32), plan_encoder_tokens=(16, 64, 192), plan_prefill_contexts=(8, 16, 32, 64, 128, 256),
+        plan_validation_contexts=(37, 75, 150), plan_validation_chunks=(16, 32), plan_warmup=0, plan_repeats=1,
     ),
 }
 
@@ -191,42 +207,6 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-# ---------------------------------------------------------------------------- FLOP counts
-def _dims(cfg: PretrainedConfig) -> tuple[int, int, int, int]:
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dq = cfg.num_attention_heads * head_dim
-    dkv = cfg.num_key_value_heads * head_dim
-    return cfg.hidden_size, cfg.intermediate_size, dq, dkv
-
-
-def block_params(cfg: PretrainedConfig) -> tuple[int, int, int]:
-    """Matmul weights per token of one block: (q+k+v, o, mlp)."""
-    h, i, dq, dkv = _dims(cfg)
-    return h * dq + 2 * h * dkv, dq * h, 3 * h * i
-
-
-def encoder_forward_flops(cfg: PretrainedConfig, layers: int, n: int, pf: int, chunks: int) -> float:
-    """Model FLOPs of one encoder forward over ``chunks`` full chunks of n tokens (docstring)."""
-    p_qkv, p_o, p_mlp = block_params(cfg)
-    dq = _dims(cfg)[2]
-    m = -(-n // pf)
-    full = 2 * n * (p_qkv + p_o + p_mlp) + 4 * n * n * dq
-    pooled = 2 * n * p_qkv + 2 * m * (p_o + p_mlp) + 4 * m * n * dq
-    return float(chunks * ((layers - 1) * full + pooled))
-
-
-def decoder_forward_flops(cfg: PretrainedConfig, tokens: int, logits_rows: int) -> float:
-    """Causal decoder forward over one sequence of ``tokens`` with ``logits_rows`` lm_head rows."""
-    p_qkv, p_o, p_mlp = block_params(cfg)
-    dq = _dims(cfg)[2]
-    per_layer = 2 * tokens * (p_qkv + p_o + p_mlp) + 2 * tokens * tokens * dq
-    return float(cfg.num_hidden_layers * per_layer + 2 * logits_rows * cfg.hidden_size * cfg.vocab_size)
-
-
-def projector_flops(in_dim: int, hidden: int, out_dim: int, vectors: int) -> float:
-    return float(2 * vectors * (in_dim * hidden + hidden * out_dim))
-
-
 # ---------------------------------------------------------------------------- models
 def hf_config(kwargs: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model("llama", **kwargs)
@@ -247,6 +227,18 @@ def build_encoder(preset: Preset, pf: int, device: torch.device, dtype: torch.dt
 def with_pooling(encoder: ARCEncoder, pf: int) -> ARCEncoder:
     """Same weights, another pooling factor (the factor only changes the last block's queries)."""
     return ARCEncoder(dataclasses.replace(encoder.config, pooling_factor=pf), encoder.backbone).eval()
+
+
+def model_variant(first: ARCModel, encoder: ARCEncoder, pf: int, **chunking: int) -> ARCModel:
+    """``first``'s weights and projector at another pooling factor (and chunk_len / max_chunks).
+
+    Neither changes a weight, and one projector serves every pooling factor.
+    """
+    cfg = dataclasses.replace(encoder.config, pooling_factor=pf, **chunking)
+    m = ARCModel(ARCConfig(encoder=cfg), ARCEncoder(cfg, encoder.backbone).eval())
+    m.projectors = first.projectors
+    m.config.projectors = first.config.projectors
+    return m.eval()
 
 
 def build_decoder(preset: Preset, device: torch.device, dtype: torch.dtype):
@@ -560,7 +552,7 @@ def bench_bytes(preset: Preset, device: torch.device, models: dict[int, ARCModel
                 out_dir: Path) -> dict[str, Any]:
     """Bytes per original token: stored compressed vectors vs the decoder's KV cache."""
     cfg = decoder.config
-    h, _, dq, dkv = _dims(cfg)
+    h, _, dq, dkv = attention_dims(cfg)
     elem = torch.finfo(decoder.dtype).bits // 8
     kv_formula = 2 * cfg.num_hidden_layers * dkv * elem
     n = max(preset.context_lens)
@@ -592,6 +584,139 @@ def bench_bytes(preset: Preset, device: torch.device, models: dict[int, ARCModel
 
 def h_out(model: ARCModel) -> int:
     return model.projector(DECODER_NAME).config.output_dim
+
+
+# ---------------------------------------------------------------------------- planner grid
+PLAN_SPEED_FORMAT = 1
+ENCODER_MEASURED = ("ARCModel.compress of one context of `tokens` random token ids in chunks of chunk_len "
+                    "(chunking on the host, one padded batch through the encoder, projector), batch 1")
+PREFILL_MEASURED = ("decoder prefill, batch 1, use_cache, one logits row, at `tokens` input positions: "
+                    "[BOS][random vectors][marker][prompt] through build_decoder_inputs + inputs_embeds "
+                    "(path cached_embeds), and the closed-book [BOS][prompt] through input_ids")
+
+
+def _check_grid(preset: Preset) -> None:
+    for n in preset.plan_encoder_tokens:
+        bad = [c for c in preset.plan_chunk_lens if c <= n and n % c]
+        if bad:
+            raise ValueError(f"preset {preset.name}: plan_encoder_tokens {n} is not a multiple of chunk lens {bad}")
+
+
+def bench_grid(preset: Preset, device: torch.device, dtype: torch.dtype, first: ARCModel, encoder: ARCEncoder,
+               decoder) -> dict[str, Any]:
+    """Speed curves for the budget planner, then off-grid end-to-end queries to check them against."""
+    _check_grid(preset)
+    warm, reps = preset.plan_warmup, preset.plan_repeats
+    cpu = torch.device("cpu")
+    emb = decoder.get_input_embeddings()
+    width = emb.weight.shape[1]
+    bos = preset.decoder["bos_token_id"]
+    prompt = _prompt_ids(preset, seed=7)
+    longest = max(max(preset.plan_encoder_tokens), max(preset.plan_validation_contexts))
+    variants: dict[tuple[int, int], ARCModel] = {}
+
+    def variant(pf: int, c: int) -> ARCModel:
+        if (pf, c) not in variants:
+            variants[(pf, c)] = model_variant(first, encoder, pf, chunk_len=c, max_chunks=-(-longest // c))
+        return variants[(pf, c)]
+
+    def ms(t: dict[str, float]) -> dict[str, float]:
+        return {"ms": t["median_s"] * 1e3, "min_ms": t["min_s"] * 1e3, "max_ms": t["max_s"] * 1e3}
+
+    enc_rows = []
+    for n in preset.plan_encoder_tokens:
+        ids = random_ids(preset.encoder["vocab_size"], (n,), cpu, seed=300 + n).tolist()
+        for c in [c for c in preset.plan_chunk_lens if c <= n]:
+            for pf in preset.plan_pooling_factors:
+                model = variant(pf, c)
+
+                def compress(model=model, ids=ids) -> None:
+                    with torch.no_grad():
+                        model.compress([ids], DECODER_NAME)
+
+                t = ms(time_fn(compress, device, warm, reps))
+                enc_rows.append({"chunk_len": c, "pooling_factor": pf, "tokens": n, **t,
+                                 "ms_per_1k_tokens": t["ms"] * 1e3 / n})
+
+    def cached_prefill(model: ARCModel, ctx: CompressedContext) -> Callable[[], Any]:
+        def run():
+            inputs = model.build_decoder_inputs(emb, ctx, [prompt], None, "continuation", [[bos]])
+            return _prefill_embeds(decoder, inputs)
+        return run
+
+    closed_ids = torch.tensor([[bos] + prompt], device=device)
+    prefill_rows = [{"tokens": closed_ids.shape[1], "path": "input_ids",
+                     **ms(time_fn(lambda: _prefill_full(decoder, closed_ids), device, warm, reps))}]
+    g = torch.Generator(device="cpu").manual_seed(9)
+    for n in preset.plan_prefill_contexts:
+        vectors = torch.randn(1, n, width, generator=g).to(device, dtype)
+        ctx = CompressedContext(vectors, torch.tensor([n]), DECODER_NAME)
+        prefill_rows.append({"tokens": 1 + n + 1 + len(prompt), "path": "cached_embeds",
+                             **ms(time_fn(cached_prefill(first, ctx), device, warm, reps))})
+        del vectors, ctx
+
+    validation = []  # off the grid: context lengths between the encoder's and the prefill's points
+    for n in preset.plan_validation_contexts:
+        dec_ids = random_ids(preset.decoder["vocab_size"], (n,), cpu, seed=400 + n).tolist()
+        full_ids = torch.tensor([[bos] + dec_ids + prompt], device=device)
+        validation.append({"context": "full", "mode": None, "context_tokens": n, "prompt_tokens": len(prompt),
+                           "pooling_factor": None, "chunk_len": None, "decoder_tokens": full_ids.shape[1],
+                           **ms(time_fn(lambda: _prefill_full(decoder, full_ids), device, warm, reps))})
+        ids = random_ids(preset.encoder["vocab_size"], (n,), cpu, seed=500 + n).tolist()
+        for pf in preset.plan_validation_pfs:
+            for c in preset.plan_validation_chunks:
+                model = variant(pf, c)
+                with torch.no_grad():
+                    cached = model.compress([ids], DECODER_NAME)  # built once, as a cache would
+
+                def online(model=model) -> Any:
+                    with torch.no_grad():
+                        ctx = model.compress([ids], DECODER_NAME)
+                    return cached_prefill(model, ctx)()
+
+                dec_tokens = 1 + int(cached.lengths[0]) + 1 + len(prompt)
+                for mode, fn in (("cached", cached_prefill(model, cached)), ("online", online)):
+                    validation.append({"context": "compressed", "mode": mode, "context_tokens": n,
+                                       "prompt_tokens": len(prompt), "pooling_factor": pf, "chunk_len": c,
+                                       "decoder_tokens": dec_tokens, **ms(time_fn(fn, device, warm, reps))})
+                del cached
+    return {"encoder": enc_rows, "prefill": prefill_rows, "validation": validation}
+
+
+def write_plan_speed(path: Path, curves: dict[str, Any], res: dict[str, Any], preset: Preset,
+                     encoder_layers_kept: int, argv: list[str]) -> dict[str, Any]:
+    """The planner's speed-curve file (schema: arc_encoder/plan.py's load_speed_curve)."""
+    data = {
+        "benchmark": "plan_speed", "format_version": PLAN_SPEED_FORMAT,
+        "device": res["device_name"], "date": res["date"], "timestamp": res["timestamp"],
+        "command": "PYTHONPATH=. python3 benchmarks/speed.py " + " ".join(argv),
+        "preset": preset.name, "dtype": preset.dtype, "torch": res["torch"], "transformers": res["transformers"],
+        "matmul_peak_tflops": res["sections"].get("matmul", {}).get("tflops"),
+        "shapes": {
+            "encoder_backbone": {"model_type": "llama", **preset.encoder},
+            "encoder_layers_kept": encoder_layers_kept,
+            "decoder": {"model_type": "llama", **preset.decoder},
+            "projector_hidden": preset.projector_hidden,
+        },
+        "warmup": preset.plan_warmup, "repeats": preset.plan_repeats,
+        "encoder_measured": ENCODER_MEASURED, "prefill_measured": PREFILL_MEASURED,
+        **curves,
+    }
+    atomic_write_json(path, data)
+    return data
+
+
+def check_plan_speed(path: Path) -> dict[str, Any]:
+    """The planner's latency predictions against the file's own end-to-end validation queries."""
+    from arc_encoder.plan import check_speed_model, load_speed_curve, summarise_check
+
+    results = check_speed_model(load_speed_curve(path))
+    rows = [{"context": r.point.context, "mode": r.point.mode, "context_tokens": r.point.context_tokens,
+             "pooling_factor": r.point.pooling_factor, "chunk_len": r.point.chunk_len,
+             "decoder_tokens": r.point.decoder_tokens, "predicted_decoder_tokens": r.predicted.decoder_tokens,
+             "measured_ms": r.point.ms, "predicted_ms": r.predicted.ms, "relative_error": r.relative_error,
+             "extrapolated": list(r.predicted.extrapolated)} for r in results]
+    return {"summary": summarise_check(results), "queries": rows}
 
 
 # ---------------------------------------------------------------------------- training
@@ -866,6 +991,11 @@ def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
                              "target": "-", "met": None})
             else:
                 rows.append({"measure": f"pretrain step ({k})", "value": v["error"][:80], "target": "-", "met": None})
+    if "grid" in s and s["grid"]["model_check"]["summary"]:
+        c = s["grid"]["model_check"]["summary"]
+        rows.append({"measure": f"planner latency model vs {c['queries']} end-to-end queries ({s['grid']['file']})",
+                     "value": f"median abs. error {c['median_abs_error']:.0%}, max {c['max_abs_error']:.0%}",
+                     "target": "-", "met": None})
     if "scaling" in s:
         for w, v in s["scaling"]["runs"].items():
             if "train_efficiency" in v:
@@ -932,6 +1062,61 @@ def plot(res: dict[str, Any], path: Path) -> str | None:
     return None
 
 
+def plot_grid(curve: dict[str, Any], check: dict[str, Any], path: Path) -> str | None:
+    """The planner's speed curves and its predictions vs the validation queries."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: planner curve plot skipped"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax = axes[0]
+    most = max(r["tokens"] for r in curve["encoder"])
+    for pf in sorted({r["pooling_factor"] for r in curve["encoder"]}):
+        rows = sorted((r for r in curve["encoder"] if r["pooling_factor"] == pf and r["tokens"] == most),
+                      key=lambda r: r["chunk_len"])
+        ax.plot([r["chunk_len"] for r in rows], [r["ms_per_1k_tokens"] for r in rows], "o-", label=f"x{pf}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("chunk length, tokens")
+    ax.set_ylabel("ms per 1k context tokens")
+    ax.set_title(f"Compress on the fly ({most} tokens per call)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    pre = sorted(curve["prefill"], key=lambda r: r["tokens"])
+    ax.loglog([r["tokens"] for r in pre], [r["ms"] for r in pre], "o-")
+    ax.set_xlabel("decoder input tokens")
+    ax.set_ylabel("prefill ms")
+    ax.set_title("Decoder prefill, batch 1")
+    ax = axes[2]
+    for context, mode, marker in (("compressed", "cached", "o"), ("compressed", "online", "D"), ("full", None, "s")):
+        qs = [q for q in check["queries"] if q["context"] == context and q["mode"] == mode]
+        if qs:
+            ax.plot([q["measured_ms"] for q in qs], [q["predicted_ms"] for q in qs], marker, ls="none",
+                    label=mode or "full text")
+    every = [v for q in check["queries"] for v in (q["measured_ms"], q["predicted_ms"])]
+    if every:
+        ax.plot([min(every), max(every)], [min(every), max(every)], "k--", lw=1, label="exact")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("measured ms")
+    ax.set_ylabel("planner's predicted ms")
+    ax.set_title("Off-grid queries")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"arc-encoder planner speed curves: {curve['device']}, {curve['date']}")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from arc_encoder.storage import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+    return None
+
+
 def device_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "device"
 
@@ -964,6 +1149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     preset = PRESETS[args.preset or ("h100" if cuda else "tiny")]
     overrides = {k: getattr(args, k) for k in ("repeats", "warmup") if getattr(args, k) is not None}
+    overrides.update({f"plan_{k}": v for k, v in list(overrides.items())})
     if args.train_variants:
         overrides["train_variants"] = tuple(v.strip() for v in args.train_variants.split(","))
     preset = dataclasses.replace(preset, **overrides)
@@ -992,12 +1178,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     peak = None
-    if "matmul" in args.sections or any(s in args.sections for s in ("encoder", "prefill", "train")):
+    if "matmul" in args.sections or any(s in args.sections for s in ("encoder", "prefill", "train", "grid")):
         res["sections"]["matmul"] = bench_matmul(preset, device, dtype)
         peak = res["sections"]["matmul"]["tflops"]
         log(f"matmul {peak:.1f} TFLOP/s")
-    need_encoder = any(s in args.sections for s in ("encoder", "prefill", "bytes", "train"))
-    need_decoder = any(s in args.sections for s in ("prefill", "bytes", "train"))
+    need_encoder = any(s in args.sections for s in ("encoder", "prefill", "bytes", "train", "grid"))
+    need_decoder = any(s in args.sections for s in ("prefill", "bytes", "train", "grid"))
     encoder = build_encoder(preset, preset.pooling_factors[0], device, dtype) if need_encoder else None
     if encoder is not None:
         log(f"encoder built: {sum(p.numel() for p in encoder.parameters()) / 1e9:.3f} B params")
@@ -1011,11 +1197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         first = build_arc_model(encoder, decoder, preset, dtype)
         models[preset.pooling_factors[0]] = first
         for pf in preset.pooling_factors[1:]:
-            m = ARCModel(ARCConfig(encoder=dataclasses.replace(encoder.config, pooling_factor=pf)),
-                         with_pooling(encoder, pf))
-            m.projectors = first.projectors  # one projector; the pooling factor does not change it
-            m.config.projectors = first.config.projectors
-            models[pf] = m.eval()
+            models[pf] = model_variant(first, encoder, pf)
     if "prefill" in args.sections:
         from arc_encoder.tiny import train_tokenizer
 
@@ -1030,6 +1212,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "bytes" in args.sections:
         res["sections"]["bytes"] = bench_bytes(preset, device, models, decoder, args.out_dir)
         log("bytes: " + json.dumps({k: v["ratio_to_kv"] for k, v in res["sections"]["bytes"]["compressed"].items()}))
+    if "grid" in args.sections:
+        plan_path = args.out_dir / f"plan_speed_{device_slug(name)}_{res['date']}{('_' + args.tag) if args.tag else ''}.json"
+        curves = bench_grid(preset, device, dtype, models[preset.pooling_factors[0]], encoder, decoder)
+        curve = write_plan_speed(plan_path, curves, res, preset, len(encoder.blocks),
+                                 list(argv) if argv is not None else sys.argv[1:])
+        check = check_plan_speed(plan_path)
+        res["sections"]["grid"] = {"file": plan_path.name, "encoder_points": len(curves["encoder"]),
+                                   "prefill_points": len(curves["prefill"]), "model_check": check}
+        log(f"grid: wrote {plan_path}; planner vs measured: " + json.dumps(check["summary"]))
+        for q in check["queries"]:
+            log(f"  {q['context']:10} {q['mode'] or '-':6} T={q['context_tokens']:6} x{q['pooling_factor'] or '-'} "
+                f"c={q['chunk_len'] or '-'}: measured {q['measured_ms']:8.2f} ms, predicted {q['predicted_ms']:8.2f} ms "
+                f"({q['relative_error']:+.0%})")
+        note = plot_grid(curve, check, plan_path.with_suffix(".png"))
+        if note:
+            res["notes"].append(note)
     if "train" in args.sections:
         res["sections"]["train"] = bench_train(preset, device, dtype, peak, models[preset.pooling_factors[0]], decoder)
         log("train: " + json.dumps(res["sections"]["train"].get("best")))

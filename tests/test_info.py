@@ -43,6 +43,8 @@ def test_target_scores_em_is_greedy_prefix_match(setup):
     s = target_scores(decoder, DecoderInputs(embeds, torch.ones(2, 7, dtype=torch.long), labels), em_k=2)
     assert s.tokens == [4, 4] and s.correct == [4, 3]
     assert s.prefix_exact == [True, False]
+    assert s.tokens_head == [2, 2] and s.tail().tokens == [2, 2]
+    assert sum(s.nll_head) + sum(s.tail().nll) == pytest.approx(sum(s.nll), rel=1e-6)
     s1 = target_scores(decoder, DecoderInputs(embeds, torch.ones(2, 7, dtype=torch.long), labels), em_k=1)
     assert s1.prefix_exact == [True, True]
 
