@@ -176,8 +176,12 @@ def plot_plan(plan: Plan, path: Path) -> str | None:
     for pf in sorted({k.pooling_factor for k in plan.candidates}):
         ks = [k for k in plan.candidates if k.pooling_factor == pf]
         ax.plot([b.cost(k.cost) for k in ks], [k.quality for k in ks], "o", label=f"x{pf}")
+        # Candidates at the same spot (e.g. every chunk length when cached) share one label.
+        spots: dict[tuple[float, float], list[int]] = {}
         for k in ks:
-            ax.annotate(str(k.chunk_len), (b.cost(k.cost), k.quality), fontsize=7, xytext=(3, 3),
+            spots.setdefault((round(b.cost(k.cost), 3), k.quality), []).append(k.chunk_len)
+        for (x, y), chunks in spots.items():
+            ax.annotate("/".join(str(c) for c in chunks), (x, y), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     for k, marker in zip(plan.references, ("s", "^")):
         ax.plot([b.cost(k.cost)], [k.quality], marker, color="gray", label=k.name)
