@@ -161,8 +161,9 @@ def plot_info(result: dict, path: Path) -> str:
     b.set_ylabel("bits recovered per original token")
     fig.suptitle(f"{Path(result['checkpoint']).name} -> {result['decoder']} ({result['device']}, {result['date']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .storage import atomic_save_figure
+
+    atomic_save_figure(fig, path, dpi=120)
     return f"wrote {path}"
 
 

@@ -7,7 +7,6 @@ only finds them, prints the table and draws the plot.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 from typing import get_args
@@ -195,12 +194,9 @@ def plot_plan(plan: Plan, path: Path) -> str | None:
     ax.set_title(f"{plan.query.context_tokens} context tokens, {plan.query.mode}; labels: chunk length", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from .storage import atomic_write_bytes
+    from .storage import atomic_save_figure
 
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)
     return None
 
 

@@ -36,6 +36,18 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_save_figure(fig: Any, path: PathLike, dpi: int = 110) -> None:
+    """Render a matplotlib figure to PNG in memory, close it, then write the file atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -234,8 +234,9 @@ def plot(res: dict, path: Path) -> str:
     c.set(xlabel="continuation loss gain vs fixed x4 (nats/token, +- SE)", title="vs fixed x4 at equal rate")
     fig.suptitle(f"compression info + adaptive pooling, {res['device']}, {res['date']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from arc_encoder.storage import atomic_save_figure
+
+    atomic_save_figure(fig, path, dpi=120)
     return f"wrote {path}"
 
 

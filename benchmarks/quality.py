@@ -214,7 +214,9 @@ def plot(results: dict, path: Path) -> str:
     ax.set_title(f"decoder A, {results['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from arc_encoder.storage import atomic_save_figure
+
+    atomic_save_figure(fig, path, dpi=120)
     return str(path)
 
 

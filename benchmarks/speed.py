@@ -68,7 +68,12 @@ from arc_encoder.flops import (  # noqa: E402
     attention_dims, decoder_forward_flops, encoder_forward_flops, projector_flops,
 )
 from arc_encoder.model import freeze_decoder  # noqa: E402
-from arc_encoder.storage import atomic_save_tensors, atomic_write_json, atomic_write_text  # noqa: E402
+from arc_encoder.storage import (  # noqa: E402
+    atomic_save_figure,
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 SECTIONS = ("matmul", "encoder", "prefill", "bytes", "train", "scaling", "grid")
 DEFAULT_SECTIONS = "matmul,encoder,prefill,bytes,train"
@@ -1051,14 +1056,7 @@ def plot(res: dict[str, Any], path: Path) -> str | None:
         ax.legend(fontsize=8)
     fig.suptitle(f"arc-encoder speed: {res['device_name']}, {res['date']}")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from arc_encoder.storage import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)
     return None
 
 
@@ -1106,14 +1104,7 @@ def plot_grid(curve: dict[str, Any], check: dict[str, Any], path: Path) -> str |
     ax.legend(fontsize=8)
     fig.suptitle(f"arc-encoder planner speed curves: {curve['device']}, {curve['date']}")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from arc_encoder.storage import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)
     return None
 
 
