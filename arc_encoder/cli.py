@@ -105,14 +105,23 @@ def cmd_compress(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     texts = _read_texts(args)
+    ids = model.tokenize(texts)
+    trained = model.encoder.config.trained_pooling_factors
+    plan = args.pooling_factor
+    if plan is not None and plan not in trained:
+        print(f"warning: pooling factor {plan} was never trained (this encoder knows {list(trained)})", file=sys.stderr)
+    if args.adaptive:
+        from .adaptive import AdaptivePooling, plan_pooling, zlib_scorer
+
+        target = float(args.pooling_factor or model.encoder.config.pooling_factor)
+        plan = plan_pooling(model, ids, AdaptivePooling(trained, target, "zlib", args.adaptive_strength), zlib_scorer)
     with torch.no_grad():
-        ctx = model.compress(texts, args.decoder)
-    atomic_save_tensors(
-        args.output,
-        {"embeddings": ctx.embeddings, "lengths": ctx.lengths},
-        {"decoder": args.decoder, "checkpoint": str(Path(args.checkpoint).resolve())},
-    )
-    n_tokens = sum(len(t) for t in model.tokenize(texts))
+        ctx = model.compress(ids, args.decoder, plan)
+    meta = {"decoder": args.decoder, "checkpoint": str(Path(args.checkpoint).resolve())}
+    if plan is not None:  # per text, the factor of each chunk (an int: all chunks)
+        meta["pooling_factors"] = json.dumps(plan)
+    atomic_save_tensors(args.output, {"embeddings": ctx.embeddings, "lengths": ctx.lengths}, meta)
+    n_tokens = sum(len(t) for t in ids)
     print(f"compressed {len(texts)} texts, {n_tokens} tokens -> {int(ctx.lengths.sum())} vectors "
           f"of width {ctx.embeddings.shape[-1]}; wrote {args.output}")
 
@@ -176,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", help=".txt (one text per line) or .jsonl (field 'text')")
     p.add_argument("--output", required=True, help="safetensors file to write (atomically)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--pooling-factor", type=int, default=None,
+                   help="compress at this factor instead of the checkpoint's default (a mixed-pooling "
+                   "encoder knows several; see `arc-encoder info`)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="entropy-adaptive: one factor per chunk from the trained ones, denser text finer "
+                   "(zlib score), at the vectors of fixed --pooling-factor (default: the checkpoint's)")
+    p.add_argument("--adaptive-strength", type=float, default=1.0, help="0: uniform; higher: follow the score more")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("generate", help="answer a prompt from a compressed context with the frozen decoder")

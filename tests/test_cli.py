@@ -80,3 +80,33 @@ def test_generate_cli_matches_library(tmp_path, tokenizer, capsys):
     assert main(["generate", str(ckpt), "--decoder", "q", "--context", "A list is mutable.", "--prompt", "Lists are",
                  "--max-new-tokens", "6", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == expected
+
+
+def test_compress_with_pooling_override_and_adaptive(tmp_path, capsys, tokenizer):
+    import json
+
+    from safetensors import safe_open
+
+    from conftest import TEXT
+
+    model, _ = make_model(tokenizer=tokenizer, vocab_size=len(tokenizer), chunk_len=16, pooling_factors=(2, 4, 8))
+    path = model.save_pretrained(tmp_path / "mixed")
+    texts = [TEXT[:150], "the " * 30]
+    args = ["compress", str(path), "--decoder", "dec", "--text", texts[0], "--text", texts[1], "--device", "cpu"]
+    assert main(args + ["--output", str(tmp_path / "x8.st"), "--pooling-factor", "8"]) == 0
+    with torch.no_grad():
+        ref = model.eval().compress(texts, "dec", 8)
+    with safe_open(str(tmp_path / "x8.st"), "pt") as f:
+        assert torch.equal(f.get_tensor("lengths"), ref.lengths)
+        assert json.loads(f.metadata()["pooling_factors"]) == 8
+    assert main(args + ["--output", str(tmp_path / "ad.st"), "--adaptive", "--adaptive-strength", "2"]) == 0
+    with safe_open(str(tmp_path / "ad.st"), "pt") as f:
+        plan = json.loads(f.metadata()["pooling_factors"])
+        lengths = f.get_tensor("lengths")
+    ids = model.tokenize(texts)
+    assert [len(p) for p in plan] == [len(model.chunk(x)) for x in ids]
+    assert int(lengths.sum()) <= sum(-(-len(c) // 4) for x in ids for c in model.chunk(x))
+    assert max(plan[1]) == 8  # the repetitive text is pooled coarsest
+    capsys.readouterr()
+    assert main(args + ["--output", str(tmp_path / "x3.st"), "--pooling-factor", "3"]) == 0
+    assert "never trained" in capsys.readouterr().err
