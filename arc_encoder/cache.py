@@ -276,20 +276,8 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-@torch.no_grad()
-def compress_documents(
-    model: ARCModel,
-    decoder: str,
-    texts: Sequence[str],
-    batch_size: int,
-    ids: Sequence[str] | None = None,
-    plan: Sequence[Sequence[int]] | None = None,
-) -> tuple[list[torch.Tensor], list[int]]:
-    """Compress documents in batches of ``batch_size``; return per-doc vectors and token counts.
-
-    Batches always start at the shard's first document, so every build path (single
-    process, Lightning, resumed) sees the same batches and writes the same bytes.
-    """
+def tokenize_documents(model: ARCModel, texts: Sequence[str], ids: Sequence[str] | None = None) -> list[list[int]]:
+    """Encoder token ids per document; an empty or too-long document is an error naming it."""
     cfg = model.encoder.config
     token_ids = model.tokenize(list(texts))
     limit = cfg.chunk_len * cfg.max_chunks
@@ -302,12 +290,28 @@ def compress_documents(
                 f"document {name!r} has {len(t)} tokens, over the limit of {limit} "
                 f"({cfg.max_chunks} chunks x {cfg.chunk_len}); split it or raise max_chunks"
             )
+    return token_ids
+
+
+@torch.no_grad()
+def compress_documents(
+    model: ARCModel,
+    decoder: str,
+    token_ids: Sequence[Sequence[int]],
+    batch_size: int,
+    plan: Sequence[Sequence[int]] | None = None,
+) -> list[torch.Tensor]:
+    """Compress tokenized documents in batches of ``batch_size``; return per-doc vectors (CPU).
+
+    Batches always start at the shard's first document, so every build path (single
+    process, Lightning, resumed) sees the same batches and writes the same bytes.
+    """
     vectors: list[torch.Tensor] = []
     for start in range(0, len(token_ids), batch_size):
         part = None if plan is None else list(plan[start : start + batch_size])
-        ctx = model.compress(token_ids[start : start + batch_size], decoder, part)
+        ctx = model.compress(list(token_ids[start : start + batch_size]), decoder, part)
         vectors += [v.detach().cpu() for v in ctx.unpad()]
-    return vectors, [len(t) for t in token_ids]
+    return vectors
 
 
 def make_scorer(build: CacheBuildConfig, device: str | torch.device = "cpu") -> ChunkScorer | None:
@@ -337,14 +341,15 @@ def compress_shard(
     The adaptive budget is allocated within the shard, so every builder (resumed, multi-GPU)
     computes the same plan from the same documents.
     """
+    token_ids = tokenize_documents(model, texts, ids)
     policy = build.policy()
     plan = None
     if policy is not None:
         if scorer is None:
             raise ValueError("an adaptive build needs a chunk scorer (make_scorer)")
-        plan = plan_pooling(model, model.tokenize(list(texts)), policy, scorer)
-    vectors, tokens = compress_documents(model, build.decoder, texts, build.batch_size, ids, plan)
-    return vectors, tokens, plan
+        plan = plan_pooling(model, token_ids, policy, scorer)
+    vectors = compress_documents(model, build.decoder, token_ids, build.batch_size, plan)
+    return vectors, [len(t) for t in token_ids], plan
 
 
 def write_shard(

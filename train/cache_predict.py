@@ -4,7 +4,7 @@
         --devices 8 --strategy ddp        # or: python -m arc_encoder_train.cache_predict ...
 
 Each predict "batch" is one whole shard: rank r builds shards k with k % world_size == r,
-compresses them with the library's ``compress_documents`` (same batches as the
+compresses them with the library's ``compress_shard`` (same batches as the
 single-process build) and writes them with the library's ``write_shard``; rank 0 merges the
 index and manifest at the end. The files are therefore identical to ``arc-encoder cache
 build``'s, and an interrupted run resumes (``--resume``) from the shards already complete.
