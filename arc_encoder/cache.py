@@ -321,15 +321,12 @@ def make_scorer(build: CacheBuildConfig, device: str | torch.device = "cpu") -> 
         return None
     if policy.density != "decoder_nll":
         return chunk_scorer(policy)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .model import freeze_decoder
+    from .model import load_frozen_decoder
 
     if not build.decoder_path or not Path(build.decoder_path).is_dir():
         raise ValueError(f"adaptive_density='decoder_nll' needs the decoder, but {build.decoder_path!r} is not a local directory")
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    dec = freeze_decoder(AutoModelForCausalLM.from_pretrained(build.decoder_path, dtype=dtype).to(device))
-    return chunk_scorer(policy, dec, AutoTokenizer.from_pretrained(build.decoder_path))
+    return chunk_scorer(policy, *load_frozen_decoder(build.decoder_path, device, dtype))
 
 
 @torch.no_grad()

@@ -110,10 +110,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .cache import BM25Retriever, CompressedCache, read_cache_manifest
-    from .model import ARCModel, freeze_decoder
+    from .model import ARCModel, load_frozen_decoder
 
     manifest = read_cache_manifest(args.cache)
     checkpoint = args.checkpoint or manifest["checkpoint"]
@@ -133,8 +131,7 @@ def cmd_query(args: argparse.Namespace) -> None:
     path = args.decoder_path or manifest.get("decoder_path")
     if not path:
         raise ValueError("the cache does not record where the decoder is; pass --decoder-path")
-    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path).to(device))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    decoder, tokenizer = load_frozen_decoder(path, device)
     answer = cache.generate(model, decoder, tokenizer, [args.question], [doc_ids],
                             max_new_tokens=args.max_new_tokens, do_sample=False)
     print(format_answer(answer[0]))

@@ -127,17 +127,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .model import ARCModel, freeze_decoder
+    from .model import ARCModel, load_frozen_decoder
 
     device = _device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     path = args.decoder_path or model.projector(args.decoder).config.decoder
     if not path:
         raise ValueError("the checkpoint does not record where the decoder is; pass --decoder-path")
-    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path).to(device))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    decoder, tokenizer = load_frozen_decoder(path, device)
     contexts = [Path(args.context_file).read_text()] if args.context_file else [args.context]
     if not contexts[0]:
         raise ValueError("give --context or --context-file")

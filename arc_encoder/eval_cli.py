@@ -36,16 +36,14 @@ def _device(name: str) -> str:
 
 def load_decoder(model, name: str, path: str | None, device: str, dtype: torch.dtype):
     """The frozen decoder of projector ``name`` (recorded path unless given) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .model import freeze_decoder
+    from .model import load_frozen_decoder
 
     path = path or model.projector(name).config.decoder
     if not path or not Path(path).is_dir():
         raise FileNotFoundError(f"decoder {name!r}: {path!r} is not a local model directory; pass --decoder-path")
-    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device))
+    decoder, tokenizer = load_frozen_decoder(path, device, dtype)
     model.check_decoder(name, decoder)
-    return decoder, AutoTokenizer.from_pretrained(path), path
+    return decoder, tokenizer, path
 
 
 def cmd_info(args: argparse.Namespace) -> int:

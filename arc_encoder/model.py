@@ -75,6 +75,17 @@ def freeze_decoder(decoder: PreTrainedModel) -> PreTrainedModel:
     return decoder
 
 
+def load_frozen_decoder(
+    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved HF causal LM, frozen on ``device`` (``dtype``: None keeps the default), and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device))
+    return decoder, AutoTokenizer.from_pretrained(path)
+
+
 class ARCModel(nn.Module):
     """Encoder + named projectors. ``compress`` turns text into decoder-space vectors."""
 

@@ -264,16 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             "fixed4": train_staged(args, preset, "fixed4", dec_a, (4,), preset["stages"])}
     t_train = time.time() - t_start
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from arc_encoder import ARCModel, freeze_decoder
+    from arc_encoder import ARCModel
     from arc_encoder.cache import DocumentStream
     from arc_encoder.info import InfoEvaluator, eval_batches
+    from arc_encoder.model import load_frozen_decoder
     from arc_encoder.storage import atomic_write_json
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(dec_a, dtype=dtype).to(device))
-    dec_tok = AutoTokenizer.from_pretrained(dec_a)
+    decoder, dec_tok = load_frozen_decoder(dec_a, device, dtype)
     texts = DocumentStream.from_corpus(Path(args.data_dir) / "test.jsonl.gz").texts
     ev = None
     points = []
