@@ -203,13 +203,17 @@ class ARCModel(nn.Module):
         """Resolve ``pooling_factors`` into one factor per chunk per context (None: the config's)."""
         if pooling_factors is None:
             return None
+        return self._per_chunk([len(self.chunk(ids, i)) for i, ids in enumerate(contexts)], pooling_factors)
+
+    @staticmethod
+    def _per_chunk(chunk_counts: list[int], pooling_factors: int | PoolingPlan) -> list[list[int]]:
+        """Expand ``pooling_factors`` to one factor per chunk, given each context's chunk count."""
         if isinstance(pooling_factors, int):
-            pooling_factors = [pooling_factors] * len(contexts)
-        if len(pooling_factors) != len(contexts):
-            raise ValueError(f"pooling_factors has {len(pooling_factors)} entries for {len(contexts)} contexts")
+            pooling_factors = [pooling_factors] * len(chunk_counts)
+        if len(pooling_factors) != len(chunk_counts):
+            raise ValueError(f"pooling_factors has {len(pooling_factors)} entries for {len(chunk_counts)} contexts")
         plan = []
-        for i, (ids, pf) in enumerate(zip(contexts, pooling_factors)):
-            n_chunks = len(self.chunk(ids, i))
+        for i, (n_chunks, pf) in enumerate(zip(chunk_counts, pooling_factors)):
             per_chunk = [pf] * n_chunks if isinstance(pf, int) else list(pf)
             if len(per_chunk) != n_chunks:
                 raise ValueError(f"context {i} has {n_chunks} chunks but {len(per_chunk)} pooling factors")
@@ -224,16 +228,11 @@ class ARCModel(nn.Module):
         ``pooling_factors``: None (the config's), one int, or per context an int or a list
         with one factor per chunk (see ``arc_encoder.adaptive``).
         """
-        plan = self.chunk_pooling(contexts, pooling_factors)
-        chunks: list[list[int]] = []
-        owner: list[int] = []
-        row_pf: list[int] = []
-        for i, ids in enumerate(contexts):
-            for j, c in enumerate(self.chunk(ids, i)):
-                chunks.append(c)
-                owner.append(i)
-                if plan is not None:
-                    row_pf.append(plan[i][j])
+        per_context = [self.chunk(ids, i) for i, ids in enumerate(contexts)]
+        plan = None if pooling_factors is None else self._per_chunk([len(c) for c in per_context], pooling_factors)
+        chunks = [c for cs in per_context for c in cs]
+        owner = [i for i, cs in enumerate(per_context) for _ in cs]
+        row_pf = [pf for pfs in plan for pf in pfs] if plan is not None else None
         param = next(self.encoder.parameters())
         longest = max(len(c) for c in chunks)
         input_ids = torch.zeros(len(chunks), longest, dtype=torch.long)
@@ -242,7 +241,7 @@ class ARCModel(nn.Module):
             input_ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
             mask[row, : len(c)] = True
         input_ids, mask = input_ids.to(param.device), mask.to(param.device)  # one copy each
-        return self.encoder(input_ids, mask, row_pf if plan is not None else None), owner
+        return self.encoder(input_ids, mask, row_pf), owner
 
     def compress(
         self,
