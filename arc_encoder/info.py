@@ -205,13 +205,10 @@ class InfoEvaluator:
             for batch in self.batches:
                 part = plan if plan is None or isinstance(plan, int) else list(plan[offset : offset + len(batch)])
                 offset += len(batch)
-                per_chunk = self.model.chunk_pooling(batch.encoder_ids, part)
-                if per_chunk is None:
-                    default = self.model.encoder.config.pooling_factor
-                    per_chunk = [[default] * len(self.model.chunk(ids, i)) for i, ids in enumerate(batch.encoder_ids)]
+                cfg = self.model.encoder.config
+                per_chunk = self.model.chunk_pooling(batch.encoder_ids, cfg.pooling_factor if part is None else part)
                 for ids, pfs in zip(batch.encoder_ids, per_chunk):
-                    chunks = self.model.chunk(ids)
-                    vectors += sum(-(-len(c) // pf) for c, pf in zip(chunks, pfs))
+                    vectors += sum(cfg.compressed_len(len(c), pf) for c, pf in zip(self.model.chunk(ids), pfs))
                     for pf in pfs:
                         counts[str(pf)] = counts.get(str(pf), 0) + 1
                 scored = dataclasses.replace(batch, pooling_factors=per_chunk)
