@@ -151,8 +151,13 @@ def adaptive_study(ev, model, decoder, dec_tok, target: float = 4.0) -> tuple[li
     for r in references:
         r["paired_vs_fixed"] = paired(base_rows, type(base_rows)(full_by_pf[r["pooling_factor"]], base_rows.tokens,
                                                                   base_rows.correct, base_rows.prefix_exact))
-    dnll = decoder_scorer(decoder, dec_tok)
-    bits = dnll(model.tokenizer.batch_decode(ids))  # one chunk per sample at this chunk_len
+    chunk_texts = model.tokenizer.batch_decode(ids)  # one chunk per sample at this chunk_len
+    bits = decoder_scorer(decoder, dec_tok)(chunk_texts)  # scored once, reused by every strength
+    known = dict(zip(chunk_texts, bits))
+
+    def dnll(texts):
+        return [known[t] for t in texts]
+
     density = [b / len(x) for b, x in zip(bits, ids)]
     plans = {}
     for label, scorer, strength in (("adaptive decoder-NLL s=1", dnll, 1.0), ("adaptive decoder-NLL s=2", dnll, 2.0),
