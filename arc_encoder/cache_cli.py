@@ -9,17 +9,10 @@ import argparse
 import json
 from typing import get_args
 
-import torch
-
 from .cache import CorpusFormat, StorageDtype
+from .cli import resolve_device
 
 _DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def add_adaptive_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +50,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     result = build_cache(
         args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
         docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
-        corpus_format=args.format, resume=args.resume, device=_device(args.device),
+        corpus_format=args.format, resume=args.resume, device=resolve_device(args.device),
         adaptive=adaptive_from_args(args),
     )
     m = result.manifest
@@ -126,7 +119,7 @@ def cmd_query(args: argparse.Namespace) -> None:
         doc_ids = [d for d, _ in hits]
         for d, score in hits:
             print(f"retrieved    {d} (BM25 {score:.2f})")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = ARCModel.from_pretrained(checkpoint, decoders=[cache.decoder], device=device).eval()
     path = args.decoder_path or manifest.get("decoder_path")
     if not path:

@@ -15,7 +15,8 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; any other name as given."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -102,7 +103,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from .model import ARCModel
     from .storage import atomic_save_tensors
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     texts = _read_texts(args)
     ids = model.tokenize(texts)
@@ -129,7 +130,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .model import ARCModel, load_frozen_decoder
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     path = args.decoder_path or model.projector(args.decoder).config.decoder
     if not path:

@@ -16,6 +16,7 @@ from typing import get_args
 import torch
 
 from .adaptive import Density
+from .cli import resolve_device
 
 _INTS = "comma-separated integers"
 
@@ -28,10 +29,6 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected {_INTS} >= 1, got {text!r}")
     return values
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def load_decoder(model, name: str, path: str | None, device: str, dtype: torch.dtype):
@@ -55,7 +52,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .model import ARCModel
     from .storage import atomic_write_json
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     decoder, dec_tok, dec_path = load_decoder(model, args.decoder, args.decoder_path, device, dtype)
