@@ -2,7 +2,8 @@
 
 from .config import ARCConfig, EncoderConfig, ProjectorConfig
 from .encoder import ARCEncoder, EncoderOutput
-from .model import ARCModel, CompressedContext, DecoderInputs, freeze_decoder
+from .model import ARCModel, CompressedContext, freeze_decoder
+from .objectives import DecoderInputs
 from .projector import Projector
 
 __version__ = "0.1.0"

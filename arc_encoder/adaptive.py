@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
-import torch.nn.functional as F
+
+from .objectives import IGNORE_INDEX, next_token_logits, token_nll
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -92,8 +93,8 @@ def decoder_bits(
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = decoder(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        nll = token_nll(*next_token_logits(decoder, labels, mask, input_ids=ids))
         out += (nll.sum(-1) / math.log(2)).tolist()
     return out
 
@@ -162,13 +163,7 @@ def plan_pooling(
     model: ARCModel, contexts: Sequence[TokenIds], policy: AdaptivePooling, scorer: ChunkScorer
 ) -> list[list[int]]:
     """Per context, one pooling factor per chunk (for ``model.compress(..., pooling_factors=)``)."""
-    trained = model.encoder.config.trained_pooling_factors
-    untrained = sorted(set(policy.factors) - set(trained))
-    if untrained:
-        raise ValueError(
-            f"adaptive factors {untrained} were never trained: this encoder knows {list(trained)} "
-            "(pretrain with encoder.pooling_factors to mix factors)"
-        )
+    model.encoder.config.check_trained(policy.factors, "adaptive ")
     if model.tokenizer is None:
         raise ValueError("plan_pooling needs the model's tokenizer (chunk texts are scored)")
     chunks = [model.chunk(ids, i) for i, ids in enumerate(contexts)]

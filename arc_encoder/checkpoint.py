@@ -1,4 +1,4 @@
-"""save_pretrained / from_pretrained for ARCModel, in safetensors beside JSON configs.
+"""The checkpoint directory: file layout, manifest, and verified reads and atomic writes of its files.
 
 Layout of a checkpoint directory (see checkpoints/README.md):
 
@@ -11,6 +11,8 @@ Layout of a checkpoint directory (see checkpoints/README.md):
 
 A whole checkpoint is written into a temporary sibling directory and renamed into place;
 adding a projector rewrites only its file and the two JSON files, each atomically.
+``ARCModel.save_pretrained`` / ``from_pretrained`` / ``save_projector`` call these functions;
+this module knows files and tensors, never the model classes (no import cycle).
 """
 
 from __future__ import annotations
@@ -18,14 +20,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .config import CONFIG_NAME, FORMAT_VERSION, ARCConfig
-from .encoder import ARCEncoder
-from .model import ARCModel
-from .projector import Projector
 from .storage import (
     PathLike,
     atomic_save_tensors,
@@ -38,6 +38,7 @@ from .storage import (
 )
 
 MANIFEST_NAME = "manifest.json"
+ENCODER_DIR = "encoder"
 ENCODER_WEIGHTS = "encoder/model.safetensors"
 
 
@@ -45,11 +46,7 @@ def projector_file(name: str) -> str:
     return f"projectors/{name}.safetensors"
 
 
-def _model_dtype(model: ARCModel) -> torch.dtype:
-    return next(model.encoder.parameters()).dtype
-
-
-def _write_manifest(directory: Path, dtype: torch.dtype) -> None:
+def write_manifest(directory: Path, dtype: torch.dtype) -> None:
     files = {}
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory).as_posix()
@@ -61,24 +58,35 @@ def _write_manifest(directory: Path, dtype: torch.dtype) -> None:
     )
 
 
-def save_pretrained(model: ARCModel, directory: PathLike, overwrite: bool = False) -> Path:
-    """Write the whole model to ``directory`` atomically (temp dir + rename)."""
+def _projector_meta(name: str) -> dict[str, str]:
+    return {"format": "pt", "kind": "projector", "decoder": name}
+
+
+def save_checkpoint(
+    directory: PathLike,
+    config: ARCConfig,
+    backbone_config,
+    encoder_state: Mapping[str, torch.Tensor],
+    projector_states: Mapping[str, Mapping[str, torch.Tensor]],
+    tokenizer,
+    dtype: torch.dtype,
+    overwrite: bool = False,
+) -> Path:
+    """Write a whole checkpoint to ``directory`` atomically (temp dir + rename)."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        atomic_write_json(tmp / CONFIG_NAME, model.config.to_dict())
-        model.encoder.backbone.config.save_pretrained(tmp / "encoder")
-        meta = {"format": "pt", "kind": "encoder"}
-        atomic_save_tensors(tmp / ENCODER_WEIGHTS, model.encoder.state_dict(), meta)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(tmp / "encoder")
-        for name, projector in model.projectors.items():
-            meta = {"format": "pt", "kind": "projector", "decoder": name}
-            atomic_save_tensors(tmp / projector_file(name), projector.state_dict(), meta)
-        _write_manifest(tmp, _model_dtype(model))
+        atomic_write_json(tmp / CONFIG_NAME, config.to_dict())
+        backbone_config.save_pretrained(tmp / ENCODER_DIR)
+        atomic_save_tensors(tmp / ENCODER_WEIGHTS, encoder_state, {"format": "pt", "kind": "encoder"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / ENCODER_DIR)
+        for name, state in projector_states.items():
+            atomic_save_tensors(tmp / projector_file(name), state, _projector_meta(name))
+        write_manifest(tmp, dtype)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             directory.rename(old)
@@ -92,22 +100,26 @@ def save_pretrained(model: ARCModel, directory: PathLike, overwrite: bool = Fals
     return directory
 
 
-def save_projector(model: ARCModel, name: str, directory: PathLike) -> Path:
+def save_projector_file(
+    directory: PathLike,
+    config: ARCConfig,
+    name: str,
+    state: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> Path:
     """Add or replace one decoder's projector in an existing checkpoint directory.
 
-    The encoder in ``directory`` must be the one ``model`` uses (same config); only the
-    projector file, arc_config.json and manifest.json are rewritten.
+    The encoder in ``directory`` must be the one ``config`` describes; only the projector
+    file, arc_config.json and manifest.json are rewritten.
     """
     directory = Path(directory)
     on_disk = read_config(directory)
-    if on_disk.encoder != model.config.encoder:
+    if on_disk.encoder != config.encoder:
         raise ValueError(f"{directory}: its encoder config differs from this model's; refusing to mix")
-    projector = model.projector(name)
-    meta = {"format": "pt", "kind": "projector", "decoder": name}
-    atomic_save_tensors(directory / projector_file(name), projector.state_dict(), meta)
-    on_disk.projectors[name] = projector.config
+    atomic_save_tensors(directory / projector_file(name), state, _projector_meta(name))
+    on_disk.projectors[name] = config.projectors[name]
     atomic_write_json(directory / CONFIG_NAME, on_disk.to_dict())
-    _write_manifest(directory, _model_dtype(model))
+    write_manifest(directory, dtype)
     return directory / projector_file(name)
 
 
@@ -131,60 +143,33 @@ def verify_checkpoint(directory: PathLike) -> list[str]:
     return check_files(directory, read_manifest(directory)["files"])
 
 
-def _expected_sha(manifest: dict, directory: Path, rel: str, verify: bool) -> str | None:
+def read_backbone_config(directory: PathLike):
+    """The truncated HF backbone config saved beside the encoder weights."""
+    from transformers import AutoConfig
+
+    path = Path(directory) / ENCODER_DIR
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path / 'config.json'}: cannot read backbone config ({err})") from err
+
+
+def read_tokenizer(directory: PathLike):
+    """The encoder's tokenizer, or None when the checkpoint has none."""
+    from transformers import AutoTokenizer
+
+    path = Path(directory) / ENCODER_DIR
+    return AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+
+
+def load_checked_state(
+    directory: PathLike, manifest: dict, rel: str, expected: Mapping[str, torch.Tensor], verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """File ``rel``'s tensors, checked against the manifest (sha256 when ``verify``) and ``expected``'s
+    names, shapes and dtypes; errors name the file."""
+    directory = Path(directory)
     if rel not in manifest["files"]:
         raise ValueError(f"{directory / rel}: not listed in {MANIFEST_NAME}; the checkpoint is incomplete")
-    return manifest["files"][rel]["sha256"] if verify else None
-
-
-def load_pretrained(
-    directory: PathLike,
-    decoders: list[str] | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    verify: bool = True,
-) -> ARCModel:
-    """Load a checkpoint; ``decoders`` picks which projectors to load (default: all).
-
-    With ``verify`` every file's sha256 is checked against the manifest, and every tensor's
-    name, shape and dtype against the config, so a truncated, altered or mismatched file
-    fails with an error naming it.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    directory = Path(directory)
-    config = read_config(directory)
-    manifest = read_manifest(directory)
-    saved_dtype = getattr(torch, manifest["dtype"])
-    wanted = list(config.projectors) if decoders is None else list(decoders)
-    for name in wanted:
-        if name not in config.projectors:
-            raise ValueError(
-                f"{directory}: no projector for decoder {name!r}; it has {sorted(config.projectors)}"
-            )
-    config.projectors = {n: config.projectors[n] for n in wanted}
-
-    try:
-        backbone_config = AutoConfig.from_pretrained(directory / "encoder")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{directory / 'encoder' / 'config.json'}: cannot read backbone config ({err})") from err
-    encoder = ARCEncoder.from_backbone_config(config.encoder, backbone_config).to(saved_dtype)
-    sd = load_tensors(directory / ENCODER_WEIGHTS, _expected_sha(manifest, directory, ENCODER_WEIGHTS, verify))
-    check_state_dict(directory / ENCODER_WEIGHTS, sd, encoder.state_dict())
-    encoder.load_state_dict(sd)
-
-    tokenizer = None
-    if (directory / "encoder" / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(directory / "encoder")
-    model = ARCModel(config, encoder, tokenizer)
-    for name in wanted:
-        rel = projector_file(name)
-        projector: Projector = model.projectors[name].to(saved_dtype)
-        sd = load_tensors(directory / rel, _expected_sha(manifest, directory, rel, verify))
-        check_state_dict(directory / rel, sd, projector.state_dict())
-        projector.load_state_dict(sd)
-    if dtype is not None:
-        model.to(dtype)
-    if device is not None:
-        model.to(device)
-    return model
+    state = load_tensors(directory / rel, manifest["files"][rel]["sha256"] if verify else None)
+    check_state_dict(directory / rel, state, expected)
+    return state

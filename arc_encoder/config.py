@@ -22,8 +22,18 @@ PooledQueryPositions = Literal["pooled_index", "group_mean"]
 ProjectorActivation = Literal["none", "gelu", "silu"]
 SpecialToken = Literal["continuation", "reconstruction"]
 
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
 CONFIG_NAME = "arc_config.json"
 FORMAT_VERSION = 1
+
+
+def torch_dtype(name: str):
+    """The torch dtype a config or command line names (``DtypeName``); the one dtype map."""
+    import torch
+
+    _check_literal("dtype", name, DtypeName)
+    return getattr(torch, name)
 
 
 def _check_literal(name: str, value: Any, allowed_type: Any) -> None:
@@ -119,6 +129,19 @@ class EncoderConfig:
         """Every factor this encoder was trained to produce."""
         return self.pooling_factors or (self.pooling_factor,)
 
+    def untrained_factors(self, factors) -> list[int]:
+        """The factors among ``factors`` this encoder was never trained to produce (sorted)."""
+        return sorted(set(factors) - set(self.trained_pooling_factors))
+
+    def check_trained(self, factors, where: str = "") -> None:
+        """ValueError naming the untrained factors (every adaptive or overridden plan checks here)."""
+        untrained = self.untrained_factors(factors)
+        if untrained:
+            raise ValueError(
+                f"{where}pooling factors {untrained} were never trained: this encoder knows "
+                f"{list(self.trained_pooling_factors)} (pretrain with encoder.pooling_factors to mix factors)"
+            )
+
     def compressed_len(self, num_tokens: int, pooling_factor: int | None = None) -> int:
         """Number of vectors a chunk of ``num_tokens`` tokens becomes."""
         return -(-num_tokens // (pooling_factor or self.pooling_factor))
@@ -188,9 +211,6 @@ class ARCConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ARCConfig:
         return dataclass_from_dict(cls, data, "ARCConfig")
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ARCConfig:

@@ -26,54 +26,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .evaluate import decoder_inputs
-from .model import IGNORE_INDEX, ARCModel, DecoderInputs, PoolingPlan
-from .tasks import Batch, collate, split_windows, text_sample
+from .model import ARCModel, PoolingPlan
+from .objectives import RowScores, target_scores
+from .samples import Batch, collate, split_windows, text_sample
 
 LN2 = math.log(2.0)
-
-
-@dataclass
-class RowScores:
-    """Per-row sums over target tokens (nats), so any set of rows can be pooled exactly."""
-
-    nll: list[float]
-    tokens: list[int]
-    correct: list[int]
-    prefix_exact: list[bool]  # the first k targets all predicted (greedy reproduces them)
-    # The first half (ceil) of each row's targets alone: lets a benchmark choose on one half
-    # of the tokens and measure on the other (no selection on the scored labels).
-    nll_head: list[float] = dataclasses.field(default_factory=list)
-    tokens_head: list[int] = dataclasses.field(default_factory=list)
-
-    def tail(self) -> RowScores:
-        """The second half of each row's targets (what ``nll_head`` did not see)."""
-        return RowScores([a - b for a, b in zip(self.nll, self.nll_head)],
-                         [a - b for a, b in zip(self.tokens, self.tokens_head)], [], [])
-
-
-@torch.no_grad()
-def target_scores(decoder: PreTrainedModel, inputs: DecoderInputs, em_k: int = 4) -> RowScores:
-    """Per-row NLL, token count, argmax hits and k-prefix exact match over the labelled tokens."""
-    if inputs.labels is None:
-        raise ValueError("target_scores needs labels")
-    logits = decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False).logits
-    logits, labels = logits[:, :-1].float(), inputs.labels[:, 1:]
-    on = labels != IGNORE_INDEX
-    nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * on
-    hit = (logits.argmax(-1) == labels) & on
-    # The first k labelled positions of each row: rank labelled positions left to right.
-    rank = on.long().cumsum(-1)
-    first_k = on & (rank <= em_k)
-    prefix_exact = (hit & first_k).sum(-1) == first_k.sum(-1)
-    head = on & (rank <= (on.sum(-1, keepdim=True) + 1) // 2)
-    stacked = torch.stack([nll.sum(-1), on.sum(-1).float(), hit.sum(-1).float(), prefix_exact.float(),
-                           (nll * head).sum(-1), head.sum(-1).float()]).cpu()
-    return RowScores(stacked[0].tolist(), [int(x) for x in stacked[1]], [int(x) for x in stacked[2]],
-                     [bool(x) for x in stacked[3]], stacked[4].tolist(), [int(x) for x in stacked[5]])
 
 
 @dataclass
@@ -169,7 +128,7 @@ class InfoEvaluator:
 
     def _scores(self, batch: Batch, context: str, targets: str) -> RowScores:
         with self._autocast():
-            inputs = decoder_inputs(self.model, self.decoder, batch, context, targets)  # type: ignore[arg-type]
+            inputs = self.model.decoder_inputs(self.decoder, batch, context, targets)  # type: ignore[arg-type]
             return target_scores(self.decoder, inputs, self.em_k)
 
     @staticmethod

@@ -5,8 +5,10 @@ projector(decoder) -> the decoder's ``inputs_embeds``, laid out per sample as
 
     [prefix tokens (e.g. BOS)] [compressed context] [marker] [prompt tokens] [target tokens]
 
-Only target tokens carry loss. The decoder is never modified: callers pass it in, and
-``freeze_decoder`` puts it in eval mode with gradients off.
+Only target tokens carry loss (``forward(batch, decoder)``, scored by ``arc_encoder.objectives``).
+The decoder is never modified: callers pass it in, and ``freeze_decoder`` puts it in eval
+mode with gradients off. ``save_pretrained`` / ``from_pretrained`` write and read the
+directory layout of ``arc_encoder.checkpoint``.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import checkpoint
 from .config import ARCConfig, EncoderConfig, ProjectorConfig, SpecialToken
 from .encoder import ARCEncoder, EncoderOutput
+from .objectives import IGNORE_INDEX, ContextMode, DecoderInputs, Targets, decoder_loss
 from .projector import Projector
+from .samples import Batch
+from .storage import PathLike
 
-IGNORE_INDEX = -100
 TokenIds = Sequence[int]
 # Per context: one factor for all its chunks, or one factor per chunk.
 PoolingPlan = Sequence[int | Sequence[int]]
@@ -54,15 +58,6 @@ class CompressedContext:
         return cls(embeddings, lengths, decoder)
 
 
-@dataclass
-class DecoderInputs:
-    """What a frozen HF decoder consumes instead of token ids."""
-
-    inputs_embeds: torch.Tensor  # [batch, seq, decoder_dim]
-    attention_mask: torch.Tensor  # [batch, seq], long
-    labels: torch.Tensor | None  # [batch, seq], IGNORE_INDEX off-target
-
-
 def _absolute_if_local(path: str) -> str:
     """Record local decoder paths absolutely, so the checkpoint works from any directory."""
     return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -75,12 +70,22 @@ def freeze_decoder(decoder: PreTrainedModel) -> PreTrainedModel:
     return decoder
 
 
+def compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a frozen decoder scores in: bfloat16 on a GPU, float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_frozen_decoder(
-    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, what: str = "decoder"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A saved HF causal LM, frozen on ``device`` (``dtype``: None keeps the default), and its tokenizer."""
+    """A saved HF causal LM, frozen on ``device`` (``dtype``: None keeps the default), and its tokenizer.
+
+    The one decoder loader: ``path`` must be a local model directory (errors name ``what``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not path or not Path(path).is_dir():
+        raise FileNotFoundError(f"{what}: {path!r} is not a local model directory (pass the decoder's directory: --decoder-path)")
     kwargs = {} if dtype is None else {"dtype": dtype}
     decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device))
     return decoder, AutoTokenizer.from_pretrained(path)
@@ -346,21 +351,43 @@ class ARCModel(nn.Module):
         mask, labels = mask.to(device), labels.to(device)
         return DecoderInputs(embeds, mask, labels if target_ids is not None else None)
 
+    def decoder_inputs(
+        self,
+        decoder: PreTrainedModel,
+        batch: Batch,
+        context: ContextMode = "compressed",
+        targets: Targets = "task",
+    ) -> DecoderInputs:
+        """The decoder input for ``batch`` with the chosen context and targets.
+
+        ``context``: "compressed" (this model's vectors), "none" (no context) or "full" (the
+        context's decoder tokens in place of the vectors). ``targets``: the batch's task, or
+        the continuation / the context itself (reconstruction) whatever the task.
+        """
+        emb = decoder.get_input_embeddings()
+        if targets == "task":
+            target_ids, marker = batch.target_ids, batch.marker
+        elif targets == "reconstruction":
+            target_ids, marker = batch.context_ids, "reconstruction"
+        else:
+            target_ids, marker = batch.continuation_ids, "continuation"
+        if context == "compressed":
+            ctx = self.compress(batch.encoder_ids, batch.decoder, batch.pooling_factors)
+            return self.build_decoder_inputs(emb, ctx, batch.prompt_ids, target_ids, marker, batch.prefix_ids)
+        if context not in ("none", "full"):
+            raise ValueError(f"context must be 'compressed', 'none' or 'full', got {context!r}")
+        weight = emb.weight
+        empty = CompressedContext(weight.new_zeros(len(batch), 0, weight.shape[1]),
+                                  torch.zeros(len(batch), dtype=torch.long), batch.decoder)
+        prefix = batch.prefix_ids
+        if context == "full":
+            prefix = [p + c for p, c in zip(batch.prefix_ids, batch.context_ids)]
+        return self.build_decoder_inputs(emb, empty, batch.prompt_ids, target_ids, None, prefix)
+
     # ------------------------------------------------------------------ loss and generation
-    @staticmethod
-    def decoder_loss(decoder: PreTrainedModel, inputs: DecoderInputs) -> torch.Tensor:
-        """Mean next-token cross-entropy over target tokens."""
-        if inputs.labels is None:
-            raise ValueError("decoder_loss needs labels (pass target_ids)")
-        # use_cache=False: a loss needs no KV cache (HF builds one by default, even in training).
-        logits = decoder(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False
-        ).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            inputs.labels[:, 1:].flatten(),
-            ignore_index=IGNORE_INDEX,
-        )
+    def forward(self, batch: Batch, decoder: PreTrainedModel) -> torch.Tensor:
+        """The training loss: mean cross-entropy over ``batch``'s target tokens, from its compressed context."""
+        return decoder_loss(decoder, self.decoder_inputs(decoder, batch))
 
     @torch.no_grad()
     def generate(
@@ -400,16 +427,77 @@ class ARCModel(nn.Module):
         )
         return decoder_tokenizer.batch_decode(out, skip_special_tokens=True)
 
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory, overwrite: bool = False):
-        """See ``arc_encoder.checkpoint.save_pretrained``."""
-        from .checkpoint import save_pretrained
+    # ------------------------------------------------------------------ decoders on disk
+    def load_decoder(
+        self,
+        name: str,
+        path: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+        """Projector ``name``'s frozen decoder (from ``path``, else the path its config records),
+        its tokenizer and the path used; refused when it does not match the projector."""
+        path = path or self.projector(name).config.decoder
+        if device is None:
+            device = next(self.encoder.parameters()).device
+        decoder, tokenizer = load_frozen_decoder(path, device, dtype, what=f"decoder {name!r}")
+        self.check_decoder(name, decoder)
+        return decoder, tokenizer, path
 
-        return save_pretrained(self, directory, overwrite=overwrite)
+    # ------------------------------------------------------------------ persistence
+    def _dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def save_pretrained(self, directory: PathLike, overwrite: bool = False) -> Path:
+        """Write the whole model to ``directory`` atomically (layout: ``arc_encoder.checkpoint``)."""
+        return checkpoint.save_checkpoint(
+            directory, self.config, self.encoder.backbone.config, self.encoder.state_dict(),
+            {name: p.state_dict() for name, p in self.projectors.items()}, self.tokenizer, self._dtype(), overwrite,
+        )
+
+    def save_projector(self, name: str, directory: PathLike) -> Path:
+        """Add or replace decoder ``name``'s projector in the checkpoint at ``directory`` (same encoder)."""
+        return checkpoint.save_projector_file(directory, self.config, name, self.projector(name).state_dict(),
+                                              self._dtype())
 
     @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> ARCModel:
-        """See ``arc_encoder.checkpoint.load_pretrained``."""
-        from .checkpoint import load_pretrained
+    def from_pretrained(
+        cls,
+        directory: PathLike,
+        decoders: list[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verify: bool = True,
+    ) -> ARCModel:
+        """Load a checkpoint; ``decoders`` picks which projectors to load (default: all).
 
-        return load_pretrained(directory, **kwargs)
+        With ``verify`` every file's sha256 is checked against the manifest, and every tensor's
+        name, shape and dtype against the config, so a truncated, altered or mismatched file
+        fails with an error naming it.
+        """
+        directory = Path(directory)
+        config = checkpoint.read_config(directory)
+        manifest = checkpoint.read_manifest(directory)
+        saved_dtype = getattr(torch, manifest["dtype"])
+        wanted = list(config.projectors) if decoders is None else list(decoders)
+        for name in wanted:
+            if name not in config.projectors:
+                raise ValueError(
+                    f"{directory}: no projector for decoder {name!r}; it has {sorted(config.projectors)}"
+                )
+        config.projectors = {n: config.projectors[n] for n in wanted}
+
+        backbone_config = checkpoint.read_backbone_config(directory)
+        encoder = ARCEncoder.from_backbone_config(config.encoder, backbone_config).to(saved_dtype)
+        encoder.load_state_dict(checkpoint.load_checked_state(
+            directory, manifest, checkpoint.ENCODER_WEIGHTS, encoder.state_dict(), verify))
+        model = cls(config, encoder, checkpoint.read_tokenizer(directory))
+        for name in wanted:
+            projector: Projector = model.projectors[name].to(saved_dtype)
+            projector.load_state_dict(checkpoint.load_checked_state(
+                directory, manifest, checkpoint.projector_file(name), projector.state_dict(), verify))
+        if dtype is not None:
+            model.to(dtype)
+        if device is not None:
+            model.to(device)
+        return model

@@ -1,74 +1,133 @@
-"""Pure-torch metrics for a compressor + frozen decoder (no Lightning).
+"""The one token-scoring core: the frozen decoder's next-token predictions, scored.
 
-* ``batch_loss``: the training loss of a batch (its task decides the target and marker).
+Training (``ARCModel.forward``), validation (``evaluate_batch``), ``arc_encoder.info`` and
+``arc_encoder.adaptive`` all score text the same way: ``next_token_logits`` runs the decoder
+once (``use_cache=False``: scoring needs no KV cache, and HF builds one by default, even in
+training) and shifts logits against labels; ``mean_loss`` / ``token_nll`` / ``target_scores``
+turn them into a loss, per-token NLL, or per-row sums. Only labelled tokens count
+(``IGNORE_INDEX`` elsewhere).
+
+Validation metrics on a ``Batch``:
+
 * ``continuation_loss`` with ``context`` = "compressed" (our vectors), "none" (closed-book
-  lower bound) or "full" (the context's decoder tokens; the open-book upper bound).
+  lower bound) or "full" (the context's decoder tokens; the open-book upper bound);
 * ``reconstruction_accuracy``: teacher-forced next-token accuracy of decoding the context
   back from its compressed form, and the share of rows reproduced exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .model import IGNORE_INDEX, ARCModel, CompressedContext, DecoderInputs
-from .tasks import Batch
+from .samples import Batch
 
+if TYPE_CHECKING:
+    from .model import ARCModel
+
+IGNORE_INDEX = -100
 ContextMode = Literal["compressed", "none", "full"]
+Targets = Literal["task", "continuation", "reconstruction"]
 
 
-def _empty_context(batch: Batch, width: int, decoder: str, like: torch.Tensor) -> CompressedContext:
-    return CompressedContext(
-        like.new_zeros(len(batch), 0, width),
-        torch.zeros(len(batch), dtype=torch.long),
-        decoder,
-    )
+@dataclass
+class DecoderInputs:
+    """What a frozen HF decoder consumes instead of token ids."""
+
+    inputs_embeds: torch.Tensor  # [batch, seq, decoder_dim]
+    attention_mask: torch.Tensor  # [batch, seq], long
+    labels: torch.Tensor | None  # [batch, seq], IGNORE_INDEX off-target
 
 
-def decoder_inputs(
-    model: ARCModel,
+# ---------------------------------------------------------------------------- the core
+def next_token_logits(
     decoder: PreTrainedModel,
-    batch: Batch,
-    context: ContextMode = "compressed",
-    targets: Literal["task", "continuation", "reconstruction"] = "task",
-) -> DecoderInputs:
-    """The decoder input for ``batch`` with the chosen context and targets."""
-    emb = decoder.get_input_embeddings()
-    if targets == "task":
-        target_ids, marker = batch.target_ids, batch.marker
-    elif targets == "reconstruction":
-        target_ids, marker = batch.context_ids, "reconstruction"
-    else:
-        target_ids, marker = batch.continuation_ids, "continuation"
-    if context == "compressed":
-        ctx = model.compress(batch.encoder_ids, batch.decoder, batch.pooling_factors)
-        return model.build_decoder_inputs(emb, ctx, batch.prompt_ids, target_ids, marker, batch.prefix_ids)
-    if context not in ("none", "full"):
-        raise ValueError(f"context must be 'compressed', 'none' or 'full', got {context!r}")
-    empty = _empty_context(batch, emb.weight.shape[1], batch.decoder, emb.weight)
-    prefix = batch.prefix_ids
-    if context == "full":
-        prefix = [p + c for p, c in zip(batch.prefix_ids, batch.context_ids)]
-    return model.build_decoder_inputs(emb, empty, batch.prompt_ids, target_ids, None, prefix)
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    inputs_embeds: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decoder once; return float32 logits [b, s-1, vocab] and the labels [b, s-1] they predict."""
+    logits = decoder(
+        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+    ).logits
+    return logits[:, :-1].float(), labels[:, 1:]
 
 
-def batch_loss(model: ARCModel, decoder: PreTrainedModel, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the batch's target tokens, from the compressed context."""
-    return ARCModel.decoder_loss(decoder, decoder_inputs(model, decoder, batch))
+def predict(decoder: PreTrainedModel, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``next_token_logits`` for decoder inputs built by ``ARCModel.build_decoder_inputs``."""
+    if inputs.labels is None:
+        raise ValueError("scoring needs labels (pass target_ids)")
+    return next_token_logits(decoder, inputs.labels, inputs.attention_mask, inputs_embeds=inputs.inputs_embeds)
 
 
+def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens (the training loss)."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats [b, s], exactly 0 off the labelled tokens."""
+    on = labels != IGNORE_INDEX
+    return F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * on
+
+
+def decoder_loss(decoder: PreTrainedModel, inputs: DecoderInputs) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens of ``inputs``."""
+    return mean_loss(*predict(decoder, inputs))
+
+
+@dataclass
+class RowScores:
+    """Per-row sums over target tokens (nats), so any set of rows can be pooled exactly."""
+
+    nll: list[float]
+    tokens: list[int]
+    correct: list[int]
+    prefix_exact: list[bool]  # the first k targets all predicted (greedy reproduces them)
+    # The first half (ceil) of each row's targets alone: lets a benchmark choose on one half
+    # of the tokens and measure on the other (no selection on the scored labels).
+    nll_head: list[float] = dataclasses.field(default_factory=list)
+    tokens_head: list[int] = dataclasses.field(default_factory=list)
+
+    def tail(self) -> RowScores:
+        """The second half of each row's targets (what ``nll_head`` did not see)."""
+        return RowScores([a - b for a, b in zip(self.nll, self.nll_head)],
+                         [a - b for a, b in zip(self.tokens, self.tokens_head)], [], [])
+
+
+@torch.no_grad()
+def target_scores(decoder: PreTrainedModel, inputs: DecoderInputs, em_k: int = 4) -> RowScores:
+    """Per-row NLL, token count, argmax hits and k-prefix exact match over the labelled tokens."""
+    if inputs.labels is None:
+        raise ValueError("target_scores needs labels")
+    logits, labels = predict(decoder, inputs)
+    on = labels != IGNORE_INDEX
+    nll = token_nll(logits, labels)
+    hit = (logits.argmax(-1) == labels) & on
+    # The first k labelled positions of each row: rank labelled positions left to right.
+    rank = on.long().cumsum(-1)
+    first_k = on & (rank <= em_k)
+    prefix_exact = (hit & first_k).sum(-1) == first_k.sum(-1)
+    head = on & (rank <= (on.sum(-1, keepdim=True) + 1) // 2)
+    stacked = torch.stack([nll.sum(-1), on.sum(-1).float(), hit.sum(-1).float(), prefix_exact.float(),
+                           (nll * head).sum(-1), head.sum(-1).float()]).cpu()
+    return RowScores(stacked[0].tolist(), [int(x) for x in stacked[1]], [int(x) for x in stacked[2]],
+                     [bool(x) for x in stacked[3]], stacked[4].tolist(), [int(x) for x in stacked[5]])
+
+
+# ---------------------------------------------------------------------------- validation metrics
 @torch.no_grad()
 def continuation_loss(
     model: ARCModel, decoder: PreTrainedModel, batch: Batch, context: ContextMode = "compressed"
 ) -> float:
     """Continuation (or QA answer) loss with compressed, no, or full-text context."""
-    inputs = decoder_inputs(model, decoder, batch, context, targets="continuation")
-    return float(ARCModel.decoder_loss(decoder, inputs))
+    return float(decoder_loss(decoder, model.decoder_inputs(decoder, batch, context, targets="continuation")))
 
 
 @dataclass
@@ -81,18 +140,15 @@ class ReconstructionScore:
 @torch.no_grad()
 def reconstruction_accuracy(model: ARCModel, decoder: PreTrainedModel, batch: Batch) -> ReconstructionScore:
     """How well the decoder reads the context back out of its compressed form."""
-    inputs = decoder_inputs(model, decoder, batch, "compressed", targets="reconstruction")
-    logits = decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
-    pred = logits[:, :-1].argmax(-1)  # [b, seq-1]
-    labels = inputs.labels[:, 1:]
+    inputs = model.decoder_inputs(decoder, batch, "compressed", targets="reconstruction")
+    logits, labels = predict(decoder, inputs)
     on = labels != IGNORE_INDEX
-    right = (pred == labels) & on
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    right = (logits.argmax(-1) == labels) & on
     rows_exact = (right.sum(-1) == on.sum(-1)).float().mean()
     return ReconstructionScore(
         token_accuracy=float(right.sum() / on.sum().clamp(min=1)),
         exact_match=float(rows_exact),
-        loss=float(loss),
+        loss=float(mean_loss(logits, labels)),
     )
 
 

@@ -1,4 +1,4 @@
-"""Turn raw text into training samples: reconstruction, continuation and QA.
+"""Samples and batches: raw text -> reconstruction, continuation and QA samples, windows, collate.
 
 Pure functions over tokenizers (no Lightning), shared by training, benchmarks and caches.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,10 +66,6 @@ class Batch:
     @property
     def marker(self) -> str:
         return "reconstruction" if self.task == "reconstruction" else "continuation"
-
-    @property
-    def num_target_tokens(self) -> int:
-        return sum(len(t) for t in self.target_ids)
 
 
 def check_tokenizer_pair(
@@ -196,14 +192,3 @@ def collate(
         index=index,
     )
 
-
-def batched(items: Iterable[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Group an iterable into lists of ``batch_size`` (last partial group dropped)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    group: list[Sample] = []
-    for item in items:
-        group.append(item)
-        if len(group) == batch_size:
-            yield group
-            group = []

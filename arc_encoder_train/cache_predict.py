@@ -21,25 +21,15 @@ from typing import Any, get_args
 
 import lightning as L
 import torch
-
-from arc_encoder.adaptive import AdaptivePooling
-from arc_encoder.cache_cli import adaptive_from_args, add_adaptive_args
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from arc_encoder.cache import (
-    CacheBuildConfig,
-    CorpusFormat,
-    DocumentStream,
-    StorageDtype,
-    compress_shard,
-    make_scorer,
-    finalize_cache,
-    prepare_build,
-    write_shard,
-)
+from arc_encoder.adaptive import AdaptivePooling
+from arc_encoder.cache.build import DocumentStream, compress_shard, finalize_cache, make_scorer, prepare_build
+from arc_encoder.cache.store import CacheBuildConfig, CorpusFormat, StorageDtype, write_shard
+from arc_encoder.checkpoint import read_config
+from arc_encoder.cli.common import DTYPE_CHOICES, adaptive_policy, add_adaptive_args
+from arc_encoder.config import torch_dtype
 from arc_encoder.model import ARCModel
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _ShardList(torch.utils.data.Dataset):
@@ -82,7 +72,7 @@ class CacheCompressModule(L.LightningModule):
 
     def predict_step(self, batch: int, batch_idx: int) -> dict[str, Any]:
         k = int(batch)
-        ids, texts, _ = self.stream.shard(k, self.build.docs_per_shard)
+        ids, texts = self.stream.shard(k, self.build.docs_per_shard)
         if self.scorer is None and self.build.policy() is not None:
             self.scorer = make_scorer(self.build, self.device)  # adaptive builds score chunks first
         vectors, tokens, plan = compress_shard(self.model, self.build, texts, ids, self.scorer)
@@ -127,7 +117,7 @@ def build_cache_lightning(
     trainer_kwargs: dict[str, Any] | None = None,
     adaptive: AdaptivePooling | None = None,
 ) -> CacheShardWriter:
-    """Same arguments and same files as ``arc_encoder.cache.build_cache``; runs on any Trainer setup."""
+    """Same arguments and same files as ``arc_encoder.cache.build.build_cache``; runs on any Trainer setup."""
     stream = corpus if isinstance(corpus, DocumentStream) else None
     build = CacheBuildConfig.for_checkpoint(
         checkpoint, decoder, "" if stream is not None else corpus, corpus_format=corpus_format,
@@ -137,7 +127,7 @@ def build_cache_lightning(
     stream, todo = prepare_build(output, build, resume, stream)
     model = ARCModel.from_pretrained(checkpoint, decoders=[decoder])
     if model_dtype is not None:
-        model.to(_DTYPES[model_dtype])
+        model.to(torch_dtype(model_dtype))
     writer = CacheShardWriter(Path(output), build, stream)
     kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True)
     kwargs.update(trainer_kwargs or {})
@@ -163,7 +153,7 @@ def build_parser(prog: str = "python -m arc_encoder_train.cache_predict") -> arg
     p.add_argument("--batch-size", type=int, default=8, help="documents compressed together")
     p.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted build")
-    p.add_argument("--model-dtype", choices=sorted(_DTYPES), help="cast the model (e.g. bfloat16 on GPU)")
+    p.add_argument("--model-dtype", choices=DTYPE_CHOICES, help="cast the model (e.g. bfloat16 on GPU)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto", help="number of devices or 'auto'")
     p.add_argument("--strategy", default="auto", help="'ddp' for several GPUs")
@@ -181,7 +171,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
             corpus_format=args.format, resume=args.resume, model_dtype=args.model_dtype,
             trainer_kwargs={"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy},
-            adaptive=adaptive_from_args(args),
+            adaptive=adaptive_policy(args, read_config(args.checkpoint).encoder),
         )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"cache_predict: error: {err}", file=sys.stderr)

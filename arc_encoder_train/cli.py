@@ -1,7 +1,7 @@
 """`arc-encoder-train`: pretrain / adapt / finetune / lm, configured by YAML + command line.
 
     arc-encoder-train pretrain                       # tiny default on the bundled corpus, CPU
-    arc-encoder-train pretrain --config train/configs/single_gpu.yaml --trainer.max_steps 2000
+    arc-encoder-train pretrain --config arc_encoder_train/configs/single_gpu.yaml --trainer.max_steps 2000
     arc-encoder-train pretrain --config ... --run.resume true   # continue runs/<name>/last.ckpt
 
 Every job checks its inputs (decoder paths, tokenizers, data files, unknown keys) before
@@ -11,25 +11,25 @@ exports checkpoints/<name>/ in the `ARCModel.from_pretrained` format.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
-from importlib import resources
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from arc_encoder.checkpoint import save_projector
-from arc_encoder.config import ARCConfig, EncoderConfig
+from arc_encoder.config import ARCConfig, DtypeName, EncoderConfig, torch_dtype
 from arc_encoder.encoder import ARCEncoder
 from arc_encoder.model import ARCModel
+from arc_encoder.samples import check_tokenizer_pair
 from arc_encoder.storage import atomic_write_text
-from arc_encoder.tasks import check_tokenizer_pair
 
 from .data import ARCDataModule, DataSpec, DecoderTokenizers
 from .lm import LMSpec, is_decoder_dir, train_lm
@@ -38,7 +38,7 @@ from .module import ARCTrainingModule, ExportCallback, OptimSpec
 BUILTIN_TINY = "builtin:tiny-lm"
 # A tiny decoder trained by this project and shipped in the package, so the quickstart
 # needs no LM training; used when run.tiny_lm is left at its defaults.
-BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder") / "data" / "tiny_lm"))
+BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder.resources") / "tiny_lm"))
 
 
 # ---------------------------------------------------------------------------- config dataclasses
@@ -49,27 +49,25 @@ class DecoderSpec:
     name: str = "tiny"
     path: str = BUILTIN_TINY
     tokenizer: str = ""  # default: the decoder's own directory
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     projector_hidden_dim: int = 2048  # paper: 2048
     allow_padded_vocab: bool = False
 
 
-@dataclass
-class EncoderSpec:
-    """The encoder backbone (a causal LM dir, or builtin:tiny-lm = init from the tiny decoder)."""
+def tiny_encoder() -> EncoderConfig:
+    """The default encoder: initialised from the tiny decoder LM, minus its last layer (of 4).
 
-    base_model: str = BUILTIN_TINY
+    ``encoder`` in a job's YAML IS the library's EncoderConfig (every field settable); its
+    base_model may be builtin:tiny-lm. Mixed-pooling training: set ``pooling_factors``.
+    """
+    return EncoderConfig(base_model=BUILTIN_TINY, layers_removed=1)
+
+
+@dataclass
+class EncoderBuild:
+    """Training-only settings of the encoder, beside the embedded ``EncoderConfig``."""
+
     tokenizer: str = ""  # default: base_model's directory
-    layers_removed: int = 1  # paper: 2 (of 28); the tiny default has 4 layers
-    pooling_factor: int = 4
-    # Mixed-pooling training (entropy-adaptive compression): each sample draws its factor from
-    # this list; pooling_factor (the default at inference) must be one of them. Empty: fixed.
-    pooling_factors: list[int] = field(default_factory=list)
-    pooled_query_positions: Literal["pooled_index", "group_mean"] = "pooled_index"
-    final_norm: bool = True
-    chunk_len: int = 1024
-    max_chunks: int = 32
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile the encoder's blocks (GPU: ~1.3x faster forward)
 
@@ -104,7 +102,8 @@ class RunSpec:
 
 @dataclass
 class PretrainConfig:
-    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    encoder: EncoderConfig = field(default_factory=tiny_encoder)
+    encoder_build: EncoderBuild = field(default_factory=EncoderBuild)
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
@@ -140,8 +139,6 @@ class LMConfig:
 
 
 # ---------------------------------------------------------------------------- building blocks
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
     """builtin:tiny-lm -> a trained tiny decoder dir (trained once, then reused)."""
@@ -184,13 +181,13 @@ def load_decoders(specs: list[DecoderSpec], run: RunSpec) -> tuple[dict, dict, d
     models, toks, paths = {}, {}, {}
     for s in specs:
         path, tok, _ = checked[s.name]
-        models[s.name] = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[s.dtype])
+        models[s.name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(s.dtype))
         toks[s.name], paths[s.name] = tok, path
     return models, toks, paths
 
 
-def encoder_tokenizer(spec: EncoderSpec, base: str):
-    tok_path = spec.tokenizer or base
+def encoder_tokenizer(build: EncoderBuild, base: str):
+    tok_path = build.tokenizer or base
     try:
         return AutoTokenizer.from_pretrained(tok_path)
     except (OSError, ValueError) as err:
@@ -198,19 +195,16 @@ def encoder_tokenizer(spec: EncoderSpec, base: str):
 
 
 def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
-    e = cfg.encoder
-    base = resolve_path(e.base_model, cfg.run)
+    b = cfg.encoder_build
+    base = resolve_path(cfg.encoder.base_model, cfg.run)
     if not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"encoder base_model {base!r} is not a local model directory (no config.json)")
-    tok = encoder_tokenizer(e, base)
-    enc_cfg = EncoderConfig(base_model=base, layers_removed=e.layers_removed, pooling_factor=e.pooling_factor,
-                            pooling_factors=tuple(e.pooling_factors),
-                            pooled_query_positions=e.pooled_query_positions, final_norm=e.final_norm,
-                            chunk_len=e.chunk_len, max_chunks=e.max_chunks, attn_implementation=e.attn_implementation)
+    tok = encoder_tokenizer(b, base)
+    enc_cfg = dataclasses.replace(cfg.encoder, base_model=base)  # validates every field again
     encoder = ARCEncoder.from_base_model(enc_cfg, torch.float32)
-    if e.gradient_checkpointing:
+    if b.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
-    if e.compile_blocks:
+    if b.compile_blocks:
         encoder.compile_blocks()
     if len(tok) > encoder.backbone.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"encoder tokenizer has {len(tok)} tokens but the encoder's embedding table "
@@ -261,7 +255,8 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
 def _save_config(run_dir: Path, job: str, cfg) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "config.yaml" if not (run_dir / "config.yaml").exists() else f"config.resume-{int(time.time())}.yaml"
-    atomic_write_text(run_dir / name, yaml.safe_dump({"job": job, **asdict(cfg)}, sort_keys=False))
+    plain = json.loads(json.dumps(asdict(cfg)))  # tuples (EncoderConfig.pooling_factors) -> YAML lists
+    atomic_write_text(run_dir / name, yaml.safe_dump({"job": job, **plain}, sort_keys=False))
 
 
 def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -358,7 +353,7 @@ def adapt(cfg: AdaptConfig) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(cfg.from_checkpoint, tmp)
             tmp.rename(export_dir)
-        save_projector(module.model, cfg.decoder.name, export_dir)
+        module.model.save_projector(cfg.decoder.name, export_dir)
 
     _, line = fit("adapt", cfg, module, dm, export, run_dir, export_dir)
     return line + f" (trainable parameters: {n:,})"

@@ -2,7 +2,7 @@
 
 Sources: local text / JSON(L)(.gz) / parquet files (streamed with ``datasets``, never loaded
 whole), or a dataset saved with ``save_to_disk``. The default is the bundled pydoc_small
-corpus (Python 3.11 docs, PSF license; see arc_encoder/data/README.md).
+corpus (Python 3.11 docs, PSF license; see arc_encoder/resources/README.md).
 
 Batch ``i`` of the training stream targets decoder ``decoders[i % n]`` and reconstructs when
 ``is_reconstruction(i // n, ratio)``, so the task mix is exact and a resumed run continues
@@ -21,12 +21,12 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from arc_encoder.tasks import Batch, Sample, Task, collate, is_reconstruction, qa_sample, split_windows, text_sample
+from arc_encoder.samples import Batch, Sample, Task, collate, is_reconstruction, qa_sample, split_windows, text_sample
 
 
 def bundled_corpus(split: str) -> str:
     """Path of the bundled pydoc_small split (train / validation / test)."""
-    path = resources.files("arc_encoder.data") / "pydoc_small" / f"{split}.jsonl.gz"
+    path = resources.files("arc_encoder.resources") / "pydoc_small" / f"{split}.jsonl.gz"
     return str(path)
 
 
@@ -174,7 +174,7 @@ def pretrain_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str
 
 
 def qa_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[Sample]:
-    """Finetune records: {"context", "question", "answer"} (see train/README.md)."""
+    """Finetune records: {"context", "question", "answer"} (see arc_encoder_train/README.md)."""
     for i, rec in enumerate(iter_records(spec, split, epoch, shuffle)):
         missing = [k for k in ("context", "question", "answer") if k not in rec]
         if missing:

@@ -8,7 +8,6 @@ Saved with `save_pretrained` + the tokenizer, written to a temp dir and renamed 
 from __future__ import annotations
 
 import itertools
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,13 +16,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
+from arc_encoder.objectives import mean_loss
 from arc_encoder.storage import atomic_write_json
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
 from .data import _CACHE, DataSpec, iter_texts
+from .module import cosine_with_warmup
 
 
 @dataclass
@@ -80,7 +80,7 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, block: torch.Tensor, idx: int) -> torch.Tensor:
         logits = self.model(input_ids=block[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten())
+        loss = mean_loss(logits.float(), block[:, 1:])
         self.log("lm/loss", loss, prog_bar=True)
         self.losses.append(loss.detach())
         return loss
@@ -88,9 +88,7 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.spec.lr, weight_decay=0.01)
         total = self.spec.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, 20, total, 0.05, overlap=True))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

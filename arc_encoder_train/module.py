@@ -16,9 +16,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from transformers import PreTrainedModel
 
-from arc_encoder.evaluate import batch_loss, evaluate_batch
 from arc_encoder.model import ARCModel, freeze_decoder
-from arc_encoder.tasks import Batch, mixed_pooling
+from arc_encoder.objectives import evaluate_batch
+from arc_encoder.samples import Batch, mixed_pooling
 
 
 @dataclass
@@ -44,8 +44,15 @@ class OptimSpec:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier at ``step``."""
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float, overlap: bool = False) -> float:
+    """LR multiplier at ``step``: linear warm-up over ``warmup`` steps, cosine from 1 to ``min_ratio`` at ``total``.
+
+    ``overlap=False`` (the ARC jobs): the cosine starts when warm-up ends. ``overlap=True`` (the
+    ``lm`` job): the cosine runs from step 0 and warm-up scales it.
+    """
+    if overlap:
+        progress = min(1.0, step / total)
+        return min(1.0, (step + 1) / warmup) * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     if warmup and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -117,7 +124,7 @@ class ARCTrainingModule(L.LightningModule):
         factors = self.model.encoder.config.pooling_factors
         if factors:  # mixed-pooling training: every sample draws its factor (seeded by batch index)
             batch.pooling_factors = mixed_pooling(batch.index, len(batch), factors)
-        loss = batch_loss(self.model, self.decoders[batch.decoder], batch)
+        loss = self.model(batch, self.decoders[batch.decoder])
         self.next_batch_index = batch.index + 1
         n = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)

@@ -4,7 +4,7 @@
     python benchmarks/cache_bench.py --preset gpu    # Llama-3.2-3B-shaped encoder (minus 2 layers)
                                                      # + Llama-3.1-8B-shaped decoder, random bf16
 
-Corpus: passages cut from the bundled Python docs (arc_encoder/data/pydoc_small, real text),
+Corpus: passages cut from the bundled Python docs (arc_encoder/resources/pydoc_small, real text),
 cycled with fresh ids when more passages are asked for than the text holds. Measured:
 
 * build: ``arc_encoder.cache.build_cache`` end to end (tokenize, encode, project, write
@@ -41,14 +41,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from arc_encoder import ARCConfig, ARCEncoder, ARCModel, EncoderConfig, freeze_decoder
-from arc_encoder.cache import (
-    BM25Retriever,
-    CompressedCache,
-    DocumentStream,
-    build_cache,
-    cache_report,
-    kv_cache_bytes_per_token,
-)
+from arc_encoder.cache.build import DocumentStream, build_cache
+from arc_encoder.cache.report import cache_report, kv_cache_bytes_per_token
+from arc_encoder.cache.retrieve import BM25Retriever
+from arc_encoder.cache.store import CompressedCache
+from arc_encoder.objectives import decoder_loss
 from arc_encoder.tiny import train_tokenizer
 
 DECODER = "llama8b"
@@ -125,7 +122,7 @@ def timed(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
 
 
 def load_texts() -> list[str]:
-    path = resources.files("arc_encoder") / "data" / "pydoc_small" / "train.jsonl.gz"
+    path = resources.files("arc_encoder.resources") / "pydoc_small" / "train.jsonl.gz"
     with gzip.open(str(path), "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
 
@@ -186,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "preset": asdict(preset), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "setup_s": round(setup_s, 2),
-        "corpus": "passages of arc_encoder/data/pydoc_small/train (Python 3.11 docs, PSF), cycled to num_docs",
+        "corpus": "passages of arc_encoder/resources/pydoc_small/train (Python 3.11 docs, PSF), cycled to num_docs",
     }
     try:
         stream = DocumentStream.from_records(doc_ids, passages)
@@ -226,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 inputs = model.build_decoder_inputs(decoder.get_input_embeddings(), ctx, [[]] * len(ctx.lengths),
                                                     target[s : s + 8], prefix_ids=bos[s : s + 8])
                 with torch.no_grad():
-                    vals.append(ARCModel.decoder_loss(decoder, inputs).item())
+                    vals.append(decoder_loss(decoder, inputs).item())
             losses[name] = statistics.mean(vals)
         result["int8_quality"] = {
             "relative_l2_error": ((deq - ref).norm() / ref.norm()).item(),

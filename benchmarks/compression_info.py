@@ -54,8 +54,8 @@ METRICS_Y = ("loss_compressed", "gap_closed", "em_at_k", "cont_acc")
 
 def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, ...], stages) -> list[tuple[int, str]]:
     """Pretrain in stages (resuming; one LR schedule over the last stage); copy the checkpoint after each."""
-    from arc_encoder_train.cli import (DecoderSpec, EncoderSpec, OptimSpec, PretrainConfig, RunSpec, TrainerSpec,
-                                       pretrain)
+    from arc_encoder.config import EncoderConfig
+    from arc_encoder_train.cli import DecoderSpec, OptimSpec, PretrainConfig, RunSpec, TrainerSpec, pretrain
 
     q = quality.PRESETS[preset["base"]]
     ck_dir = Path(args.work_dir) / "checkpoints"
@@ -66,8 +66,8 @@ def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, 
             print(f"reusing {copy} (trained by an earlier call with this --work-dir)", flush=True)
         else:
             cfg = PretrainConfig(
-                encoder=EncoderSpec(base_model=dec_a, layers_removed=q["layers_removed"], pooling_factor=4,
-                                    pooling_factors=list(factors), chunk_len=q["context_tokens"] * 4),
+                encoder=EncoderConfig(base_model=dec_a, layers_removed=q["layers_removed"], pooling_factor=4,
+                                      pooling_factors=tuple(factors), chunk_len=q["context_tokens"] * 4),
                 decoders=[DecoderSpec(name="A", path=dec_a, projector_hidden_dim=q["projector_hidden"],
                                       dtype="bfloat16" if torch.cuda.is_available() else "float32")],
                 data=quality._data(args, q),
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "tiny")
-    p.add_argument("--data-dir", default=str(REPO / "arc_encoder" / "data" / "pydoc_small"))
+    p.add_argument("--data-dir", default=str(REPO / "arc_encoder" / "resources" / "pydoc_small"))
     p.add_argument("--work-dir", default="runs/info")
     p.add_argument("--decoder-a", default="", help="local LM as decoder A (default: train one as quality.py does)")
     p.add_argument("--stages", default="", help="override the preset's training stages, e.g. 100,300,900")
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.time() - t_start
 
     from arc_encoder import ARCModel
-    from arc_encoder.cache import DocumentStream
+    from arc_encoder.cache.build import DocumentStream
     from arc_encoder.info import InfoEvaluator, eval_batches
     from arc_encoder.model import load_frozen_decoder
     from arc_encoder.storage import atomic_write_json

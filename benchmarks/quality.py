@@ -1,7 +1,7 @@
 """Quality benchmark: does compressed context keep what a frozen decoder needs?
 
 The paper's main table in miniature, on real text this project did not write (the Python
-3.11 documentation, Debian `python3.11-doc`, PSF license; see arc_encoder/data/README.md):
+3.11 documentation, Debian `python3.11-doc`, PSF license; see arc_encoder/resources/README.md):
 
 1. train decoder A (Llama architecture) and decoder B (Qwen2 architecture, other width and
    tokenizer) as plain LMs on the train split: no pretrained decoder can be downloaded here,
@@ -96,11 +96,12 @@ def train_decoder(args, name: str, spec: dict) -> tuple[str, dict]:
 
 def pretrain_variant(args, preset: dict, name: str, base_model: str, decoder_a: str, pf: int,
                      layers_removed: int, chunk_len: int) -> tuple[str, float, int]:
-    from arc_encoder_train.cli import DecoderSpec, EncoderSpec, OptimSpec, PretrainConfig, RunSpec, pretrain
+    from arc_encoder.config import EncoderConfig
+    from arc_encoder_train.cli import DecoderSpec, OptimSpec, PretrainConfig, RunSpec, pretrain
 
     cfg = PretrainConfig(
-        encoder=EncoderSpec(base_model=base_model, layers_removed=layers_removed, pooling_factor=pf,
-                            chunk_len=chunk_len),
+        encoder=EncoderConfig(base_model=base_model, layers_removed=layers_removed, pooling_factor=pf,
+                              chunk_len=chunk_len),
         decoders=[DecoderSpec(name="A", path=decoder_a, projector_hidden_dim=preset["projector_hidden"],
                               dtype="bfloat16" if torch.cuda.is_available() else "float32")],
         data=_data(args, preset),
@@ -140,7 +141,7 @@ def score(args, preset: dict, checkpoint: str, decoder_name: str, decoder_path: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from arc_encoder import ARCModel, freeze_decoder
-    from arc_encoder.evaluate import evaluate_batch
+    from arc_encoder.objectives import evaluate_batch
     from arc_encoder_train.data import DecoderTokenizers, pretrain_samples, validation_batches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "tiny")
-    p.add_argument("--data-dir", default=str(REPO / "arc_encoder" / "data" / "pydoc_small"),
+    p.add_argument("--data-dir", default=str(REPO / "arc_encoder" / "resources" / "pydoc_small"),
                    help="folder with train/validation/test .jsonl.gz (default: the bundled small corpus; "
                    "the GPU run uses .data/pydoc_full from benchmarks/prepare_corpus.py)")
     p.add_argument("--work-dir", default="runs/quality", help="where decoders, runs and checkpoints go")

@@ -64,10 +64,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig  # n
 
 from arc_encoder import ARCConfig, ARCEncoder, ARCModel, CompressedContext, EncoderConfig  # noqa: E402
 from arc_encoder.encoder import flash_attn_available  # noqa: E402
-from arc_encoder.flops import (  # noqa: E402
+from arc_encoder.planner.flops import (  # noqa: E402
     attention_dims, decoder_forward_flops, encoder_forward_flops, projector_flops,
 )
 from arc_encoder.model import freeze_decoder  # noqa: E402
+from arc_encoder.objectives import decoder_loss  # noqa: E402
 from arc_encoder.storage import (  # noqa: E402
     atomic_save_figure,
     atomic_save_tensors,
@@ -713,7 +714,7 @@ def write_plan_speed(path: Path, curves: dict[str, Any], res: dict[str, Any], pr
 
 def check_plan_speed(path: Path) -> dict[str, Any]:
     """The planner's latency predictions against the file's own end-to-end validation queries."""
-    from arc_encoder.plan import check_speed_model, load_speed_curve, summarise_check
+    from arc_encoder.planner.plan import check_speed_model, load_speed_curve, summarise_check
 
     results = check_speed_model(load_speed_curve(path))
     rows = [{"context": r.point.context, "mode": r.point.mode, "context_tokens": r.point.context_tokens,
@@ -752,7 +753,7 @@ def train_step_fn(model: ARCModel, decoder, batch: TrainBatch, opt: torch.optim.
         ctx = CompressedContext(projector(out.hidden_states), out.lengths, DECODER_NAME)
         inputs = model.build_decoder_inputs(emb, ctx, [[] for _ in batch.targets], batch.targets,
                                             "continuation", batch.prefix)
-        loss = ARCModel.decoder_loss(decoder, inputs)
+        loss = decoder_loss(decoder, inputs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

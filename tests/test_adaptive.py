@@ -15,9 +15,9 @@ from arc_encoder.adaptive import (
     zlib_bits,
     zlib_scorer,
 )
-from arc_encoder.evaluate import decoder_inputs
 from arc_encoder.model import ARCModel
-from arc_encoder.tasks import collate, mixed_pooling, text_sample
+from arc_encoder.objectives import decoder_loss
+from arc_encoder.samples import collate, mixed_pooling, text_sample
 from conftest import TEXT, make_model
 
 
@@ -82,7 +82,7 @@ def test_decoder_bits_match_the_no_context_reconstruction_loss(tokenizer):
     for s, b in zip(samples, bits):
         batch = collate([s], "dec", "reconstruction", tokenizer.bos_token_id)
         with torch.no_grad():
-            loss = ARCModel.decoder_loss(decoder, decoder_inputs(model, decoder, batch, "none", "reconstruction"))
+            loss = decoder_loss(decoder, model.decoder_inputs(decoder, batch, "none", "reconstruction"))
         assert b == pytest.approx(float(loss) * len(s.context_ids) / math.log(2), rel=1e-4)
 
 

@@ -6,19 +6,12 @@ import json
 import pytest
 import torch
 
-from arc_encoder.cache import (
-    BM25Retriever,
-    CompressedCache,
-    DocumentStream,
-    build_cache,
-    cache_report,
-    dequantize_int8,
-    kv_cache_bytes_per_token,
-    quantize_int8,
-    shard_name,
-    verify_cache,
-)
-from arc_encoder.cli import main
+from arc_encoder.cache.build import DocumentStream, build_cache
+from arc_encoder.cache.report import cache_report, kv_cache_bytes_per_token
+from arc_encoder.cache.retrieve import BM25Retriever
+from arc_encoder.cache.store import CompressedCache, dequantize_int8, quantize_int8, shard_name, verify_cache
+from arc_encoder.cli.main import main
+from arc_encoder.objectives import decoder_loss
 from arc_encoder.model import ARCModel
 from conftest import TEXT, make_model
 
@@ -185,7 +178,7 @@ def test_int8_quality_cost_is_small(setup, tmp_path):
         inputs = model.build_decoder_inputs(decoder.get_input_embeddings(), ctx, [[]] * 4, target,
                                             prefix_ids=[[1]] * 4)
         with torch.no_grad():
-            losses.append(ARCModel.decoder_loss(decoder, inputs).item())
+            losses.append(decoder_loss(decoder, inputs).item())
     assert abs(losses[1] - losses[0]) / losses[0] < 1e-3
     assert (tmp_path / "q" / shard_name(0)).stat().st_size < 0.4 * (tmp_path / "f" / shard_name(0)).stat().st_size
 
@@ -229,7 +222,7 @@ def test_cli_build_info_verify_query(setup, tmp_path, capsys):
     top = [lines[0].split()[1], lines[1].split()[1]]
     cache = CompressedCache(out)
     expect = cache.generate(model, decoder, tok, [question], [top], max_new_tokens=5, do_sample=False)
-    from arc_encoder.cache_cli import format_answer
+    from arc_encoder.cli.cache import format_answer
 
     assert lines[2] == format_answer(expect[0]) and lines[2].startswith("answer       ")
     assert main(["cache", "query", str(out), "q", "--doc-id", "missing"]) == 2

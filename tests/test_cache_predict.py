@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from arc_encoder.cache import CompressedCache, build_cache, shard_name
+from arc_encoder.cache.build import build_cache
+from arc_encoder.cache.store import CompressedCache, shard_name
 from arc_encoder_train.cache_predict import build_cache_lightning, main
 from conftest import TEXT, make_model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from arc_encoder import ARCModel
-from arc_encoder.checkpoint import save_projector, verify_checkpoint
+from arc_encoder.checkpoint import verify_checkpoint
 from arc_encoder.tiny import tiny_causal_lm, tiny_config
 from conftest import make_model
 
@@ -74,7 +74,7 @@ def test_adding_a_decoder_adds_one_file(saved):
     enc_bytes = (path / "encoder" / "model.safetensors").read_bytes()
     other = tiny_causal_lm(tiny_config("qwen2", vocab_size=57, hidden_size=20, num_heads=2, num_kv_heads=1))
     model.add_decoder("qwen-small", other, hidden_dim=12)
-    save_projector(model, "qwen-small", path)
+    model.save_projector("qwen-small", path)
     assert (path / "encoder" / "model.safetensors").read_bytes() == enc_bytes
     loaded = ARCModel.from_pretrained(path, decoders=["qwen-small"])
     assert list(loaded.projectors) == ["qwen-small"]

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from arc_encoder import ARCModel
-from arc_encoder.cli import main
+from arc_encoder.cli.main import main
 from conftest import make_model
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from arc_encoder.cli import main
-from arc_encoder.info import InfoEvaluator, eval_batches, pearson, spearman, target_scores
-from arc_encoder.model import IGNORE_INDEX, DecoderInputs
+from arc_encoder.cli.main import main
+from arc_encoder.info import InfoEvaluator, eval_batches, pearson, spearman
+from arc_encoder.objectives import IGNORE_INDEX, DecoderInputs, target_scores
 from conftest import TEXT, make_model
 
 DOCS = [TEXT[i:] + " " + TEXT[:i] for i in range(0, 300, 41)]

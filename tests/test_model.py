@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from arc_encoder import ARCConfig, ARCModel, CompressedContext
-from arc_encoder.model import IGNORE_INDEX, freeze_decoder
+from arc_encoder.model import freeze_decoder
+from arc_encoder.objectives import IGNORE_INDEX, decoder_loss
 from arc_encoder.tiny import tiny_causal_lm, tiny_config
 from conftest import FAMILIES, TEXT, make_encoder, make_model
 
@@ -67,7 +68,7 @@ def test_training_step_trains_encoder_and_projector_never_decoder():
     for _ in range(8):
         ctx = model.compress(ctx_ids, "dec")
         inp = model.build_decoder_inputs(decoder.get_input_embeddings(), ctx, [[], []], targets, "continuation", [[1], [1]])
-        loss = ARCModel.decoder_loss(decoder, inp)
+        loss = decoder_loss(decoder, inp)
         opt.zero_grad()
         loss.backward()
         if not losses:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from arc_encoder import flops
-from arc_encoder.cli import build_parser, main
-from arc_encoder.plan import (
+from arc_encoder.cli.main import build_parser, main
+from arc_encoder.planner import flops
+from arc_encoder.planner.plan import (
     Budget,
     CostModel,
     Query,
@@ -25,7 +25,7 @@ from arc_encoder.plan import (
     loglog_interp,
     make_plan,
 )
-from arc_encoder.plan_cli import default_curve, format_plan
+from arc_encoder.cli.plan import default_curve, format_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -349,7 +349,7 @@ def test_default_curves_are_the_newest_matching_files(tmp_path):
 def test_budget_with_units():
     import argparse
 
-    from arc_encoder.plan_cli import parse_budget
+    from arc_encoder.cli.plan import parse_budget
 
     assert (parse_budget("150ms").kind, parse_budget("150ms").value) == ("ms", 150.0)
     assert parse_budget("0.2 s").value == pytest.approx(200.0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from arc_encoder.tasks import is_reconstruction
+from arc_encoder.config import EncoderConfig
+from arc_encoder.samples import is_reconstruction
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 from arc_encoder_train import cli
 from arc_encoder_train.data import BatchStream, DataSpec, pretrain_samples
@@ -50,7 +51,7 @@ def setup(tmp_path_factory):
 def pretrain_cfg(setup, tmp_path, decoders=("a",), steps=6, ratio=0.5, name="t") -> cli.PretrainConfig:
     root, enc, decs, _ = setup
     return cli.PretrainConfig(
-        encoder=cli.EncoderSpec(base_model=enc, layers_removed=1, pooling_factor=2),
+        encoder=EncoderConfig(base_model=enc, layers_removed=1, pooling_factor=2),
         decoders=[cli.DecoderSpec(name=n, path=decs[n], projector_hidden_dim=16) for n in decoders],
         data=DataSpec(train_files=[str(root / "train.jsonl.gz")], validation_files=[str(root / "validation.jsonl.gz")],
                       context_tokens=12, target_tokens=6, batch_size=3, val_batches=1, reconstruction_ratio=ratio,
@@ -241,7 +242,7 @@ def test_batches_are_not_walked_on_transfer():
     """Lightning's default transfer walks every token list (slow); ours hands the Batch over as is."""
     import torch
 
-    from arc_encoder.tasks import Batch
+    from arc_encoder.samples import Batch
     from arc_encoder_train.module import ARCTrainingModule
 
     batch = Batch("d", "continuation", [[1, 2]], [[1, 2]], [[]], [[3]], [[1]])

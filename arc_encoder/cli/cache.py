@@ -9,49 +9,19 @@ import argparse
 import json
 from typing import get_args
 
-from .cache import CorpusFormat, StorageDtype
-from .cli import resolve_device
-
-_DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
-
-
-def add_adaptive_args(p: argparse.ArgumentParser) -> None:
-    """Entropy-adaptive pooling flags, shared by both cache builders."""
-    p.add_argument("--adaptive", choices=["zlib", "decoder_nll"], default=None,
-                   help="entropy-adaptive pooling: score each chunk (zlib: compressed size, free; decoder_nll: "
-                   "the frozen decoder's NLL) and give dense chunks finer factors, at the same total vectors "
-                   "per shard as fixed pooling at --adaptive-target (needs a mixed-pooling encoder)")
-    p.add_argument("--adaptive-factors", default="", help="factors to choose from (default: the trained ones)")
-    p.add_argument("--adaptive-target", type=float, default=0.0,
-                   help="average pooling factor to match (default: the checkpoint's pooling_factor)")
-    p.add_argument("--adaptive-strength", type=float, default=1.0,
-                   help="vectors per chunk ~ tokens * density**strength (0: uniform; default 1)")
-
-
-def adaptive_from_args(args: argparse.Namespace):
-    """An AdaptivePooling from the flags (None without --adaptive); defaults from the checkpoint."""
-    if args.adaptive is None:
-        return None
-    from .adaptive import AdaptivePooling
-    from .checkpoint import read_config
-
-    enc = read_config(args.checkpoint).encoder
-    try:
-        factors = tuple(int(x) for x in args.adaptive_factors.split(",") if x.strip()) or enc.trained_pooling_factors
-    except ValueError as err:
-        raise ValueError(f"--adaptive-factors {args.adaptive_factors!r}: expected comma-separated integers") from err
-    return AdaptivePooling(factors, args.adaptive_target or float(enc.pooling_factor), args.adaptive,
-                           args.adaptive_strength)
+from ..cache.store import CorpusFormat, StorageDtype
+from .common import add_adaptive_args, add_device_arg, adaptive_policy, report_problems, resolve_device
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from .cache import build_cache
+    from ..cache.build import build_cache
+    from ..checkpoint import read_config
 
     result = build_cache(
         args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
         docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
         corpus_format=args.format, resume=args.resume, device=resolve_device(args.device),
-        adaptive=adaptive_from_args(args),
+        adaptive=adaptive_policy(args, read_config(args.checkpoint).encoder),
     )
     m = result.manifest
     docs_done = sum(min(m["docs_per_shard"], m["num_docs"] - k * m["docs_per_shard"]) for k in result.shards_written)
@@ -70,7 +40,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .cache import cache_report
+    from ..cache.report import cache_report
 
     r = cache_report(args.cache, args.decoder_path)
     if args.json:
@@ -94,17 +64,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .cache import verify_cache
-
-    from .cli import report_problems
+    from ..cache.store import verify_cache
 
     return report_problems(verify_cache(args.cache, args.checkpoint),
                            f"{args.cache}: every shard and index file matches the manifest")
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    from .cache import BM25Retriever, CompressedCache, read_cache_manifest
-    from .model import ARCModel, load_frozen_decoder
+    from ..cache.retrieve import BM25Retriever
+    from ..cache.store import CompressedCache, read_cache_manifest
+    from ..model import ARCModel
 
     manifest = read_cache_manifest(args.cache)
     checkpoint = args.checkpoint or manifest["checkpoint"]
@@ -121,10 +90,7 @@ def cmd_query(args: argparse.Namespace) -> None:
             print(f"retrieved    {d} (BM25 {score:.2f})")
     device = resolve_device(args.device)
     model = ARCModel.from_pretrained(checkpoint, decoders=[cache.decoder], device=device).eval()
-    path = args.decoder_path or manifest.get("decoder_path")
-    if not path:
-        raise ValueError("the cache does not record where the decoder is; pass --decoder-path")
-    decoder, tokenizer = load_frozen_decoder(path, device)
+    decoder, tokenizer, _ = model.load_decoder(cache.decoder, args.decoder_path, device)
     answer = cache.generate(model, decoder, tokenizer, [args.question], [doc_ids],
                             max_new_tokens=args.max_new_tokens, do_sample=False)
     print(format_answer(answer[0]))
@@ -158,7 +124,7 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=8, help="documents compressed together")
     b.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
-    b.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    add_device_arg(b)
     add_adaptive_args(b)
     b.set_defaults(func=cmd_build)
 
@@ -182,5 +148,5 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--checkpoint", help="checkpoint directory (default: the one recorded in the cache)")
     q.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
     q.add_argument("--max-new-tokens", type=int, default=64)
-    q.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    add_device_arg(q)
     q.set_defaults(func=cmd_query)

@@ -11,51 +11,24 @@ import argparse
 import datetime as dt
 import shlex
 from pathlib import Path
-from typing import get_args
 
 import torch
 
-from .adaptive import Density
-from .cli import resolve_device
-
-_INTS = "comma-separated integers"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected {_INTS}, got {text!r}") from err
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected {_INTS} >= 1, got {text!r}")
-    return values
-
-
-def load_decoder(model, name: str, path: str | None, device: str, dtype: torch.dtype):
-    """The frozen decoder of projector ``name`` (recorded path unless given) and its tokenizer."""
-    from .model import load_frozen_decoder
-
-    path = path or model.projector(name).config.decoder
-    if not path or not Path(path).is_dir():
-        raise FileNotFoundError(f"decoder {name!r}: {path!r} is not a local model directory; pass --decoder-path")
-    decoder, tokenizer = load_frozen_decoder(path, device, dtype)
-    model.check_decoder(name, decoder)
-    return decoder, tokenizer, path
+from .common import add_adaptive_args, add_device_arg, adaptive_policies, int_list, resolve_device
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .adaptive import AdaptivePooling, chunk_scorer, plan_pooling
-    from .cache import DocumentStream
-    from .info import InfoEvaluator, chunk_len_override, eval_batches
-    from .model import ARCModel
-    from .storage import atomic_write_json
+    from ..adaptive import chunk_scorer, plan_pooling
+    from ..cache.build import DocumentStream
+    from ..info import InfoEvaluator, chunk_len_override, eval_batches
+    from ..model import ARCModel, compute_dtype
+    from ..storage import atomic_write_json
 
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
-    decoder, dec_tok, dec_path = load_decoder(model, args.decoder, args.decoder_path, device, dtype)
+    decoder, dec_tok, dec_path = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device))
     stream = DocumentStream.from_corpus(args.data, args.format)
     batches = eval_batches(stream.texts, model, args.decoder, dec_tok, args.context_tokens,
                            args.target_tokens, args.max_samples, args.batch_size)
@@ -63,24 +36,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no document has {args.context_tokens}+{args.target_tokens} decoder tokens")
     ev = InfoEvaluator(model, decoder, batches, em_k=args.em_k,
                        autocast_dtype=torch.bfloat16 if device.startswith("cuda") else None)
-    trained = model.encoder.config.trained_pooling_factors
+    enc = model.encoder.config
+    trained = enc.trained_pooling_factors
     pfs = args.pooling_factors or list(trained)
-    chunk_lens = args.chunk_lens or [model.encoder.config.chunk_len]
+    chunk_lens = args.chunk_lens or [enc.chunk_len]
     jobs: list[tuple[str, object, int]] = [(f"pf{pf}", pf, c) for c in chunk_lens for pf in pfs]
-    if args.adaptive:
-        jobs += [(f"adaptive-{d}", d, c) for c in chunk_lens for d in args.adaptive]
+    jobs += [(f"adaptive-{p.density}", p, c) for c in chunk_lens for p in adaptive_policies(args, enc)]
     points = []
     with torch.no_grad():
         for label, what, chunk in tqdm(jobs, desc="eval info", unit="point", disable=args.no_progress):
             if isinstance(what, int):
                 plan = what
             else:
-                policy = AdaptivePooling(tuple(args.adaptive_factors or trained), args.target, what)  # type: ignore[arg-type]
-                scorer = chunk_scorer(policy, decoder, dec_tok)
+                scorer = chunk_scorer(what, decoder, dec_tok)
                 with chunk_len_override(model, chunk):
-                    plan = plan_pooling(model, ev.all_encoder_ids(), policy, scorer)
+                    plan = plan_pooling(model, ev.all_encoder_ids(), what, scorer)
             point = ev.point(plan, chunk_len=chunk, label=label).to_dict()
-            point["trained_factor"] = bool(point["pooling_factor"] in trained) if isinstance(what, int) else True
+            point["trained_factor"] = not enc.untrained_factors([what]) if isinstance(what, int) else True
             points.append(point)
     result = {
         "benchmark": "info",
@@ -156,7 +128,7 @@ def plot_info(result: dict, path: Path) -> str:
     b.set_ylabel("bits recovered per original token")
     fig.suptitle(f"{Path(result['checkpoint']).name} -> {result['decoder']} ({result['device']}, {result['date']})")
     fig.tight_layout()
-    from .storage import atomic_save_figure
+    from ..storage import atomic_save_figure
 
     atomic_save_figure(fig, path, dpi=120)
     return f"wrote {path}"
@@ -182,23 +154,17 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
     i.add_argument("--data", required=True, help="corpus: JSONL/JSON(.gz), parquet or .txt (field 'text')")
     i.add_argument("--format", choices=["auto", "json", "parquet", "text"], default="auto")
-    i.add_argument("--pooling-factors", type=_int_list, default=None,
+    i.add_argument("--pooling-factors", type=int_list, default=None,
                    help="rate-distortion points (default: the factors the encoder was trained with)")
-    i.add_argument("--chunk-lens", type=_int_list, default=None,
+    i.add_argument("--chunk-lens", type=int_list, default=None,
                    help="also vary the chunk length (default: the checkpoint's)")
-    i.add_argument("--adaptive", nargs="*", choices=get_args(Density), default=[],
-                   help="also score entropy-adaptive plans with these chunk scores (needs a "
-                   "mixed-pooling encoder)")
-    i.add_argument("--adaptive-factors", type=_int_list, default=None,
-                   help="factors the adaptive plan may use (default: the trained ones)")
-    i.add_argument("--target", type=float, default=4.0,
-                   help="adaptive plans spend the vectors of fixed pooling at this factor (default 4)")
     i.add_argument("--context-tokens", type=int, default=128, help="decoder tokens per context window")
     i.add_argument("--target-tokens", type=int, default=32, help="continuation tokens scored after it")
     i.add_argument("--max-samples", type=int, default=256)
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--em-k", type=int, default=4, help="EM@k: the first k continuation tokens exactly")
-    i.add_argument("--device", default="auto")
+    add_device_arg(i)
+    add_adaptive_args(i, several=True)
     i.add_argument("--output", help="JSON file (also the planner's --quality curve)")
     i.add_argument("--plot", help="PNG: rate-distortion and bits recovered vs rate")
     i.add_argument("--no-progress", action="store_true")

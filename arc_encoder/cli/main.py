@@ -12,14 +12,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; any other name as given."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+from ..config import torch_dtype
+from .common import DTYPE_CHOICES, add_adaptive_args, add_device_arg, adaptive_policy, report_problems, resolve_device
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -41,20 +35,11 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
-def report_problems(problems: list[str], ok_message: str) -> int:
-    """Print one FAIL line per problem (or OK); exit code 1 when anything failed."""
-    for p in problems:
-        print(f"FAIL {p}")
-    if not problems:
-        print(f"OK {ok_message}")
-    return 1 if problems else 0
-
-
 def cmd_init(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
-    from .config import EncoderConfig
-    from .model import ARCModel
+    from ..config import EncoderConfig
+    from ..model import ARCModel
 
     cfg = EncoderConfig(
         base_model=args.base_model,
@@ -62,22 +47,22 @@ def cmd_init(args: argparse.Namespace) -> None:
         pooling_factor=args.pooling_factor,
         chunk_len=args.chunk_len,
     )
-    model = ARCModel.from_base_model(cfg, torch_dtype=DTYPES[args.dtype])
+    model = ARCModel.from_base_model(cfg, torch_dtype=torch_dtype(args.dtype))
     for spec in args.decoder or []:
         name, sep, path = spec.partition("=")
         if not sep:
             raise ValueError(f"--decoder {spec!r}: expected NAME=PATH")
-        decoder = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
+        decoder = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype))
         model.add_decoder(name, decoder, hidden_dim=args.projector_hidden, decoder_path=path)
         del decoder
-    model.to(DTYPES[args.dtype])
+    model.to(torch_dtype(args.dtype))
     out = model.save_pretrained(args.output, overwrite=args.overwrite)
     print(f"wrote {out} (encoder {sum(p.numel() for p in model.encoder.parameters()):,} params, "
           f"projectors {sorted(model.projectors)})")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .checkpoint import read_config, read_manifest
+    from ..checkpoint import read_config, read_manifest
 
     cfg = read_config(args.checkpoint)
     manifest = read_manifest(args.checkpoint)
@@ -94,28 +79,38 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .checkpoint import verify_checkpoint
+    from ..checkpoint import verify_checkpoint
 
     return report_problems(verify_checkpoint(args.checkpoint), f"{args.checkpoint}: every file matches the manifest")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .model import ARCModel
-    from .storage import atomic_save_tensors
+    from ..model import ARCModel
+    from ..storage import atomic_save_tensors
 
     device = resolve_device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     texts = _read_texts(args)
     ids = model.tokenize(texts)
-    trained = model.encoder.config.trained_pooling_factors
+    enc = model.encoder.config
     plan = args.pooling_factor
-    if plan is not None and plan not in trained:
-        print(f"warning: pooling factor {plan} was never trained (this encoder knows {list(trained)})", file=sys.stderr)
-    if args.adaptive:
-        from .adaptive import AdaptivePooling, plan_pooling, zlib_scorer
+    if plan is not None:
+        if args.adaptive:
+            raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
+                             "average factor with --adaptive-target")
+        try:
+            enc.check_trained([plan])
+        except ValueError as err:
+            print(f"warning: {err}", file=sys.stderr)
+    policy = adaptive_policy(args, enc)
+    if policy is not None:
+        from ..adaptive import chunk_scorer, plan_pooling
+        from ..model import compute_dtype
 
-        target = float(args.pooling_factor or model.encoder.config.pooling_factor)
-        plan = plan_pooling(model, ids, AdaptivePooling(trained, target, "zlib", args.adaptive_strength), zlib_scorer)
+        decoder, dec_tok = None, None
+        if policy.density == "decoder_nll":
+            decoder, dec_tok, _ = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device))
+        plan = plan_pooling(model, ids, policy, chunk_scorer(policy, decoder, dec_tok))
     with torch.no_grad():
         ctx = model.compress(ids, args.decoder, plan)
     meta = {"decoder": args.decoder, "checkpoint": str(Path(args.checkpoint).resolve())}
@@ -128,14 +123,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .model import ARCModel, load_frozen_decoder
+    from ..model import ARCModel
 
     device = resolve_device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
-    path = args.decoder_path or model.projector(args.decoder).config.decoder
-    if not path:
-        raise ValueError("the checkpoint does not record where the decoder is; pass --decoder-path")
-    decoder, tokenizer = load_frozen_decoder(path, device)
+    decoder, tokenizer, _ = model.load_decoder(args.decoder, args.decoder_path, device)
     contexts = [Path(args.context_file).read_text()] if args.context_file else [args.context]
     if not contexts[0]:
         raise ValueError("give --context or --context-file")
@@ -162,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers-removed", type=int, default=2, help="last blocks dropped from the LM (default 2)")
     p.add_argument("--chunk-len", type=int, default=1024, help="tokens per independently compressed chunk")
     p.add_argument("--projector-hidden", type=int, default=2048, help="projector MLP width (default 2048)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_init)
 
@@ -182,14 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", action="append", help="a text to compress (repeatable)")
     src.add_argument("--input", help=".txt (one text per line) or .jsonl (field 'text')")
     p.add_argument("--output", required=True, help="safetensors file to write (atomically)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_device_arg(p)
     p.add_argument("--pooling-factor", type=int, default=None,
                    help="compress at this factor instead of the checkpoint's default (a mixed-pooling "
                    "encoder knows several; see `arc-encoder info`)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="entropy-adaptive: one factor per chunk from the trained ones, denser text finer "
-                   "(zlib score), at the vectors of fixed --pooling-factor (default: the checkpoint's)")
-    p.add_argument("--adaptive-strength", type=float, default=1.0, help="0: uniform; higher: follow the score more")
+    add_adaptive_args(p)
+    p.add_argument("--decoder-path", help="local HF decoder for --adaptive decoder_nll (default: the path recorded "
+                   "in the checkpoint)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("generate", help="answer a prompt from a compressed context with the frozen decoder")
@@ -201,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--context-file", help="file whose text is the context")
     p.add_argument("--prompt", required=True, help="text that follows the compressed context")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    add_device_arg(p)
     p.set_defaults(func=cmd_generate)
 
-    from .cache_cli import add_cache_commands
-    from .plan_cli import add_plan_command
-    from .eval_cli import add_eval_commands
+    from .cache import add_cache_commands
+    from .eval import add_eval_commands
+    from .plan import add_plan_command
 
     add_cache_commands(sub)
     add_plan_command(sub)

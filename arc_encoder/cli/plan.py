@@ -1,21 +1,26 @@
 """`arc-encoder plan`: recommend a pooling factor and chunk length for a per-query budget.
 
-The numbers come from two measured files (arc_encoder/plan.py reads them); this module
-only finds them, prints the table and draws the plot.
+The numbers come from two measured files (arc_encoder/planner/plan.py reads them); this module
+only finds them, prints the table and draws the plot. Files are given as paths, or found in a
+directory (--curves-dir); by default in the curves the package ships (arc_encoder/resources/curves/).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from importlib import resources
 from pathlib import Path
 from typing import get_args
 
-from .flops import ModelShape, QueryMode
-from .plan import METRICS, QUALITY_BENCHMARK, Budget, Candidate, Plan, Query, Shapes, make_plan
-from .plan import check_speed_model, load_quality_curve, load_speed_curve, summarise_check
+from ..planner.flops import ModelShape, QueryMode
+from ..planner.plan import METRICS, QUALITY_BENCHMARK, Budget, Candidate, Plan, Query, Shapes, make_plan
+from ..planner.plan import check_speed_model, load_quality_curve, load_speed_curve, summarise_check
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+def packaged_curves() -> Path:
+    """The speed and quality curves installed with the package (measured on an H100)."""
+    return Path(str(resources.files("arc_encoder.resources") / "curves"))
 
 COST_MODEL_HELP = """\
 Cost model, per query of T context tokens and P prompt tokens, at pooling pf and chunk c:
@@ -25,7 +30,7 @@ Cost model, per query of T context tokens and P prompt tokens, at pooling pf and
     prefill: decoder input length, log-log interpolated over the measured lengths;
     compressed_len = sum over chunks of ceil(chunk / pf).
     Costs beyond the measured range extend the nearest segment and are marked ~.
-  TFLOPs = model FLOPs (arc_encoder/flops.py) at the speed file's model shapes.
+  TFLOPs = model FLOPs (arc_encoder/planner/flops.py) at the speed file's model shapes.
   quality = the quality file's metric at pf and the nearest measured chunk length.
 The best expected quality within the budget wins; ties go to the cheaper candidate.
 References: "full text" (prefill of 1 + T + P tokens, gap closed 1) and "no context"
@@ -55,8 +60,10 @@ def _is_quality_file(p: Path) -> bool:
         return False
 
 
-def default_curve(kind: str, results_dir: Path = RESULTS_DIR) -> Path:
-    """The newest speed (``plan_speed_*.json``) or quality (``"benchmark": "info"``) file in the repo."""
+def default_curve(kind: str, results_dir: Path | None = None) -> Path:
+    """The newest speed (``plan_speed_*.json``) or quality (``"benchmark": "info"``) file in
+    ``results_dir`` (default: the package's curves)."""
+    results_dir = packaged_curves() if results_dir is None else Path(results_dir)
     if kind == "speed":
         found = sorted(results_dir.glob("plan_speed_*.json")) if results_dir.is_dir() else []
         hint = "run `python benchmarks/speed.py --sections matmul,grid` or pass --speed FILE"
@@ -194,7 +201,7 @@ def plot_plan(plan: Plan, path: Path) -> str | None:
     ax.set_title(f"{plan.query.context_tokens} context tokens, {plan.query.mode}; labels: chunk length", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    from .storage import atomic_save_figure
+    from ..storage import atomic_save_figure
 
     atomic_save_figure(fig, path)
     return None
@@ -225,8 +232,8 @@ def parse_budget(text: str) -> Budget:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    speed_path = Path(args.speed) if args.speed else default_curve("speed")
-    quality_path = Path(args.quality) if args.quality else default_curve("quality")
+    speed_path = Path(args.speed) if args.speed else default_curve("speed", args.curves_dir)
+    quality_path = Path(args.quality) if args.quality else default_curve("quality", args.curves_dir)
     speed = load_speed_curve(speed_path)
     quality = load_quality_curve(quality_path)
     if args.budget is not None:
@@ -240,7 +247,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check = summarise_check(check_speed_model(speed))
     print(format_plan(plan, check))
     if args.json:
-        from .storage import atomic_write_json
+        from ..storage import atomic_write_json
 
         atomic_write_json(args.json, plan.to_dict() | {"speed_model_check": check})
         print(f"wrote {args.json}")
@@ -267,9 +274,12 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=get_args(QueryMode), default="online",
                    help="online: compress each query's context (encoder counted); cached: the context "
                    "was compressed ahead of time, e.g. an `arc-encoder cache` (default online)")
-    p.add_argument("--speed", help="speed-curve JSON (default: newest benchmarks/results/plan_speed_*.json)")
+    p.add_argument("--speed", help="speed-curve JSON (default: the newest plan_speed_*.json in --curves-dir)")
     p.add_argument("--quality", help="quality-curve JSON from `arc-encoder eval info` "
-                   "(default: newest such file in benchmarks/results/)")
+                   "(default: the newest such file in --curves-dir)")
+    p.add_argument("--curves-dir", type=Path, default=None,
+                   help="directory searched for the newest curves, e.g. benchmarks/results (default: the "
+                   "H100 curves installed with the package, arc_encoder/resources/curves/)")
     p.add_argument("--metric", choices=sorted(METRICS), default="gap_closed",
                    help="quality metric (default gap_closed; loss_compressed: lower is better)")
     p.add_argument("--encoder-config", help="HF config.json of the encoder's base LM, for FLOPs "

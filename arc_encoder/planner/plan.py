@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .flops import ModelShape, QueryMode, compressed_query_flops, text_query_flops
-from .storage import PathLike, read_json_file
+from ..storage import PathLike, read_json_file
 
 Metric = Literal["gap_closed", "loss_compressed", "info_retained"]
 BudgetKind = Literal["ms", "tflops"]

@@ -1,0 +1,40 @@
+"""BM25 retrieval over a cache's source texts (``rank-bm25``, pure Python)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from .store import CompressedCache
+
+_WORD = re.compile(r"\w+")
+
+
+def bm25_tokens(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class BM25Retriever:
+    """Okapi BM25 over the cache's source texts (``rank-bm25``, pure Python)."""
+
+    def __init__(self, ids: Sequence[str], texts: Sequence[str]) -> None:
+        from rank_bm25 import BM25Okapi
+
+        if not ids:
+            raise ValueError("BM25Retriever needs at least one document")
+        self.ids = list(ids)
+        self.bm25 = BM25Okapi([bm25_tokens(t) or [""] for t in texts])
+
+    @classmethod
+    def from_cache(cls, cache: CompressedCache) -> BM25Retriever:
+        texts = cache.texts()
+        return cls(list(texts), list(texts.values()))
+
+    def search(self, query: str, top_k: int = 3) -> list[tuple[str, float]]:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        scores = self.bm25.get_scores(bm25_tokens(query))
+        order = sorted(range(len(self.ids)), key=lambda i: (-scores[i], i))[:top_k]
+        return [(self.ids[i], float(scores[i])) for i in order]
+
+

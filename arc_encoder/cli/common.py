@@ -1,0 +1,95 @@
+"""Arguments every `arc-encoder` command shares: device, dtype, integer lists, the one
+`--adaptive` group, and the FAIL/OK report. Also used by `arc-encoder-train cache-build`.
+
+This module imports no command (``main``, ``cache``, ``eval``, ``plan``), so any of them, and
+the training package, can use it without import cycles.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, get_args
+
+import torch
+
+from ..adaptive import AdaptivePooling, Density
+from ..config import DtypeName
+
+if TYPE_CHECKING:
+    from ..config import EncoderConfig
+
+DTYPE_CHOICES = sorted(get_args(DtypeName))
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; any other name as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def int_list(text: str) -> list[int]:
+    """'2,4,8' -> [2, 4, 8] (an argparse type: integers >= 1)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def density_list(text: str) -> list[str]:
+    """'zlib' or 'zlib,decoder_nll' -> the chunk scores named (an argparse type)."""
+    allowed = get_args(Density)
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected one or more of {list(allowed)} (comma-separated), got {text!r}")
+    return values
+
+
+def add_adaptive_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """The one entropy-adaptive pooling group (compress, cache build, eval info, cache-build on GPUs)."""
+    g = p.add_argument_group("entropy-adaptive pooling (needs a mixed-pooling encoder)")
+    g.add_argument("--adaptive", nargs="?", const=["zlib"], default=None, type=density_list, metavar="DENSITY",
+                   help="score each chunk (zlib: compressed size, free; decoder_nll: the frozen decoder's NLL) and "
+                   "give dense chunks finer factors, at the total vectors of fixed pooling at --adaptive-target "
+                   "(bare --adaptive: zlib)" + ("; several, comma-separated, score one plan each" if several else ""))
+    g.add_argument("--adaptive-factors", type=int_list, default=None,
+                   help="factors to choose from, comma-separated (default: the trained ones)")
+    g.add_argument("--adaptive-target", type=float, default=None,
+                   help="average pooling factor to match (default: the checkpoint's pooling_factor)")
+    g.add_argument("--adaptive-strength", type=float, default=1.0,
+                   help="vectors per chunk ~ tokens * density**strength (0: uniform; default 1)")
+
+
+def adaptive_policies(args: argparse.Namespace, encoder: EncoderConfig) -> list[AdaptivePooling]:
+    """One AdaptivePooling per density named by --adaptive (none without it); defaults from ``encoder``."""
+    if not args.adaptive:
+        return []
+    factors = tuple(args.adaptive_factors or encoder.trained_pooling_factors)
+    target = args.adaptive_target or float(encoder.pooling_factor)
+    return [AdaptivePooling(factors, target, density, args.adaptive_strength) for density in args.adaptive]
+
+
+def adaptive_policy(args: argparse.Namespace, encoder: EncoderConfig) -> AdaptivePooling | None:
+    """The one AdaptivePooling of a command that builds one plan (None without --adaptive)."""
+    policies = adaptive_policies(args, encoder)
+    if len(policies) > 1:
+        raise ValueError(f"--adaptive {','.join(args.adaptive)}: this command takes one density")
+    return policies[0] if policies else None
+
+
+def report_problems(problems: list[str], ok_message: str) -> int:
+    """Print one FAIL line per problem (or OK); exit code 1 when anything failed."""
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        print(f"OK {ok_message}")
+    return 1 if problems else 0
