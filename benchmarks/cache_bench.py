@@ -7,7 +7,7 @@
 Corpus: passages cut from the bundled Python docs (arc_encoder/resources/pydoc_small, real text),
 cycled with fresh ids when more passages are asked for than the text holds. Measured:
 
-* build: ``arc_encoder.cache.build_cache`` end to end (tokenize, encode, project, write
+* build: ``arc_encoder.cache.build.build_cache`` end to end (tokenize, encode, project, write
   sharded safetensors with checksums) -> original tokens/s and docs/s;
 * query TTFT: a question + top-k BM25-retrieved passages; "cached" = fetch the passages'
   vectors from the memory-mapped cache + assemble [BOS][docs][marker][question] + prefill +

@@ -19,7 +19,7 @@ number against it, so ratios (MFU, speedups) hold for the card as found. Section
            over chunk_len x pooling factor x tokens, decoder prefill over input lengths, and
            end-to-end validation queries off the grid; writes plan_speed_<gpu>_<date>.json
 
-FLOP counts: model FLOPs as defined (formulas included) in ``arc_encoder/flops.py``, where
+FLOP counts: model FLOPs as defined (formulas included) in ``arc_encoder/planner/flops.py``, where
 the functions this script uses live; the planner (``arc-encoder plan``) shares them.
   training step: encoder and projector 3x forward (forward + input and weight grads);
                  frozen decoder 2x forward (forward + input grads only, no weight grads).
@@ -691,7 +691,7 @@ def bench_grid(preset: Preset, device: torch.device, dtype: torch.dtype, first: 
 
 def write_plan_speed(path: Path, curves: dict[str, Any], res: dict[str, Any], preset: Preset,
                      encoder_layers_kept: int, argv: list[str]) -> dict[str, Any]:
-    """The planner's speed-curve file (schema: arc_encoder/plan.py's load_speed_curve)."""
+    """The planner's speed-curve file (schema: arc_encoder/planner/plan.py's load_speed_curve)."""
     data = {
         "benchmark": "plan_speed", "format_version": PLAN_SPEED_FORMAT,
         "device": res["device_name"], "date": res["date"], "timestamp": res["timestamp"],

@@ -14,10 +14,10 @@ Cost model for one query of T context tokens and P prompt tokens at pooling pf, 
       measured total token count by log-log interpolation (and between measured chunk
       lengths log-log too); prefill: log-log interpolation over the measured lengths.
       Outside the measured range both extend the nearest segment's slope and are flagged.
-  FLOPs = arc_encoder.flops (model FLOPs: encoder over the unpadded chunks, projector,
+  FLOPs = arc_encoder.planner.flops (model FLOPs: encoder over the unpadded chunks, projector,
       decoder prefill with one logits row), at the shapes the speed file records.
 
-The library only computes; ``plan_cli.py`` prints and plots.
+The library only computes; ``arc_encoder/cli/plan.py`` finds the files, prints and plots.
 """
 
 from __future__ import annotations
