@@ -272,11 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     from arc_encoder import ARCModel
     from arc_encoder.cache.build import DocumentStream
     from arc_encoder.info import InfoEvaluator, eval_batches
-    from arc_encoder.model import load_frozen_decoder
+    from arc_encoder.model import compute_dtype, load_frozen_decoder
     from arc_encoder.storage import atomic_write_json
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    decoder, dec_tok = load_frozen_decoder(dec_a, device, dtype)
+    decoder, dec_tok = load_frozen_decoder(dec_a, device, compute_dtype(device))
     texts = DocumentStream.from_corpus(Path(args.data_dir) / "test.jsonl.gz").texts
     ev = None
     points = []

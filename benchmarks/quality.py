@@ -138,17 +138,14 @@ def adapt_variant(args, preset: dict, source: str, decoder_b: str) -> tuple[str,
 @torch.no_grad()
 def score(args, preset: dict, checkpoint: str, decoder_name: str, decoder_path: str) -> dict:
     """Mean test metrics of one checkpoint + decoder over fixed held-out batches."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from arc_encoder import ARCModel, freeze_decoder
+    from arc_encoder import ARCModel
+    from arc_encoder.model import compute_dtype, load_frozen_decoder
     from arc_encoder.objectives import evaluate_batch
     from arc_encoder_train.data import DecoderTokenizers, pretrain_samples, validation_batches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ARCModel.from_pretrained(checkpoint, decoders=[decoder_name], device=device).eval()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(decoder_path, dtype=dtype).to(device))
-    dec_tok = AutoTokenizer.from_pretrained(decoder_path)
+    decoder, dec_tok = load_frozen_decoder(decoder_path, device, compute_dtype(device))
     same = model.tokenizer is not None and model.tokenizer.get_vocab() == dec_tok.get_vocab()
     spec = _data(args, preset, split_file=str(Path(args.data_dir) / "test.jsonl.gz"))
     batches = validation_batches(spec, [DecoderTokenizers(decoder_name, dec_tok, same)], model.tokenizer,
