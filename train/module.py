@@ -1,8 +1,13 @@
 """LightningModule: trains the encoder + projectors against one or several frozen decoders.
 
 Decoders are held in a plain dict (NOT registered submodules): Lightning checkpoints never
-store them, optimizers never see them, FSDP never wraps them; they are moved to the
-module's device at fit/validation start and stay in eval mode with gradients off.
+store them, optimizers never see them, FSDP never wraps them (every rank holds a full frozen
+copy); they are moved to the module's device at fit/validation start and stay in eval mode
+with gradients off.
+
+With several processes every rank trains on its slice of each global batch (see data.py).
+The loss weights every target token of the GLOBAL batch equally and validation metrics are
+reduced over all ranks, so N processes train exactly as one process with the global batch.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from transformers import PreTrainedModel
 
 from arc_encoder.evaluate import batch_loss, evaluate_batch
 from arc_encoder.model import ARCModel, freeze_decoder
 from arc_encoder.tasks import Batch, mixed_pooling
+
+from .data import DataPosition
+from .distributed import all_reduce_sum, gathered_model, shard_for_fsdp
 
 
 @dataclass
@@ -76,8 +83,13 @@ class ARCTrainingModule(L.LightningModule):
         self.model.encoder.requires_grad_(train_encoder)
         for name, projector in self.model.projectors.items():
             projector.requires_grad_(train_projectors is None or name in train_projectors)
-        self.next_batch_index = 0  # position in the batch stream, saved for exact resumption
+        self.data_position = DataPosition()  # where the training stream stands, saved for exact resumption
         self._train_losses: list[torch.Tensor | float] = []  # tensors until read: no per-step sync
+        self._val_totals: dict[str, list[float]] = {}  # metric -> [sum of value * batch size, batch sizes]
+
+    @property
+    def next_batch_index(self) -> int:
+        return self.data_position.batch
 
     @property
     def train_losses(self) -> list[float]:
@@ -113,25 +125,64 @@ class ARCTrainingModule(L.LightningModule):
         if not self.train_encoder:
             self.model.encoder.eval()  # frozen encoder: no dropout/noise while adapting
 
+    def configure_model(self) -> None:
+        """Under the "fsdp" strategy (a device mesh exists), shard the trained model; else nothing."""
+        if self.device_mesh is not None:
+            shard_for_fsdp(self, self.device_mesh["data_parallel"], self.trainer.precision)
+
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _global_token_mean(self, loss: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, the global batch's mean loss), every target token weighted equally.
+
+        Each rank's ``loss`` is the mean over its own ``tokens``, and DDP/FSDP average gradients
+        over ranks, which would weight a token by 1 / its rank's token count. Scaling by
+        tokens * world / global tokens makes the averaged gradient that of the global batch's
+        token mean, as in one process. One small all-reduce, no host sync.
+        """
+        world = self._world_size()
+        if world == 1:
+            return loss, loss.detach()
+        totals = all_reduce_sum(torch.stack([loss.detach() * tokens, loss.new_tensor(float(tokens))]))
+        return loss * (tokens * world) / totals[1], totals[0] / totals[1]
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         factors = self.model.encoder.config.pooling_factors
-        if factors:  # mixed-pooling training: every sample draws its factor (seeded by batch index)
-            batch.pooling_factors = mixed_pooling(batch.index, len(batch), factors)
+        if factors:  # mixed-pooling training: the global batch draws its factors (seeded by its index)
+            offset, size = batch.meta.get("offset", 0), batch.meta.get("global_size", len(batch))
+            batch.pooling_factors = mixed_pooling(batch.index, size, factors)[offset : offset + len(batch)]
         loss = batch_loss(self.model, self.decoders[batch.decoder], batch)
-        self.next_batch_index = batch.index + 1
-        n = len(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log(f"train/loss_{batch.task}", loss, batch_size=n)
-        self._train_losses.append(loss.detach())
+        loss, global_loss = self._global_token_mean(loss, batch.num_target_tokens)
+        self.data_position.advance(batch)
+        n = batch.meta.get("global_size", len(batch))
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=n)
+        self.log(f"train/loss_{batch.task}", global_loss, batch_size=n)
+        self._train_losses.append(global_loss)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = {}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         metrics = evaluate_batch(self.model, self.decoders[batch.decoder], batch)
-        several = len(self.decoders) > 1
-        for key, value in metrics.items():
-            self.log(f"val/{key}", value, batch_size=len(batch), prog_bar=key == "loss_compressed")
-            if several:
-                self.log(f"val/{batch.decoder}/{key}", value, batch_size=len(batch))
+        keys = [("", k) for k in metrics] + ([(f"{batch.decoder}/", k) for k in metrics] if len(self.decoders) > 1 else [])
+        for prefix, key in keys:
+            total = self._val_totals.setdefault(f"val/{prefix}{key}", [0.0, 0.0])
+            total[0] += metrics[key] * len(batch)
+            total[1] += len(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each metric's batch-size-weighted mean over every rank's validation batches."""
+        if not self._val_totals:
+            return
+        names = sorted(self._val_totals)  # every rank has the same names (each gets batches of every decoder)
+        totals = torch.tensor([self._val_totals[k] for k in names], dtype=torch.float64, device=self.device)
+        if self._world_size() > 1:
+            totals = all_reduce_sum(totals)
+        for name, (value, count) in zip(names, totals.tolist()):
+            # Already the same on every rank; sync_dist (averaging equal values) keeps Lightning content.
+            self.log(name, value / count, prog_bar=name == "val/loss_compressed", sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -151,24 +202,33 @@ class ARCTrainingModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["arc_next_batch_index"] = self.next_batch_index
+        checkpoint["arc_next_batch_index"] = self.data_position.batch
+        checkpoint["arc_data_position"] = self.data_position.to_dict()
         checkpoint["arc_train_losses"] = self.train_losses
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.next_batch_index = int(checkpoint.get("arc_next_batch_index", 0))
+        if "arc_data_position" in checkpoint:
+            self.data_position = DataPosition.from_dict(checkpoint["arc_data_position"])
+        else:  # older checkpoints: the batch index only
+            self.data_position = DataPosition(int(checkpoint.get("arc_next_batch_index", 0)), None)
         self._train_losses = list(checkpoint.get("arc_train_losses", []))
 
 
 class ExportCallback(Callback):
-    """Write the `from_pretrained` checkpoint at every validation and at the end (rank 0)."""
+    """Write the `from_pretrained` checkpoint at every validation and at the end (global rank 0).
+
+    Under FSDP every rank takes part: the full weights are gathered to rank 0's CPU first.
+    """
 
     def __init__(self, export) -> None:
-        self.export = export  # callable(module) -> None
+        self.export = export  # callable(ARCModel) -> None, called on global rank 0 only
 
-    @rank_zero_only
     def _run(self, trainer: L.Trainer, module: ARCTrainingModule) -> None:
-        if not trainer.sanity_checking:
-            self.export(module)
+        if trainer.sanity_checking:
+            return
+        model = gathered_model(module)
+        if trainer.is_global_zero:
+            self.export(model)
 
     def on_validation_end(self, trainer, module) -> None:
         self._run(trainer, module)
