@@ -59,6 +59,37 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter without optimizer state its initial state (zero moments, step 0).
+
+    AdamW creates a parameter's state at its first gradient, so a projector whose decoder has
+    not had a step yet has none, and a sharded (FSDP) checkpoint saved then cannot be resumed:
+    torch.distributed.checkpoint expects every parameter. One step at learning rate 0 with
+    zero gradients creates the states; resetting their step to 0 gives exactly the numbers of
+    lazy creation, so training is unchanged.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    missing = [p for p in params if p not in optimizer.state]
+    if not missing:
+        return
+    grads, lrs = [p.grad for p in params], [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = None
+    for p in missing:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    for p in missing:
+        if "step" in optimizer.state[p]:
+            optimizer.state[p]["step"].zero_()
+
+
 class ARCTrainingModule(L.LightningModule):
     """One module for pretrain, adapt and finetune; they differ in data and what trains."""
 
@@ -120,6 +151,11 @@ class ARCTrainingModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._move_decoders()
+
+    def on_train_start(self) -> None:
+        # After any checkpoint was restored: parameters that have no state yet get their initial one.
+        for optimizer in self.trainer.optimizers:
+            initialize_optimizer_state(optimizer)
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         if not self.train_encoder:
