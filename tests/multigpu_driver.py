@@ -11,7 +11,8 @@ whole plan. Each command is the real entry point (`arc_encoder_train.cli.main` o
 may give rank 1 other argv.
 
 After every command each rank rewrites OUT/rank<r>.json: exit code, stdout, seconds, and the
-batches its training steps received (index, decoder, offset, encoder ids). A failing command
+batches its training steps received (index, decoder, offset, encoder ids), and the CPU
+seconds the rank has used so far. A failing command
 ends the process with its exit code, as the command itself would.
 """
 
@@ -19,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -63,7 +65,8 @@ def main() -> int:
         results.append({"name": job["name"], "code": code, "stdout": stdout.getvalue(),
                         "seconds": round(time.perf_counter() - start, 2), "batches": list(seen)})
         path = out / f"rank{rank}.json"
-        path.write_text(json.dumps({"rank": rank, "jobs": results}))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        path.write_text(json.dumps({"rank": rank, "jobs": results, "cpu_seconds": usage.ru_utime + usage.ru_stime}))
         if code != 0:
             return code
     if dist.is_initialized():
