@@ -42,7 +42,7 @@ from arc_encoder.cache import (
 )
 from arc_encoder.model import ARCModel
 
-from .distributed import launched_as_rank_zero
+from .distributed import launched_as_rank_zero, rank_prefix
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -143,7 +143,8 @@ def build_cache_lightning(
     if launched_as_rank_zero():  # creates/validates the output directory; no rank is writing shards yet
         stream, todo = prepare_build(output, build, resume, stream)
     else:  # a later rank: the same documents, read only; rank 0's shard list arrives by broadcast
-        stream = stream or DocumentStream.from_corpus(build.corpus, build.corpus_format, build.dedupe)
+        if stream is None:
+            stream = DocumentStream.from_corpus(build.corpus, build.corpus_format, build.dedupe)
         todo = None
     model = ARCModel.from_pretrained(checkpoint, decoders=[decoder])
     if model_dtype is not None:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             adaptive=adaptive_from_args(args),
         )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"cache_predict: error: {err}", file=sys.stderr)
+        print(f"cache_predict: error: {rank_prefix()}{err}", file=sys.stderr)
         return 2
     if writer.manifest is not None:
         m = writer.manifest

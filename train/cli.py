@@ -11,8 +11,6 @@ exports checkpoints/<name>/ in the `ARCModel.from_pretrained` format.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from importlib import resources
 import sys
@@ -30,11 +28,14 @@ from arc_encoder.checkpoint import save_projector
 from arc_encoder.config import ARCConfig, EncoderConfig
 from arc_encoder.encoder import ARCEncoder
 from arc_encoder.model import ARCModel
-from arc_encoder.storage import atomic_write_json, atomic_write_text
+from arc_encoder.storage import atomic_write_text
 from arc_encoder.tasks import check_tokenizer_pair
 
 from .data import ARCDataModule, DataSpec, DecoderTokenizers
-from .distributed import RankAgreement, launched_as_rank_zero, rank_label, stop_launched_ranks, trainer_strategy
+from .distributed import (
+    RankAgreement, config_fingerprint, launched_as_rank_zero, rank_prefix, record_launch, stop_launched_ranks,
+    trainer_strategy,
+)
 from .lm import LMSpec, is_decoder_dir, train_lm
 from .module import ARCTrainingModule, ExportCallback, OptimSpec
 
@@ -246,29 +247,6 @@ def run_dirs(run: RunSpec) -> tuple[Path, Path]:
         raise FileExistsError(f"run directory {run_dir} exists; pass --run.resume true to continue it "
                               "or choose another --run.name")
     return run_dir, export_dir
-
-
-def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer) -> dict:
-    """Print how many processes train and the global batch; append it to runs/<name>/launches.json."""
-    t = cfg.trainer
-    world = trainer.num_devices * trainer.num_nodes
-    entry = {"job": job, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": cfg.run.resume,
-             "strategy": t.strategy, "num_nodes": trainer.num_nodes, "devices_per_node": trainer.num_devices,
-             "world_size": world, "batch_size_per_device": cfg.data.batch_size,
-             "accumulate_grad_batches": t.accumulate_grad_batches,
-             "global_batch": cfg.data.batch_size * world * t.accumulate_grad_batches}
-    print(f"{job}: {world} process{'es' if world > 1 else ''} ({trainer.num_nodes} node(s) x {trainer.num_devices} "
-          f"device(s), strategy {t.strategy}); global batch {entry['global_batch']} = {cfg.data.batch_size} per "
-          f"device x {world} x {t.accumulate_grad_batches} accumulated", file=sys.stderr)
-    path = run_dir / "launches.json"
-    launches = json.loads(path.read_text())["launches"] if path.is_file() else []
-    atomic_write_json(path, {"launches": [*launches, entry]})
-    return entry
-
-
-def config_fingerprint(job: str, cfg) -> str:
-    """sha256 of the resolved config: every rank must run the same one."""
-    return hashlib.sha256(yaml.safe_dump({"job": job, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = False,
@@ -504,8 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear line
-        where = rank_label()
-        print(f"arc-encoder-train {argv[0]}: error: {f'[{where}] ' if where else ''}{err}", file=sys.stderr)
+        print(f"arc-encoder-train {argv[0]}: error: {rank_prefix()}{err}", file=sys.stderr)
         return 2
     if line:  # only global rank 0 reports
         print(line)

@@ -11,17 +11,25 @@ creates, validates and writes the run directory; every rank still checks its own
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import signal
+import sys
+import time
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from arc_encoder.encoder import ARCEncoder
 from arc_encoder.model import ARCModel
+from arc_encoder.storage import atomic_write_json
 
 # Set to a non-zero value in every process that is not global rank 0 (see the module docstring).
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "GROUP_RANK", "NODE_RANK", "LOCAL_RANK")
@@ -32,14 +40,13 @@ def launched_as_rank_zero() -> bool:
     return all(os.environ.get(name, "").strip() in ("", "0") for name in RANK_VARIABLES)
 
 
-def rank_label() -> str:
-    """'rank N' for error messages in a multi-process run ('' in a single process)."""
+def rank_prefix() -> str:
+    """'[rank N] ' to start error messages with in a multi-process run ('' in a single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            return f"rank {torch.distributed.get_rank()}"
-        return ""
+        world = torch.distributed.get_world_size()
+        return f"[rank {torch.distributed.get_rank()}] " if world > 1 else ""
     launched = [f"{name}={os.environ[name]}" for name in RANK_VARIABLES if os.environ.get(name, "").strip() not in ("", "0")]
-    return " ".join(launched)
+    return f"[{' '.join(launched)}] " if launched else ""
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,7 +147,30 @@ def gathered_model(module: L.LightningModule) -> ARCModel | None:
     return model_with_weights(module.model, {k.removeprefix("model."): v for k, v in state.items()})
 
 
-# ---------------------------------------------------------------------------- agreement and failure
+# ---------------------------------------------------------------------------- run records, agreement, failure
+def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer) -> dict:
+    """Print how many processes train and the global batch; append it to runs/<name>/launches.json."""
+    t = cfg.trainer
+    world = trainer.num_devices * trainer.num_nodes
+    entry = {"job": job, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": cfg.run.resume,
+             "strategy": t.strategy, "num_nodes": trainer.num_nodes, "devices_per_node": trainer.num_devices,
+             "world_size": world, "batch_size_per_device": cfg.data.batch_size,
+             "accumulate_grad_batches": t.accumulate_grad_batches,
+             "global_batch": cfg.data.batch_size * world * t.accumulate_grad_batches}
+    print(f"{job}: {world} process{'es' if world > 1 else ''} ({trainer.num_nodes} node(s) x {trainer.num_devices} "
+          f"device(s), strategy {t.strategy}); global batch {entry['global_batch']} = {cfg.data.batch_size} per "
+          f"device x {world} x {t.accumulate_grad_batches} accumulated", file=sys.stderr)
+    path = run_dir / "launches.json"
+    launches = json.loads(path.read_text())["launches"] if path.is_file() else []
+    atomic_write_json(path, {"launches": [*launches, entry]})
+    return entry
+
+
+def config_fingerprint(job: str, cfg) -> str:
+    """sha256 of the resolved config: every rank must run the same one."""
+    return hashlib.sha256(yaml.safe_dump({"job": job, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_agreement(states: list[dict]) -> None:
     """Raise unless every rank reported the same state (config fingerprint, step, data position)."""
     differ = [r for r, state in enumerate(states) if state != states[0]]
