@@ -28,6 +28,7 @@ from arc_encoder_train.data import (
 from arc_encoder_train.distributed import check_agreement, launched_as_rank_zero
 from arc_encoder_train.lm import LMSpec, _TokenBlocks
 from conftest import TEXT, make_model
+from test_cache_predict import files_of
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
 
 DRIVER = Path(__file__).parent / "multigpu_driver.py"
@@ -124,7 +125,8 @@ def runs(setup, tmp_path_factory):
     started = time.perf_counter()
     base = pretrain_cfg(setup, tmp, decoders=("a", "b"), steps=2, ratio=0.5, name="ddp")
     base.optim.total_steps = 4
-    base.trainer = replace(base.trainer, devices=WORLD, strategy="ddp", val_check_interval=4, checkpoint_every_n_steps=2)
+    base.trainer = replace(base.trainer, devices=WORLD, strategy="ddp", val_check_interval=4,
+                           checkpoint_every_n_steps=2)
     base.data = replace(base.data, batch_size=PER_DEVICE, num_workers=2)
     (tmp / "base.yaml").write_text(yaml.safe_dump(asdict(base)))
     model, _ = make_model(tokenizer=setup[3], vocab_size=len(setup[3]), dec_vocab=len(setup[3]), chunk_len=16)
@@ -157,28 +159,32 @@ def runs(setup, tmp_path_factory):
     # uninterrupted, and 2 of the same 4-step schedule. One thread: the ranks use the other cores.
     references, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)
-    single = replace(base, data=replace(base.data, batch_size=PER_DEVICE * WORLD, num_workers=0),
-                     trainer=replace(base.trainer, devices=1, strategy="auto"))
-    cli.pretrain(replace(single, trainer=replace(single.trainer, max_steps=4), run=replace(base.run, name="one-4")))
-    cli.pretrain(replace(single, run=replace(base.run, name="one-2")))
-    _, dm, _, _ = cli.prepare_pretrain(replace(single, run=replace(base.run, name="stream")))
-    dm.trainer = None
-    stream = iter(dm.train_dataloader())
-    single_batches = [next(stream) for _ in range(4)]
-    build_cache(cache_ckpt, "dec", tmp / "docs.jsonl", tmp / "cache_one", model=model.eval(), progress=False,
-                dtype="bfloat16", docs_per_shard=2, batch_size=3)
-    torch.set_num_threads(threads)
-    references = time.perf_counter() - references
     try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
+        single = replace(base, data=replace(base.data, batch_size=PER_DEVICE * WORLD, num_workers=0),
+                         trainer=replace(base.trainer, devices=1, strategy="auto"))
+        cli.pretrain(replace(single, trainer=replace(single.trainer, max_steps=4), run=replace(base.run, name="one-4")))
+        cli.pretrain(replace(single, run=replace(base.run, name="one-2")))
+        _, dm, _, _ = cli.prepare_pretrain(replace(single, run=replace(base.run, name="stream")))
+        dm.trainer = None
+        stream = iter(dm.train_dataloader())
+        single_batches = [next(stream) for _ in range(4)]
+        build_cache(cache_ckpt, "dec", tmp / "docs.jsonl", tmp / "cache_one", model=model.eval(), progress=False,
+                    dtype="bfloat16", docs_per_shard=2, batch_size=3)
+        references = time.perf_counter() - references
+        _, err = proc.communicate(timeout=300)
+    except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's own process group (both ranks)
-        out, err = proc.communicate()
-        pytest.fail(f"the 2-rank driver timed out; stderr tail:\n{err[-3000:]}")
+        err = proc.communicate()[1]
+        print(f"2-rank driver stopped; its stderr ends with:\n{err[-3000:]}")
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    missing = [r for r in range(WORLD) if not (tmp / f"rank{r}.json").is_file()]
+    assert not missing, f"ranks {missing} reported nothing; stderr ends with:\n{err[-3000:]}"
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
     jobs = [{j["name"]: j for j in r["jobs"]} for r in ranks]
-    print(f"\n2-rank driver + references: {time.perf_counter() - started:.1f} s (references {references:.1f} s); CPU s per rank: "
-          f"{[round(r['cpu_seconds'], 1) for r in ranks]}; per command (rank 0): "
+    print(f"\n2 ranks + references: {time.perf_counter() - started:.1f} s (references {references:.1f} s), "
+          f"CPU s per rank {[round(r['cpu_seconds'], 1) for r in ranks]}, rank 0 per command: "
           + ", ".join(f"{name} {job['seconds']} s" for name, job in jobs[0].items()))
     return {"tmp": tmp, "code": proc.returncode, "stderr": err, "jobs": jobs, "single_batches": single_batches}
 
@@ -266,11 +272,7 @@ def test_fsdp_trains_saves_resumes_and_exports(runs):
 def test_two_rank_cache_build_is_byte_identical(runs):
     """Test 5: python -m arc_encoder_train.cache_predict on 2 ranks writes the single-process files."""
     _job(runs, "cache")
-
-    def files(directory: Path) -> dict:
-        return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-    got, want = files(runs["tmp"] / "cache_ddp"), files(runs["tmp"] / "cache_one")
+    got, want = files_of(runs["tmp"] / "cache_ddp"), files_of(runs["tmp"] / "cache_one")
     assert len(got) == 3 + 3 * 5 and got == want
 
 

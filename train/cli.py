@@ -418,7 +418,8 @@ def lm(cfg: LMConfig) -> str:
     if s is None:  # not global rank 0
         return ""
     return (f"lm done: {s['steps']} steps in {s['seconds']} s, {s['parameters']:,} parameters, loss "
-            f"{s['loss_first']:.2f} -> {s['loss_last']:.2f}, global batch {s['global_batch']}; saved: {cfg.lm.out_dir}/")
+            f"{s['loss_first']:.2f} -> {s['loss_last']:.2f}, global batch {s['global_batch']}; "
+            f"saved: {cfg.lm.out_dir}/")
 
 
 JOBS = {

@@ -272,7 +272,10 @@ class BatchStream(IterableDataset):
         self.spec, self.decoders, self.enc_tok, self.sample_fn = spec, decoders, enc_tok, sample_fn
         self.qa, self.rank = qa, rank
         # A copy: the module advances its own position while this stream runs.
-        self.start = DataPosition.from_dict(start.to_dict()) if isinstance(start, DataPosition) else DataPosition(start, None)
+        if isinstance(start, DataPosition):
+            self.start = DataPosition.from_dict(start.to_dict())
+        else:  # a batch index (positions from before samples were counted)
+            self.start = DataPosition(start, None)
 
     @property
     def global_batch(self) -> int:
@@ -318,7 +321,8 @@ def validation_batches(spec: DataSpec, decoders: list[DecoderTokenizers], enc_to
     out = []
     world, bs = rank.world_size, spec.batch_size
     for dec in decoders:
-        lazy = list(itertools.islice(sample_fn(spec, dec, enc_tok, "validation", 0, False), spec.val_batches * bs * world))
+        samples = sample_fn(spec, dec, enc_tok, "validation", 0, False)
+        lazy = list(itertools.islice(samples, spec.val_batches * bs * world))
         if not lazy:
             raise ValueError(f"the validation data gave no samples for decoder {dec.name!r}")
         groups = [lazy[i : i + bs] for i in range(0, len(lazy), bs)]

@@ -45,7 +45,8 @@ def rank_prefix() -> str:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
         return f"[rank {torch.distributed.get_rank()}] " if world > 1 else ""
-    launched = [f"{name}={os.environ[name]}" for name in RANK_VARIABLES if os.environ.get(name, "").strip() not in ("", "0")]
+    launched = [f"{name}={os.environ[name]}" for name in RANK_VARIABLES
+                if os.environ.get(name, "").strip() not in ("", "0")]
     return f"[{' '.join(launched)}] " if launched else ""
 
 

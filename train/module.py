@@ -202,8 +202,8 @@ class ARCTrainingModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         metrics = evaluate_batch(self.model, self.decoders[batch.decoder], batch)
-        keys = [("", k) for k in metrics] + ([(f"{batch.decoder}/", k) for k in metrics] if len(self.decoders) > 1 else [])
-        for prefix, key in keys:
+        prefixes = ["", f"{batch.decoder}/"] if len(self.decoders) > 1 else [""]
+        for prefix, key in ((p, k) for p in prefixes for k in metrics):
             total = self._val_totals.setdefault(f"val/{prefix}{key}", [0.0, 0.0])
             total[0] += metrics[key] * len(batch)
             total[1] += len(batch)
