@@ -7,8 +7,9 @@ The first command launches the ranks the way `arc-encoder-train ... --trainer.de
 which then runs the same plan. Later commands reuse those two processes (the launcher's
 environment variables are set by then), so the heavy imports happen once per rank for the
 whole plan. Each command is the real entry point (`arc_encoder_train.cli.main` or
-`arc_encoder_train.cache_predict.main`) with its argv, or a copy made by rank 0; a plan entry
-may give rank 1 other argv.
+`arc_encoder_train.cache_predict.main`) with its argv, or a copy made by rank 0. A plan entry
+may give rank 1 other argv (``argv_rank1``), make every rank's training crash just before
+global batch N (``crash_at_batch``: an interrupted run), and accept a failure (``expect_code``).
 
 After every command each rank rewrites OUT/rank<r>.json: exit code, stdout, seconds, and the
 batches its training steps received (index, decoder, offset, encoder ids), and the CPU
@@ -48,13 +49,17 @@ def main() -> int:
     step = ARCTrainingModule.training_step
 
     def recording_step(self, batch, batch_idx):
+        if batch.index == crash_at:
+            raise RuntimeError(f"simulated crash before global batch {batch.index}")
         seen.append({"index": batch.index, "decoder": batch.decoder, "offset": batch.meta["offset"],
                      "encoder_ids": batch.encoder_ids})
         return step(self, batch, batch_idx)
 
     ARCTrainingModule.training_step = recording_step
     results = []
+    crash_at = None
     for job in plan["jobs"]:
+        crash_at = job.get("crash_at_batch")
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("LOCAL_RANK", "0"))
         argv = job.get("argv_rank1", job["argv"]) if rank == 1 else job["argv"]
         seen.clear()
@@ -67,8 +72,8 @@ def main() -> int:
         path = out / f"rank{rank}.json"
         usage = resource.getrusage(resource.RUSAGE_SELF)
         path.write_text(json.dumps({"rank": rank, "jobs": results, "cpu_seconds": usage.ru_utime + usage.ru_stime}))
-        if code != 0:
-            return code
+        if code != job.get("expect_code", 0):
+            return code or 1
     if dist.is_initialized():
         dist.barrier()  # rank 0 exits (and the test reads the results) only after rank 1 wrote its own
     return 0

@@ -114,16 +114,17 @@ def runs(setup, tmp_path_factory):
     """Starts the 2-rank driver, computes the single-process references meanwhile, then waits.
 
     Plan (every command the real CLI entry point, the same two processes throughout):
-      ddp          pretrain, 2 decoders, 2 loader workers per rank, 2 of 4 steps (then copied)
-      ddp-resume   --run.resume to step 4, validation
       fsdp         --trainer.strategy fsdp with activation checkpointing, 1 of 4 steps
       fsdp-resume  --run.resume to step 2, validation, export
+      ddp          pretrain for 4 steps, 2 decoders, 2 loader workers per rank, crashing on both
+                   ranks before step 3 (after the step-2 checkpoint), which is then copied
+      ddp-resume   --run.resume from that checkpoint to step 4, validation
       cache        python -m arc_encoder_train.cache_predict --devices 2 --strategy ddp
       fail         pretrain whose training file is missing on rank 1 only
     """
     tmp = tmp_path_factory.mktemp("multigpu")
     started = time.perf_counter()
-    base = pretrain_cfg(setup, tmp, decoders=("a", "b"), steps=2, ratio=0.5, name="ddp")
+    base = pretrain_cfg(setup, tmp, decoders=("a", "b"), steps=4, ratio=0.5, name="ddp")
     base.optim.total_steps = 4
     base.trainer = replace(base.trainer, devices=WORLD, strategy="ddp", val_check_interval=4,
                            checkpoint_every_n_steps=2)
@@ -140,11 +141,11 @@ def runs(setup, tmp_path_factory):
     cache = [str(cache_ckpt), "--decoder", "dec", "--corpus", str(tmp / "docs.jsonl"), "--docs-per-shard", "2",
              "--batch-size", "3", "--dtype", "bfloat16", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     plan = {"out": str(tmp), "jobs": [
-        {"name": "ddp", "entry": "train", "argv": train},
-        {"name": "keep", "entry": "copy", "argv": [str(tmp / "runs/ddp"), str(tmp / "runs/ddp-step2")]},
-        {"name": "ddp-resume", "entry": "train", "argv": [*train, "--run.resume", "true", "--trainer.max_steps", "4"]},
         {"name": "fsdp", "entry": "train", "argv": [*fsdp, "--trainer.max_steps", "1"]},
         {"name": "fsdp-resume", "entry": "train", "argv": [*fsdp, "--trainer.max_steps", "2", "--run.resume", "true"]},
+        {"name": "ddp", "entry": "train", "argv": train, "crash_at_batch": 2, "expect_code": 2},
+        {"name": "keep", "entry": "copy", "argv": [str(tmp / "runs/ddp"), str(tmp / "runs/ddp-step2")]},
+        {"name": "ddp-resume", "entry": "train", "argv": [*train, "--run.resume", "true"]},
         {"name": "cache", "entry": "cache", "argv": [*cache, "--output", str(tmp / "cache_ddp")]},
         {"name": "fail", "entry": "train", "argv": [*train, "--run.name", "fail"],
          "argv_rank1": [*train, "--run.name", "fail", "--data.train_files", f"[{tmp / 'missing.jsonl'}]"]},
@@ -162,8 +163,8 @@ def runs(setup, tmp_path_factory):
     try:
         single = replace(base, data=replace(base.data, batch_size=PER_DEVICE * WORLD, num_workers=0),
                          trainer=replace(base.trainer, devices=1, strategy="auto"))
-        cli.pretrain(replace(single, trainer=replace(single.trainer, max_steps=4), run=replace(base.run, name="one-4")))
-        cli.pretrain(replace(single, run=replace(base.run, name="one-2")))
+        cli.pretrain(replace(single, run=replace(base.run, name="one-4")))
+        cli.pretrain(replace(single, trainer=replace(single.trainer, max_steps=2), run=replace(base.run, name="one-2")))
         _, dm, _, _ = cli.prepare_pretrain(replace(single, run=replace(base.run, name="stream")))
         dm.trainer = None
         stream = iter(dm.train_dataloader())
@@ -189,16 +190,16 @@ def runs(setup, tmp_path_factory):
     return {"tmp": tmp, "code": proc.returncode, "stderr": err, "jobs": jobs, "single_batches": single_batches}
 
 
-def _job(runs, name: str, rank: int = 0) -> dict:
+def _job(runs, name: str, rank: int = 0, code: int = 0) -> dict:
     job = runs["jobs"][rank].get(name)
-    assert job is not None and job["code"] == 0, (name, rank, job, runs["stderr"][-3000:])
+    assert job is not None and job["code"] == code, (name, rank, job, runs["stderr"][-3000:])
     return job
 
 
 def test_ranks_train_on_disjoint_slices_whose_union_is_the_single_process_stream(runs):
     """Test 1: rank r trains on samples [3r, 3r + 3) of every global batch of 6 (2 loader workers
     per rank), and the resumed run continues with global batches 2 and 3."""
-    seen = [_job(runs, "ddp", r)["batches"] + _job(runs, "ddp-resume", r)["batches"] for r in range(WORLD)]
+    seen = [_job(runs, "ddp", r, code=2)["batches"] + _job(runs, "ddp-resume", r)["batches"] for r in range(WORLD)]
     single = runs["single_batches"]
     assert [b["index"] for b in seen[0]] == [b["index"] for b in seen[1]] == [0, 1, 2, 3]
     for i, batch in enumerate(single):
@@ -229,17 +230,19 @@ def test_ddp_two_ranks_equal_one_process_at_the_same_global_batch(runs):
     tmp = runs["tmp"]
     _assert_same_training(_torch_load(tmp / "runs/ddp-step2/checkpoints/last.ckpt"),
                           _torch_load(tmp / "runs/one-2/checkpoints/last.ckpt"))
-    assert _job(runs, "ddp")["stdout"].startswith("pretrain done: 2 steps")
-    assert "pretrain done" not in _job(runs, "ddp", 1)["stdout"]
+    assert _job(runs, "ddp-resume")["stdout"].startswith("pretrain done: 4 steps")
+    assert "pretrain done" not in _job(runs, "ddp-resume", 1)["stdout"]
     first = json.loads((tmp / "runs/ddp/launches.json").read_text())["launches"][0]
     assert (first["world_size"], first["batch_size_per_device"], first["global_batch"]) == (WORLD, PER_DEVICE, 6)
     assert "global batch 6 = 3 per device x 2 x 1 accumulated" in runs["stderr"]
 
 
 def test_ddp_resume_reproduces_the_uninterrupted_run(runs):
-    """Test 3: stopped after 2 of 4 steps and resumed (new trainer, state from last.ckpt only),
-    2 ranks end where one uninterrupted process ends; rank 0 alone wrote the run directory."""
+    """Test 3: crashed on both ranks before step 3 of 4 and resumed from last.ckpt (a new trainer
+    and data stream; nothing else carries over), 2 ranks end where one uninterrupted process
+    ends; rank 0 alone wrote the run directory."""
     tmp = runs["tmp"]
+    assert "error: [rank 1] simulated crash before global batch 2" in runs["stderr"]
     _assert_same_training(_torch_load(tmp / "runs/ddp/checkpoints/last.ckpt"),
                           _torch_load(tmp / "runs/one-4/checkpoints/last.ckpt"))
     run = tmp / "runs/ddp"
