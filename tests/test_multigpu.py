@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from arc_encoder import ARCModel
 from arc_encoder.cache import build_cache
@@ -129,7 +128,7 @@ def runs(setup, tmp_path_factory):
     base.trainer = replace(base.trainer, devices=WORLD, strategy="ddp", val_check_interval=4,
                            checkpoint_every_n_steps=2)
     base.data = replace(base.data, batch_size=PER_DEVICE, num_workers=2)
-    (tmp / "base.yaml").write_text(yaml.safe_dump(asdict(base)))
+    (tmp / "base.yaml").write_text(json.dumps(asdict(base)))  # JSON is YAML
     model, _ = make_model(tokenizer=setup[3], vocab_size=len(setup[3]), dec_vocab=len(setup[3]), chunk_len=16)
     cache_ckpt = model.save_pretrained(tmp / "cache_ckpt")
     words = TEXT.split()

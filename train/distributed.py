@@ -23,7 +23,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
@@ -169,7 +168,8 @@ def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer) -> dict:
 
 def config_fingerprint(job: str, cfg) -> str:
     """sha256 of the resolved config: every rank must run the same one."""
-    return hashlib.sha256(yaml.safe_dump({"job": job, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps({"job": job, **asdict(cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_agreement(states: list[dict]) -> None:
