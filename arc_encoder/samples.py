@@ -67,6 +67,11 @@ class Batch:
     def marker(self) -> str:
         return "reconstruction" if self.task == "reconstruction" else "continuation"
 
+    @property
+    def num_target_tokens(self) -> int:
+        """Tokens that carry loss: a multi-process step weights each rank's loss by this."""
+        return sum(len(t) for t in self.target_ids)
+
 
 def check_tokenizer_pair(
     name: str, decoder_vocab: int, tokenizer: PreTrainedTokenizerBase, allow_padded_vocab: bool = False

@@ -8,6 +8,9 @@ compresses them with the library's ``compress_shard`` (same batches as the
 single-process build) and writes them with the library's ``write_shard``; rank 0 merges the
 index and manifest at the end. The files are therefore identical to ``arc-encoder cache
 build``'s, and an interrupted run resumes (``--resume``) from the shards already complete.
+Only global rank 0 creates or validates the output directory and decides which shards are
+still to build; the other ranks (re-launched by Lightning, or started by torchrun / SLURM)
+receive that list by broadcast.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from arc_encoder.cli.common import DTYPE_CHOICES, adaptive_policy, add_adaptive_
 from arc_encoder.config import torch_dtype
 from arc_encoder.model import ARCModel
 
+from .distributed import launched_as_rank_zero, rank_prefix
+
 
 class _ShardList(torch.utils.data.Dataset):
     def __init__(self, shards: Sequence[int]) -> None:
@@ -48,15 +53,17 @@ def _one(items: list[int]) -> int:
 
 
 class CacheShardData(L.LightningDataModule):
-    """Shards still to build, dealt to ranks by k % world_size (no distributed sampler)."""
+    """Shards still to build (known on global rank 0, broadcast to the others), dealt to ranks
+    by k % world_size (no distributed sampler)."""
 
-    def __init__(self, todo: Sequence[int]) -> None:
+    def __init__(self, todo: Sequence[int] | None) -> None:
         super().__init__()
-        self.todo = list(todo)
+        self.todo = None if todo is None else list(todo)
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        mine = [k for k in self.todo if k % world == rank]
+        todo = self.trainer.strategy.broadcast(self.todo, src=0)
+        mine = [k for k in todo if k % world == rank]
         return torch.utils.data.DataLoader(_ShardList(mine), batch_size=1, collate_fn=_one)
 
 
@@ -123,8 +130,12 @@ def build_cache_lightning(
         checkpoint, decoder, "" if stream is not None else corpus, corpus_format=corpus_format,
         dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe, adaptive=adaptive,
     )
-    # Every rank runs this before DDP starts, so no rank is writing shards yet.
-    stream, todo = prepare_build(output, build, resume, stream)
+    if launched_as_rank_zero():  # creates/validates the output directory; no rank is writing shards yet
+        stream, todo = prepare_build(output, build, resume, stream)
+    else:  # a later rank: the same documents, read only; rank 0's shard list arrives by broadcast
+        if stream is None:
+            stream = DocumentStream.from_corpus(build.corpus, build.corpus_format, build.dedupe)
+        todo = None
     model = ARCModel.from_pretrained(checkpoint, decoders=[decoder])
     if model_dtype is not None:
         model.to(torch_dtype(model_dtype))
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             adaptive=adaptive_policy(args, read_config(args.checkpoint).encoder),
         )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"cache_predict: error: {err}", file=sys.stderr)
+        print(f"cache_predict: error: {rank_prefix()}{err}", file=sys.stderr)
         return 2
     if writer.manifest is not None:
         m = writer.manifest

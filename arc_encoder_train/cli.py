@@ -32,6 +32,10 @@ from arc_encoder.samples import check_tokenizer_pair
 from arc_encoder.storage import atomic_write_text
 
 from .data import ARCDataModule, DataSpec, DecoderTokenizers
+from .distributed import (
+    RankAgreement, config_fingerprint, launched_as_rank_zero, rank_prefix, record_launch, stop_launched_ranks,
+    trainer_strategy,
+)
 from .lm import LMSpec, is_decoder_dir, train_lm
 from .module import ARCTrainingModule, ExportCallback, OptimSpec
 
@@ -147,6 +151,10 @@ def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
     out = Path(run.tiny_lm.out_dir)
     if not is_decoder_dir(out) and run.tiny_lm == LMSpec() and is_decoder_dir(BUNDLED_TINY_LM):
         return str(BUNDLED_TINY_LM)  # the shipped tiny decoder (see arc_encoder/data/README.md)
+    if not is_decoder_dir(out) and not launched_as_rank_zero():
+        raise FileNotFoundError(f"the tiny decoder LM {out} does not exist; only rank 0 trains it (before "
+                                "Lightning's launcher starts the other ranks): with torchrun or SLURM run "
+                                "`arc-encoder-train lm` first")
     if not is_decoder_dir(out):
         if out.exists():
             raise ValueError(f"{out} exists but is not a complete decoder (config, tokenizer, weights); remove it")
@@ -221,17 +229,22 @@ def _same_tokenizer(a, b) -> bool:
 
 
 def run_dirs(run: RunSpec) -> tuple[Path, Path]:
+    """runs/<name> and checkpoints/<name>, checked: a new run's directory must not exist (checked
+    by global rank 0 only: the other ranks start after rank 0 created it), a resumed run's
+    last.ckpt must exist (checked by every rank: all of them read it)."""
     run_dir, export_dir = Path(run.runs_dir) / run.name, Path(run.checkpoints_dir) / run.name
     if run.resume:
-        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            raise FileNotFoundError(f"--run.resume: {run_dir}/checkpoints/last.ckpt does not exist")
-    elif run_dir.exists():
+        if not (run_dir / "checkpoints" / "last.ckpt").exists():
+            where = "" if launched_as_rank_zero() else " (the run directory must be on a filesystem every node shares)"
+            raise FileNotFoundError(f"--run.resume: {run_dir}/checkpoints/last.ckpt does not exist{where}")
+    elif run_dir.exists() and launched_as_rank_zero():
         raise FileExistsError(f"run directory {run_dir} exists; pass --run.resume true to continue it "
                               "or choose another --run.name")
     return run_dir, export_dir
 
 
-def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = False) -> L.Trainer:
+def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = False,
+                 unused_parameters: bool = False) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -242,7 +255,8 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
                            every_n_train_steps=t.checkpoint_every_n_steps)
     return L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=precision, gradient_clip_val=t.gradient_clip_val,
+        strategy=trainer_strategy(t.strategy, unused_parameters), precision=precision,
+        gradient_clip_val=t.gradient_clip_val, use_distributed_sampler=False,  # the data shards itself by rank
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps,
         # A resumed run logs to logs/resume-<time>/ so the first part of the curve is kept.
@@ -281,15 +295,26 @@ def summary_line(job: str, module: ARCTrainingModule, trainer: L.Trainer, second
 
 def fit(job: str, cfg, module: ARCTrainingModule, datamodule: ARCDataModule, export_fn, run_dir: Path,
         export_dir: Path) -> tuple[L.Trainer, str]:
-    """Shared tail of every job: trainer, resume, fit, export, summary."""
+    """Shared tail of every job: trainer, resume, fit, export, summary ('' on ranks other than 0)."""
     start = time.time()
-    trainer = make_trainer(cfg.trainer, run_dir, [ExportCallback(export_fn)], cfg.run.resume)
+    fingerprint = config_fingerprint(job, cfg)
+    agree = RankAgreement(lambda trainer, m: {"config": fingerprint, "step": trainer.global_step,
+                                              "data": m.data_position.to_dict()})
+    trainer = make_trainer(cfg.trainer, run_dir, [ExportCallback(export_fn), agree], cfg.run.resume,
+                           unused_parameters=len(module.decoders) > 1)
     ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.run.resume else None
-    _save_config(run_dir, job, cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if launched_as_rank_zero():  # ranks that a launcher started later never write the run directory
+        _save_config(run_dir, job, cfg)
+        record_launch(run_dir, job, cfg, trainer)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except BaseException:
+        stop_launched_ranks(trainer)
+        raise
+    if not trainer.is_global_zero:
+        return trainer, ""
     line = summary_line(job, module, trainer, time.time() - start, export_dir)
-    if trainer.is_global_zero:
-        atomic_write_text(run_dir / "summary.txt", line + "\n")
+    atomic_write_text(run_dir / "summary.txt", line + "\n")
     return trainer, line
 
 
@@ -307,8 +332,8 @@ def prepare_pretrain(cfg: PretrainConfig) -> tuple[ARCTrainingModule, ARCDataMod
 
 
 def _export_full(export_dir: Path):
-    def export(module: ARCTrainingModule) -> None:
-        module.model.save_pretrained(export_dir, overwrite=True)
+    def export(model: ARCModel) -> None:
+        model.save_pretrained(export_dir, overwrite=True)
     return export
 
 
@@ -343,20 +368,21 @@ def prepare_adapt(cfg: AdaptConfig) -> tuple[ARCTrainingModule, ARCDataModule, P
 def adapt(cfg: AdaptConfig) -> str:
     module, dm, run_dir, export_dir = prepare_adapt(cfg)
     n = module.num_trainable_parameters()
-    print(f"adapt: {n:,} trainable parameters (projector {cfg.decoder.name!r} + its special tokens); "
-          "encoder frozen", file=sys.stderr)
+    if launched_as_rank_zero():
+        print(f"adapt: {n:,} trainable parameters (projector {cfg.decoder.name!r} + its special tokens); "
+              "encoder frozen", file=sys.stderr)
 
-    def export(module: ARCTrainingModule) -> None:
+    def export(model: ARCModel) -> None:
         # A copy of the source checkpoint plus the new projector file (the source stays untouched).
         if not export_dir.exists():
             tmp = export_dir.with_name(f".{export_dir.name}.copy")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(cfg.from_checkpoint, tmp)
             tmp.rename(export_dir)
-        module.model.save_projector(cfg.decoder.name, export_dir)
+        model.save_projector(cfg.decoder.name, export_dir)
 
     _, line = fit("adapt", cfg, module, dm, export, run_dir, export_dir)
-    return line + f" (trainable parameters: {n:,})"
+    return line + f" (trainable parameters: {n:,})" if line else ""
 
 
 def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
@@ -384,8 +410,11 @@ def finetune(cfg: FinetuneConfig) -> str:
 
 def lm(cfg: LMConfig) -> str:
     s = train_lm(cfg.lm, cfg.data)
+    if s is None:  # not global rank 0
+        return ""
     return (f"lm done: {s['steps']} steps in {s['seconds']} s, {s['parameters']:,} parameters, loss "
-            f"{s['loss_first']:.2f} -> {s['loss_last']:.2f}; saved: {cfg.lm.out_dir}/")
+            f"{s['loss_first']:.2f} -> {s['loss_last']:.2f}, global batch {s['global_batch']}; "
+            f"saved: {cfg.lm.out_dir}/")
 
 
 JOBS = {
@@ -449,9 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear line
-        print(f"arc-encoder-train {argv[0]}: error: {err}", file=sys.stderr)
+        print(f"arc-encoder-train {argv[0]}: error: {rank_prefix()}{err}", file=sys.stderr)
         return 2
-    print(line)
+    if line:  # only global rank 0 reports
+        print(line)
     return 0
 
 

@@ -4,21 +4,25 @@ Sources: local text / JSON(L)(.gz) / parquet files (streamed with ``datasets``, 
 whole), or a dataset saved with ``save_to_disk``. The default is the bundled pydoc_small
 corpus (Python 3.11 docs, PSF license; see arc_encoder/resources/README.md).
 
-Batch ``i`` of the training stream targets decoder ``decoders[i % n]`` and reconstructs when
-``is_reconstruction(i // n, ratio)``, so the task mix is exact and a resumed run continues
-the very same stream from its saved batch index.
+Global batch ``i`` of the training stream targets decoder ``decoders[i % n]`` and reconstructs
+when ``is_reconstruction(i // n, ratio)``, so the task mix is exact. With several processes,
+global batch ``i`` holds ``batch_size * world_size`` consecutive samples of that decoder's
+stream and rank ``r`` trains on slice ``[r * batch_size, (r + 1) * batch_size)``: the ranks'
+samples are disjoint and together are the single-process stream at that global batch. A
+resumed run continues at its saved `DataPosition` (the same sample of every decoder's stream).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from arc_encoder.samples import Batch, Sample, Task, collate, is_reconstruction, qa_sample, split_windows, text_sample
@@ -48,16 +52,17 @@ class DataSpec:
     reconstruction_ratio: float = 0.3  # paper: 20-50% reconstruction works best
     shuffle_buffer: int = 1000
     seed: int = 0
-    # Tokenization runs in this many loader processes, overlapping the accelerator's step
-    # (0 = in the training process). One worker keeps the stream's order (and exact resume).
-    num_workers: Literal[0, 1] = 1
+    # Loader processes per rank, overlapping the accelerator's step (0 = in the training
+    # process). Worker w of W builds every W-th batch, so the stream order (and exact resume)
+    # is the same for any number. Each reads the whole stream to find its samples' windows.
+    num_workers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("context_tokens", "target_tokens", "batch_size", "val_batches", "max_context_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers not in (0, 1):
-            raise ValueError(f"data.num_workers must be 0 or 1 (one worker keeps the stream order), got {self.num_workers}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.reconstruction_ratio <= 1.0:
             raise ValueError(f"data.reconstruction_ratio must be in [0, 1], got {self.reconstruction_ratio}")
 
@@ -110,7 +115,13 @@ def iter_records(spec: DataSpec, split: str, epoch: int = 0, shuffle: bool = Fal
         ds = datasets.load_dataset(builders.pop(), data_files=files, split="train", streaming=True)
     if shuffle:
         ds = ds.shuffle(seed=spec.seed + epoch, buffer_size=spec.shuffle_buffer)
-    yield from ds
+    # ``ds.iter`` rather than ``iter(ds)``: inside a DataLoader worker the latter hands each
+    # worker only some of the files (and shifts its shuffle seed); every loader process here
+    # must read the same whole stream and pick its own samples from it.
+    for rows in ds.iter(batch_size=256):
+        columns = list(rows)
+        for i in range(len(rows[columns[0]]) if columns else 0):
+            yield {c: rows[c][i] for c in columns}
 
 
 def iter_texts(spec: DataSpec, split: str, epoch: int = 0, shuffle: bool = False) -> Iterator[str]:
@@ -163,34 +174,114 @@ class DecoderTokenizers:
     same_as_encoder: bool = False
 
 
-SampleFn = Callable[[DataSpec, DecoderTokenizers, object, str, int, bool], Iterator[Sample]]
+# A sample not built yet: a process finds every sample's place in the stream but builds
+# (encoder-tokenizes) only the samples it trains on.
+LazySample = Callable[[], Sample]
+SampleFn = Callable[[DataSpec, DecoderTokenizers, object, str, int, bool], Iterator[LazySample]]
 
 
-def pretrain_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[Sample]:
+def pretrain_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[LazySample]:
     for text in iter_texts(spec, split, epoch, shuffle):
         ids = _CACHE(dec.tokenizer, text)
         for ctx, cont in split_windows(text, dec.tokenizer, spec.context_tokens, spec.target_tokens, ids=ids):
-            yield text_sample(ctx, cont, enc_tok, dec.tokenizer, dec.same_as_encoder)
+            yield partial(text_sample, ctx, cont, enc_tok, dec.tokenizer, dec.same_as_encoder)
 
 
-def qa_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[Sample]:
+def qa_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[LazySample]:
     """Finetune records: {"context", "question", "answer"} (see arc_encoder_train/README.md)."""
     for i, rec in enumerate(iter_records(spec, split, epoch, shuffle)):
         missing = [k for k in ("context", "question", "answer") if k not in rec]
         if missing:
             raise ValueError(f"{split} QA record {i} lacks fields {missing}; it has {sorted(rec)}")
-        yield qa_sample(rec["context"], rec["question"], rec["answer"], enc_tok, dec.tokenizer, spec.max_context_tokens)
+        yield partial(qa_sample, rec["context"], rec["question"], rec["answer"], enc_tok, dec.tokenizer,
+                      spec.max_context_tokens)
+
+
+@dataclass(frozen=True)
+class DataRank:
+    """This process's place among ``world_size`` data-parallel processes (global rank)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+
+    def part(self, items: Sequence, per_rank: int) -> Sequence:
+        """This rank's slice of one global batch of ``per_rank * world_size`` items."""
+        return items[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
+def worker_builds(index: int, start: int) -> bool:
+    """Whether this loader process builds batch ``index`` of a stream that starts at ``start``.
+
+    torch's DataLoader takes items from its W workers in turn (0, 1, ..., W-1, 0, ...), so
+    worker w building batches start + w, start + w + W, ... yields the stream in its order.
+    """
+    info = torch.utils.data.get_worker_info()
+    return info is None or (index - start) % info.num_workers == info.id
+
+
+@dataclass
+class DataPosition:
+    """Where the training stream stands: the next global batch and the samples each decoder used.
+
+    Saved in checkpoints. It does not depend on the number of processes, so a run resumed on
+    another number of devices still continues at the same sample of every decoder's stream.
+    ``samples`` None (checkpoints from before it was recorded): every earlier global batch
+    had the current global batch size.
+    """
+
+    batch: int = 0
+    samples: dict[str, int] | None = field(default_factory=dict)
+
+    def advance(self, batch: Batch) -> None:
+        """Account for one trained batch (``batch.meta['global_size']``: its global batch's samples)."""
+        self.batch = batch.index + 1
+        if self.samples is not None:
+            size = batch.meta.get("global_size", len(batch))
+            self.samples[batch.decoder] = self.samples.get(batch.decoder, 0) + size
+
+    def samples_used(self, decoders: list[str], global_batch: int) -> dict[str, int]:
+        if self.samples is not None:
+            return {d: self.samples.get(d, 0) for d in decoders}
+        n = len(decoders)  # batch i went to decoders[i % n]: decoder k had ceil((batch - k) / n) batches
+        return {d: max(0, (self.batch - k + n - 1) // n) * global_batch for k, d in enumerate(decoders)}
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "samples": None if self.samples is None else dict(self.samples)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DataPosition:
+        samples = data.get("samples")
+        return cls(int(data["batch"]), None if samples is None else {str(k): int(v) for k, v in samples.items()})
 
 
 class BatchStream(IterableDataset):
-    """Endless stream of `Batch`es, round-robin over decoders, tasks on a fixed schedule."""
+    """Endless stream of this rank's `Batch`es, round-robin over decoders, tasks on a fixed schedule.
+
+    Global batch i is the next ``batch_size * world_size`` samples of decoder ``i % n``'s
+    stream; this rank collates its slice of it (``batch.meta``: ``offset`` in the global batch,
+    ``global_size``). Every loader process reads the whole stream (decoder tokenization finds
+    the windows; cached after the first epoch) but builds only its own samples.
+    """
 
     def __init__(self, spec: DataSpec, decoders: list[DecoderTokenizers], enc_tok, sample_fn: SampleFn,
-                 qa: bool = False, start_batch: int = 0) -> None:
+                 qa: bool = False, start: DataPosition | int = 0, rank: DataRank = DataRank()) -> None:
         self.spec, self.decoders, self.enc_tok, self.sample_fn = spec, decoders, enc_tok, sample_fn
-        self.qa, self.start_batch = qa, start_batch
+        self.qa, self.rank = qa, rank
+        # A copy: the module advances its own position while this stream runs.
+        if isinstance(start, DataPosition):
+            self.start = DataPosition.from_dict(start.to_dict())
+        else:  # a batch index (positions from before samples were counted)
+            self.start = DataPosition(start, None)
 
-    def _samples(self, dec: DecoderTokenizers) -> Iterator[Sample]:
+    @property
+    def global_batch(self) -> int:
+        return self.spec.batch_size * self.rank.world_size
+
+    def _samples(self, dec: DecoderTokenizers) -> Iterator[LazySample]:
         for epoch in itertools.count():
             empty = True
             for s in self.sample_fn(self.spec, dec, self.enc_tok, "train", epoch, True):
@@ -206,27 +297,40 @@ class BatchStream(IterableDataset):
         return "reconstruction" if is_reconstruction(index // n, self.spec.reconstruction_ratio) else "continuation"
 
     def __iter__(self) -> Iterator[Batch]:
-        streams = {d.name: self._samples(d) for d in self.decoders}
-        bs = self.spec.batch_size
-        for index in itertools.count():
+        size, bs, first = self.global_batch, self.spec.batch_size, self.start.batch
+        used = self.start.samples_used([d.name for d in self.decoders], size)
+        streams = {}
+        for d in self.decoders:  # resuming: skip the samples earlier steps trained on
+            streams[d.name] = self._samples(d)
+            next(itertools.islice(streams[d.name], used[d.name], used[d.name]), None)
+        for index in itertools.count(first):
             dec = self.decoders[index % len(self.decoders)]
-            samples = list(itertools.islice(streams[dec.name], bs))
-            if index < self.start_batch:  # resuming: replay the stream up to the saved position
+            lazy = list(itertools.islice(streams[dec.name], size))
+            if not worker_builds(index, first):
                 continue
-            yield collate(samples, dec.name, self.task_of(index), dec.tokenizer.bos_token_id, index)
+            batch = collate([make() for make in self.rank.part(lazy, bs)], dec.name, self.task_of(index),
+                            dec.tokenizer.bos_token_id, index)
+            batch.meta.update(offset=self.rank.rank * bs, global_size=size)
+            yield batch
 
 
 def validation_batches(spec: DataSpec, decoders: list[DecoderTokenizers], enc_tok, sample_fn: SampleFn,
-                       qa: bool = False) -> list[Batch]:
-    """A fixed validation set: the first ``val_batches`` batches per decoder, in file order."""
+                       qa: bool = False, rank: DataRank = DataRank()) -> list[Batch]:
+    """A fixed validation set: per decoder the first ``val_batches * world_size`` batches in file
+    order, dealt to the ranks in turn (every rank gets as many of each decoder's batches)."""
     out = []
+    world, bs = rank.world_size, spec.batch_size
     for dec in decoders:
-        samples = list(itertools.islice(sample_fn(spec, dec, enc_tok, "validation", 0, False),
-                                        spec.val_batches * spec.batch_size))
-        if not samples:
+        samples = sample_fn(spec, dec, enc_tok, "validation", 0, False)
+        lazy = list(itertools.islice(samples, spec.val_batches * bs * world))
+        if not lazy:
             raise ValueError(f"the validation data gave no samples for decoder {dec.name!r}")
-        for i in range(0, len(samples), spec.batch_size):
-            out.append(collate(samples[i : i + spec.batch_size], dec.name, "qa" if qa else "continuation",
+        groups = [lazy[i : i + bs] for i in range(0, len(lazy), bs)]
+        if len(groups) < world:
+            raise ValueError(f"the validation data gave {len(groups)} batches for decoder {dec.name!r}, "
+                             f"fewer than the {world} processes")
+        for k in range(rank.rank, len(groups) // world * world, world):
+            out.append(collate([make() for make in groups[k]], dec.name, "qa" if qa else "continuation",
                                dec.tokenizer.bos_token_id, len(out)))
     return out
 
@@ -249,13 +353,18 @@ class ARCDataModule(L.LightningDataModule):
         self.sample_fn: SampleFn = qa_samples if self.qa else pretrain_samples
         self._val: list[Batch] | None = None
 
+    def _rank(self) -> DataRank:
+        return DataRank(self.trainer.global_rank, self.trainer.world_size) if self.trainer else DataRank()
+
     def train_dataloader(self) -> DataLoader:
-        # The module saves the next batch index in its checkpoint; resuming replays to it.
-        start = int(getattr(self.trainer.lightning_module, "next_batch_index", 0)) if self.trainer else 0
-        stream = BatchStream(self.spec, self.decoders, self.enc_tok, self.sample_fn, self.qa, start)
+        # The module saves its DataPosition in checkpoints; a resumed stream starts there.
+        module = self.trainer.lightning_module if self.trainer else None
+        start = getattr(module, "data_position", None) or DataPosition()
+        stream = BatchStream(self.spec, self.decoders, self.enc_tok, self.sample_fn, self.qa, start, self._rank())
         return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=self.spec.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if self._val is None:
-            self._val = validation_batches(self.spec, self.decoders, self.enc_tok, self.sample_fn, self.qa)
+            self._val = validation_batches(self.spec, self.decoders, self.enc_tok, self.sample_fn, self.qa,
+                                           self._rank())
         return DataLoader(self._val, batch_size=None, collate_fn=_identity, shuffle=False)

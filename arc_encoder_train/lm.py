@@ -3,10 +3,15 @@
 No pretrained decoder can be downloaded here, and a frozen decoder must be a trained LM for
 compression to mean anything, so the quickstart and the quality benchmark train one first.
 Saved with `save_pretrained` + the tokenizer, written to a temp dir and renamed into place.
+
+Several processes (``lm.devices``, ``lm.num_nodes``, ``lm.strategy: ddp``): global batch ``i``
+is rows ``[i * G, (i + 1) * G)`` of one block stream (G = batch_size x processes) and each rank
+trains on its slice; every rank trains the same tokenizer (checked), rank 0 saves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import shutil
 import tempfile
@@ -22,7 +27,8 @@ from arc_encoder.objectives import mean_loss
 from arc_encoder.storage import atomic_write_json
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
-from .data import _CACHE, DataSpec, iter_texts
+from .data import _CACHE, DataRank, DataSpec, iter_texts, worker_builds
+from .distributed import RankAgreement, all_reduce_sum, launched_as_rank_zero, stop_launched_ranks
 from .module import cosine_with_warmup
 
 
@@ -44,45 +50,63 @@ class LMSpec:
     lr: float = 3e-3
     tokenizer_docs: int = 2000  # documents used to train the tokenizer
     seed: int = 0
+    devices: int | str = 1  # per node; with several, batch_size is per device
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp" for several devices
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "seq_len", "batch_size", "max_steps"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "seq_len", "batch_size", "max_steps", "num_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.strategy == "fsdp":
+            raise ValueError("lm.strategy fsdp is not supported (the LM is small); use ddp")
 
 
 class _TokenBlocks(IterableDataset):
-    """Endless [batch, seq_len + 1] blocks of concatenated documents."""
+    """Endless [batch, seq_len + 1] blocks of concatenated documents: this rank's slice of every
+    global batch of ``batch_size * world_size`` blocks (loader worker w builds every W-th)."""
 
-    def __init__(self, data: DataSpec, tokenizer, spec: LMSpec) -> None:
-        self.data, self.tok, self.spec = data, tokenizer, spec
+    def __init__(self, data: DataSpec, tokenizer, spec: LMSpec, rank: DataRank = DataRank()) -> None:
+        self.data, self.tok, self.spec, self.rank = data, tokenizer, spec, rank
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         n = self.spec.seq_len + 1
+        size = self.spec.batch_size * self.rank.world_size
         buf: list[int] = []
         rows: list[list[int]] = []
+        index = 0
         for epoch in itertools.count():
             for text in iter_texts(self.data, "train", epoch, shuffle=True):
                 buf += _CACHE(self.tok, text) + [self.tok.eos_token_id]
                 while len(buf) >= n:
                     rows.append(buf[:n])
                     buf = buf[n:]
-                    if len(rows) == self.spec.batch_size:
-                        yield torch.tensor(rows)
-                        rows = []
+                    if len(rows) == size:
+                        if worker_builds(index, 0):
+                            yield torch.tensor(self.rank.part(rows, self.spec.batch_size))
+                        rows, index = [], index + 1
 
 
 class CausalLMModule(L.LightningModule):
-    def __init__(self, model, spec: LMSpec) -> None:
+    def __init__(self, model, spec: LMSpec, data: DataSpec, tokenizer) -> None:
         super().__init__()
-        self.model, self.spec = model, spec
+        self.model, self.spec, self.data, self.tokenizer = model, spec, data, tokenizer
         self.losses: list[torch.Tensor] = []  # detached; read once at the end (no per-step sync)
+
+    def train_dataloader(self) -> DataLoader:
+        # Built once the ranks are known; one loader process tokenizes ahead of the accelerator.
+        rank = DataRank(self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(_TokenBlocks(self.data, self.tokenizer, self.spec, rank), batch_size=None,
+                          num_workers=self.data.num_workers)
 
     def training_step(self, block: torch.Tensor, idx: int) -> torch.Tensor:
         logits = self.model(input_ids=block[:, :-1]).logits
         loss = mean_loss(logits.float(), block[:, 1:])
-        self.log("lm/loss", loss, prog_bar=True)
-        self.losses.append(loss.detach())
+        # Every rank's rows are equally long, so the global batch's loss is the mean over ranks.
+        world = self.trainer.world_size
+        global_loss = loss.detach() if world == 1 else all_reduce_sum(loss.detach()) / world
+        self.log("lm/loss", global_loss, prog_bar=True)
+        self.losses.append(global_loss)
         return loss
 
     def configure_optimizers(self):
@@ -99,12 +123,13 @@ def is_decoder_dir(path: str | Path) -> bool:
     ).is_file()
 
 
-def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: bool = True) -> dict:
-    """Train and save the LM to ``spec.out_dir`` (which must not exist); return a summary."""
+def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: bool = True) -> dict | None:
+    """Train and save the LM to ``spec.out_dir`` (which must not exist); return a summary
+    (None on ranks other than global rank 0, which neither save nor report)."""
     import time
 
     out = Path(spec.out_dir)
-    if out.exists():
+    if out.exists() and launched_as_rank_zero():
         raise FileExistsError(f"{out} exists; remove it or choose another lm.out_dir")
     data.check()
     start = time.time()
@@ -119,13 +144,21 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     model = tiny_causal_lm(cfg, seed=spec.seed)
-    module = CausalLMModule(model, spec)
-    trainer = L.Trainer(max_steps=spec.max_steps, accelerator=accelerator, devices=1, logger=False,
+    module = CausalLMModule(model, spec, data, tokenizer)
+    vocab = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    agree = RankAgreement(lambda trainer, m: {"tokenizer": vocab, "spec": spec.__dict__})
+    trainer = L.Trainer(max_steps=spec.max_steps, accelerator=accelerator, devices=spec.devices,
+                        num_nodes=spec.num_nodes, strategy=spec.strategy, logger=False, callbacks=[agree],
                         enable_checkpointing=False, enable_progress_bar=progress, gradient_clip_val=1.0,
-                        enable_model_summary=False, precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
-    # One loader process tokenizes ahead while the accelerator trains (order is unchanged).
-    loader = DataLoader(_TokenBlocks(data, tokenizer, spec), batch_size=None, num_workers=data.num_workers)
-    trainer.fit(module, loader)
+                        enable_model_summary=False, use_distributed_sampler=False,
+                        precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true")
+    try:
+        trainer.fit(module)
+    except BaseException:
+        stop_launched_ranks(trainer)
+        raise
+    if not trainer.is_global_zero:
+        return None
     model = model.cpu().float()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -136,7 +169,8 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
         k = max(1, len(losses) // 10)
         summary = {"steps": len(losses), "seconds": round(time.time() - start, 1),
                    "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
-                   "parameters": sum(p.numel() for p in model.parameters()), "spec": spec.__dict__}
+                   "parameters": sum(p.numel() for p in model.parameters()), "spec": spec.__dict__,
+                   "world_size": trainer.world_size, "global_batch": spec.batch_size * trainer.world_size}
         atomic_write_json(tmp / "lm_summary.json", summary)
         tmp.rename(out)
     except BaseException:
