@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_NAME, FORMAT_VERSION, ARCConfig
+from .config import CONFIG_NAME, FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, ARCConfig
 from .encoder import ARCEncoder
 from .model import ARCModel
 from .projector import Projector
@@ -123,7 +123,10 @@ def read_manifest(directory: PathLike) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest is missing")
-    return read_json_file(path, FORMAT_VERSION)
+    data = read_json_file(path)
+    if data.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:  # older formats: arc_config.json maps them
+        raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not one of {list(SUPPORTED_FORMAT_VERSIONS)}")
+    return data
 
 
 def verify_checkpoint(directory: PathLike) -> list[str]:
