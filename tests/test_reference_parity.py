@@ -118,7 +118,7 @@ def test_legacy_options_differ_from_reference(kind):
 
 
 def test_group_sizes():
-    for (n, pf), sizes in {(17, 8): [6, 6, 5], (7, 4): [4, 3], (3, 4): [3], (16, 8): [8, 8], (9, 4): [3, 3, 3],
+    for (n, pf), sizes in {(17, 8): [6, 6, 5], (7, 4): [4, 3], (3, 4): [3], (16, 8): [8, 8], (9, 4): [3, 3, 3], (17, 4): [4, 4, 3, 3, 3],
                            (13, 3): [3, 3, 3, 2, 2], (5, 1): [1] * 5}.items():
         assert ref.group_sizes(n, pf) == sizes, (n, pf)
         member = group_membership(torch.tensor([n]), torch.tensor([pf]), n, math.ceil(n / pf), "balanced")
