@@ -402,19 +402,7 @@ def reference_to_model(
     return model.eval()
 
 
-def convert_reference(
-    src: PathLike,
-    dst: PathLike,
-    decoders: Sequence[ReferenceDecoder],
-    backbone: ReferenceBackbone | PathLike | None = None,
-    tokenizer: str | None = None,
-    base_model: str = "",
-    chunk_len: int = 1024,
-    max_chunks: int = 32,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Convert ``src`` (see ``reference_to_model``) and write it to ``dst`` with ``save_pretrained``."""
-    model = reference_to_model(src, decoders, backbone, tokenizer, base_model, chunk_len, max_chunks, dtype)
-    return model.save_pretrained(dst, overwrite=overwrite)
-
+def convert_reference(src: PathLike, dst: PathLike, decoders: Sequence[ReferenceDecoder], overwrite: bool = False,
+                      **options: Any) -> Path:
+    """Convert ``src`` and write it to ``dst`` with ``save_pretrained``; ``options``: see ``reference_to_model``."""
+    return reference_to_model(src, decoders, **options).save_pretrained(dst, overwrite=overwrite)

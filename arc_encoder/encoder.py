@@ -167,15 +167,13 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
-def _missing(obj: object, parts: Sequence[str]) -> list[str]:
-    missing = []
-    for dotted in parts:
-        node = obj
-        for name in dotted.split("."):
-            node = getattr(node, name, None)
-        if node is None:
-            missing.append(dotted)
-    return missing
+def _lacks(obj: object, dotted: str) -> bool:
+    """True when the dotted attribute path is absent (or None) on obj."""
+    for name in dotted.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return True
+    return False
 
 
 class BackboneAdapter:
@@ -188,7 +186,8 @@ class BackboneAdapter:
     family: ClassVar[BackboneFamily]
     rotary: ClassVar[bool] = True  # positions enter through RoPE in every block
     final_norm_name: ClassVar[str | None] = None  # attribute of the norm after the last block
-    required: ClassVar[tuple[str, ...]] = ()  # backbone attributes, dotted from the first block "block."
+    # Dotted attributes the encoder uses: on the backbone, or on its first block ("block.").
+    required: ClassVar[tuple[str, ...]] = ()
 
     def matches(self, backbone: PreTrainedModel) -> bool:
         raise NotImplementedError
@@ -196,8 +195,8 @@ class BackboneAdapter:
     def check(self, backbone: PreTrainedModel) -> None:
         """ValueError naming the model type and every missing part."""
         block = self.blocks(backbone)[0]
-        missing = [p for p in self.required if not p.startswith("block.") and _missing(backbone, [p])]
-        missing += [p for p in self.required if p.startswith("block.") and _missing(block, [p[6:]])]
+        missing = [p for p in self.required
+                   if (_lacks(block, p.removeprefix("block.")) if p.startswith("block.") else _lacks(backbone, p))]
         if missing:
             model_type = getattr(backbone.config, "model_type", "?")
             raise ValueError(
@@ -597,8 +596,7 @@ class ARCEncoder(nn.Module):
         blocks = self.blocks
         for block in blocks[:-1]:
             hidden = adapter.run_block(block, hidden, mask, position_ids, position_embeddings)
-        pooling = GroupPooling(valid, input_ids.shape[1], pfs, self.config.pooling_groups,
-                               hidden.dtype, hidden.device)
+        pooling = self._pooling(hidden, valid, pfs)
         pooled = self._pooled_block(blocks[-1], hidden, valid, pooling, position_embeddings)
         norm = adapter.final_norm(bb) if self.config.final_norm else None
         if norm is not None:

@@ -151,40 +151,28 @@ def _d(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().double()
 
 
-def layers_from_hf_llama(sd: dict[str, Tensor]) -> list[PreNormLayer]:
-    """Hugging Face Llama/Mistral/Qwen2/Qwen3 base-model tensors (``layers.N.self_attn.q_proj.weight``)."""
-    count = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
-    layers = []
-    for i in range(count):
-        p = f"layers.{i}."
-        layers.append(PreNormLayer(
-            attn_norm=_d(sd[p + "input_layernorm.weight"]),
-            wq=_d(sd[p + "self_attn.q_proj.weight"]), wk=_d(sd[p + "self_attn.k_proj.weight"]),
-            wv=_d(sd[p + "self_attn.v_proj.weight"]), wo=_d(sd[p + "self_attn.o_proj.weight"]),
-            bq=_d(sd.get(p + "self_attn.q_proj.bias")), bk=_d(sd.get(p + "self_attn.k_proj.bias")),
-            bv=_d(sd.get(p + "self_attn.v_proj.bias")),
-            q_norm=_d(sd.get(p + "self_attn.q_norm.weight")), k_norm=_d(sd.get(p + "self_attn.k_norm.weight")),
-            ffn_norm=_d(sd[p + "post_attention_layernorm.weight"]),
-            w1=_d(sd[p + "mlp.gate_proj.weight"]), w3=_d(sd[p + "mlp.up_proj.weight"]),
-            w2=_d(sd[p + "mlp.down_proj.weight"]),
-        ))
-    return layers
+# PreNormLayer field -> tensor name in one block, per layout (absent optional tensors stay None).
+HF_LLAMA_NAMES = {
+    "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight", "ffn_norm": "post_attention_layernorm.weight",
+    "w1": "mlp.gate_proj.weight", "w3": "mlp.up_proj.weight", "w2": "mlp.down_proj.weight",
+}
+REFERENCE_NAMES = {  # the reference's Mistral-style names (TransformerBlock, Attention, FeedForward)
+    "attn_norm": "attention_norm.weight", "wq": "attention.wq.weight", "wk": "attention.wk.weight",
+    "wv": "attention.wv.weight", "wo": "attention.wo.weight", "ffn_norm": "ffn_norm.weight",
+    "w1": "feed_forward.w1.weight", "w3": "feed_forward.w3.weight", "w2": "feed_forward.w2.weight",
+}
 
 
-def layers_from_reference(sd: dict[str, Tensor], n_layers: int) -> list[PreNormLayer]:
-    """The reference's Mistral-style tensors (``layers.N.attention.wq.weight``, ``feed_forward.w1``)."""
-    layers = []
-    for i in range(n_layers):
-        p = f"layers.{i}."
-        layers.append(PreNormLayer(
-            attn_norm=_d(sd[p + "attention_norm.weight"]),
-            wq=_d(sd[p + "attention.wq.weight"]), wk=_d(sd[p + "attention.wk.weight"]),
-            wv=_d(sd[p + "attention.wv.weight"]), wo=_d(sd[p + "attention.wo.weight"]),
-            ffn_norm=_d(sd[p + "ffn_norm.weight"]),
-            w1=_d(sd[p + "feed_forward.w1.weight"]), w3=_d(sd[p + "feed_forward.w3.weight"]),
-            w2=_d(sd[p + "feed_forward.w2.weight"]),
-        ))
-    return layers
+def prenorm_layers(sd: dict[str, Tensor], count: int, names: dict[str, str]) -> list[PreNormLayer]:
+    return [PreNormLayer(**{field: _d(sd.get(f"layers.{i}.{name}")) for field, name in names.items()})
+            for i in range(count)]
+
+
+def _layer_count(sd: dict[str, Tensor]) -> int:
+    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
 
 
 def prenorm_block(h: Tensor, layer: PreNormLayer, shape: PreNormShape, sizes: list[int] | None) -> Tensor:
@@ -224,8 +212,8 @@ def hf_llama_shape(config) -> PreNormShape:
 
 def hf_llama_encoder(backbone, ids: list[int], pooling_factor: int) -> Tensor:
     sd = backbone.state_dict()
-    return prenorm_encoder(ids, sd["embed_tokens.weight"], layers_from_hf_llama(sd), hf_llama_shape(backbone.config),
-                           pooling_factor)
+    layers = prenorm_layers(sd, _layer_count(sd), HF_LLAMA_NAMES)
+    return prenorm_encoder(ids, sd["embed_tokens.weight"], layers, hf_llama_shape(backbone.config), pooling_factor)
 
 
 # ---------------------------------------------------------------------------- GPT-NeoX
@@ -236,7 +224,7 @@ def hf_neox_encoder(backbone, ids: list[int], pooling_factor: int) -> Tensor:
     hd = cfg.hidden_size // heads
     rot = int(hd * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
     theta = cfg.rope_parameters["rope_theta"]
-    count = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    count = _layer_count(sd)
     h = sd["embed_in.weight"][torch.tensor(ids)]
     for i in range(count):
         p = f"layers.{i}."
@@ -309,7 +297,7 @@ def reference_layout_encoder(tensors: dict[str, Tensor], model_args: dict, ids: 
     theta = model_args["rope_theta"]
     shape = PreNormShape(model_args["n_heads"], model_args["n_kv_heads"], model_args["head_dim"],
                          model_args["norm_eps"], lambda x, pos: rope_interleaved(x, pos, theta))
-    layers = layers_from_reference(tensors, model_args["n_layers"])
+    layers = prenorm_layers(tensors, model_args["n_layers"], REFERENCE_NAMES)
     return prenorm_encoder(ids, tensors["tok_embeddings.weight"], layers, shape, pooling_factor)
 
 
