@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_NAME, FORMAT_VERSION, ARCConfig
+from .config import CONFIG_NAME, FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, ARCConfig
 from .storage import (
     PathLike,
     atomic_save_tensors,
@@ -135,7 +135,10 @@ def read_manifest(directory: PathLike) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest is missing")
-    return read_json_file(path, FORMAT_VERSION)
+    data = read_json_file(path)
+    if data.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:  # older formats: arc_config.json maps them
+        raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not one of {list(SUPPORTED_FORMAT_VERSIONS)}")
+    return data
 
 
 def verify_checkpoint(directory: PathLike) -> list[str]:

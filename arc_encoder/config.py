@@ -17,15 +17,51 @@ from typing import Any, Literal, get_args
 # Where the pooled queries sit in RoPE space.
 #   "pooled_index": the m pooled queries take positions 0..m-1 (ARC-Encoder reference).
 #   "group_mean":   each token query is rotated at its own position, then the group is
-#                   averaged (pooling happens after RoPE).
+#                   averaged (pooling happens after RoPE; needs pooled_query_input="pooled_queries").
 PooledQueryPositions = Literal["pooled_index", "group_mean"]
+# What the pooled block's queries are computed from.
+#   "pooled_hidden":  queries from attention_norm(mean of the block's INPUT states per group)
+#                     (ARC-Encoder reference, ``forward_embedder`` + ``TransformerBlock``).
+#   "pooled_queries": the mean of the per-token queries (after norm and projection): format-1 behaviour.
+PooledQueryInput = Literal["pooled_hidden", "pooled_queries"]
+# How n tokens are cut into m = ceil(n / pf) groups.
+#   "balanced":   sizes differ by at most one, larger first (reference ``split_integer(n, -pf)``:
+#                 17 tokens at pf 8 -> 6, 6, 5).
+#   "fixed_tail": groups of pf tokens and a shorter tail (17 at pf 8 -> 8, 8, 1): format-1 behaviour.
+PoolingGroups = Literal["balanced", "fixed_tail"]
 ProjectorActivation = Literal["none", "gelu", "silu"]
+# Where the special tokens live.
+#   "encoder": one vector per token in ENCODER space, mapped by the projector (reference:
+#              ``rec_tok`` / ``cont_tok`` embeddings of the encoder width, initialised to ones).
+#   "decoder": free vectors in the decoder's embedding space: format-1 behaviour.
+SpecialTokenSpace = Literal["encoder", "decoder"]
 SpecialToken = Literal["continuation", "reconstruction"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
 
 CONFIG_NAME = "arc_config.json"
-FORMAT_VERSION = 1
+# 2: the reference-faithful encoder and projector (issue 11). 1: the earlier semantics,
+# still loaded with their recorded settings (see ``upgrade_v1``).
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+
+# Format 1 had no key for these settings; this is what it computed. Applied to every
+# format-1 config so an old checkpoint never silently gets the new defaults.
+LEGACY_ENCODER_OPTIONS: dict[str, Any] = {
+    "pooled_residual": False,
+    "final_norm": True,
+    "pooled_query_input": "pooled_queries",
+    "pooling_groups": "fixed_tail",
+}
+LEGACY_PROJECTOR_OPTIONS: dict[str, Any] = {"bias": True, "special_token_space": "decoder"}
+_V1_ENCODER_KEYS = frozenset({
+    "base_model", "layers_removed", "pooling_factor", "pooled_query_positions", "pooled_residual",
+    "final_norm", "chunk_len", "max_chunks", "attn_implementation", "pooling_factors",
+})
+_V1_PROJECTOR_KEYS = frozenset({
+    "input_dim", "output_dim", "hidden_dim", "activation", "decoder", "decoder_vocab_size", "special_tokens",
+})
 
 
 def torch_dtype(name: str):
@@ -38,8 +74,20 @@ def torch_dtype(name: str):
 
 def _check_literal(name: str, value: Any, allowed_type: Any) -> None:
     allowed = get_args(allowed_type)
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """An int (never a bool or a string) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    """A real bool: a YAML/JSON string such as "no" is an error, not a truthy value."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -55,26 +103,35 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 
 @dataclass
 class EncoderConfig:
-    """How the encoder is cut out of a causal LM and where it pools.
+    """How the encoder is cut out of a pretrained LM and how its last block pools.
 
-    ``base_model`` is a local path (or hub id) of any HF causal LM of the Llama family
-    (Llama, Mistral, Qwen2, Qwen3...). The last ``layers_removed`` transformer blocks are
-    dropped (paper: 2); the last remaining block pools its queries by ``pooling_factor``.
+    ``base_model`` is a local path (or hub id) of a Llama-family causal LM (Llama, Mistral,
+    Qwen2, Qwen3), a GPT-NeoX-family LM or a BERT-style encoder. The last ``layers_removed``
+    blocks are dropped (paper: 2); the last remaining block pools by ``pooling_factor``.
+
+    The defaults compute what the ARC-Encoder reference computes (DESIGN.md): in the last
+    block ``pooled_h`` = mean of the block input over balanced groups, queries from
+    ``attention_norm(pooled_h)``, ``h' = pooled_h + attn``, ``out = h' + FFN(ffn_norm(h'))``,
+    no final norm. ``pooled_residual``, ``pooled_query_input``, ``pooling_groups`` and
+    ``final_norm`` keep the earlier (format-1) semantics available as explicit options.
     """
 
     base_model: str
     layers_removed: int = 2
     pooling_factor: int = 4
     pooled_query_positions: PooledQueryPositions = "pooled_index"
-    # Reference: the pooled block has no residual around attention (input is full length).
-    pooled_residual: bool = False
-    # Apply the backbone's final norm to the pooled states (keeps the projector's input scale fixed).
-    final_norm: bool = True
+    pooled_query_input: PooledQueryInput = "pooled_hidden"
+    pooling_groups: PoolingGroups = "balanced"
+    # The pooled block's residual is the pooled block input (reference). False: no residual
+    # around the pooled attention (format 1).
+    pooled_residual: bool = True
+    # Apply the backbone's final norm to the pooled states. The reference does not (format 1 did).
+    final_norm: bool = False
     # Long contexts are split into chunks of at most this many tokens (paper: 1024).
     chunk_len: int = 1024
     # A context longer than chunk_len * max_chunks tokens is refused (paper: 32 x 1024).
     max_chunks: int = 32
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: AttnImplementation = "auto"
     # Mixed-pooling training: every sample draws its factor from this set, so one encoder
     # serves entropy-adaptive compression (arc_encoder.adaptive). Empty: pooling_factor only.
     pooling_factors: tuple[int, ...] = ()
@@ -82,18 +139,18 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model:
             raise ValueError("base_model must be a non-empty path or model id")
-        if not isinstance(self.pooling_factor, int) or self.pooling_factor < 1:
-            raise ValueError(f"pooling_factor must be an integer >= 1, got {self.pooling_factor!r}")
-        if not isinstance(self.layers_removed, int) or self.layers_removed < 0:
-            raise ValueError(f"layers_removed must be an integer >= 0, got {self.layers_removed!r}")
-        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
-            raise ValueError(f"chunk_len must be an integer >= 1, got {self.chunk_len!r}")
-        if not isinstance(self.max_chunks, int) or self.max_chunks < 1:
-            raise ValueError(f"max_chunks must be an integer >= 1, got {self.max_chunks!r}")
+        _check_int("pooling_factor", self.pooling_factor, 1)
+        _check_int("layers_removed", self.layers_removed, 0)
+        _check_int("chunk_len", self.chunk_len, 1)
+        _check_int("max_chunks", self.max_chunks, 1)
+        _check_bool("pooled_residual", self.pooled_residual)
+        _check_bool("final_norm", self.final_norm)
         if self.chunk_len < self.pooling_factor:
             raise ValueError(
                 f"chunk_len ({self.chunk_len}) must be >= pooling_factor ({self.pooling_factor})"
             )
+        if isinstance(self.pooling_factors, (str, bytes)) or not isinstance(self.pooling_factors, (list, tuple)):
+            raise ValueError(f"pooling_factors must be a list of integers, got {self.pooling_factors!r}")
         self.pooling_factors = tuple(self.pooling_factors)
         for pf in self.pooling_factors:
             if isinstance(pf, bool) or not isinstance(pf, int) or not 1 <= pf <= self.chunk_len:
@@ -108,11 +165,15 @@ class EncoderConfig:
                 )
             self.pooling_factors = tuple(sorted(self.pooling_factors))
         _check_literal("pooled_query_positions", self.pooled_query_positions, PooledQueryPositions)
-        _check_literal(
-            "attn_implementation",
-            self.attn_implementation,
-            Literal["auto", "sdpa", "eager", "flash_attention_2"],
-        )
+        _check_literal("pooled_query_input", self.pooled_query_input, PooledQueryInput)
+        _check_literal("pooling_groups", self.pooling_groups, PoolingGroups)
+        _check_literal("attn_implementation", self.attn_implementation, AttnImplementation)
+        if self.pooled_query_positions == "group_mean" and self.pooled_query_input != "pooled_queries":
+            raise ValueError(
+                "pooled_query_positions='group_mean' rotates per-token queries before averaging them; "
+                "it needs pooled_query_input='pooled_queries' (got "
+                f"pooled_query_input={self.pooled_query_input!r})"
+            )
 
     def check_backbone(self, num_hidden_layers: int) -> int:
         """Return the number of layers kept; ValueError when the backbone is too shallow."""
@@ -143,37 +204,87 @@ class EncoderConfig:
             )
 
     def compressed_len(self, num_tokens: int, pooling_factor: int | None = None) -> int:
-        """Number of vectors a chunk of ``num_tokens`` tokens becomes."""
+        """Number of vectors a chunk of ``num_tokens`` tokens becomes (either grouping: ceil(n / pf))."""
         return -(-num_tokens // (pooling_factor or self.pooling_factor))
 
 
 @dataclass
 class ProjectorConfig:
-    """One decoder's projector: encoder width -> hidden -> decoder width (paper: no activation).
+    """One decoder's projector: encoder width -> hidden -> decoder width, plus its special tokens.
 
-    ``decoder`` records where the frozen decoder lives and ``decoder_vocab_size`` /
-    ``decoder_hidden_size`` let loads refuse a projector paired with the wrong decoder.
+    Defaults follow the reference (``EmbProjector`` type "mlp"): two linear layers without
+    bias and no activation; the special tokens are encoder-space vectors that go through
+    the same two layers. ``decoder`` records where the frozen decoder lives and
+    ``decoder_vocab_size`` lets loads refuse a projector paired with the wrong decoder.
     """
 
     input_dim: int
     output_dim: int
     hidden_dim: int = 2048
     activation: ProjectorActivation = "none"
+    bias: bool = False
+    special_token_space: SpecialTokenSpace = "encoder"
     decoder: str = ""
     decoder_vocab_size: int | None = None
     special_tokens: tuple[str, ...] = ("continuation", "reconstruction")
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "output_dim", "hidden_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            _check_int(name, getattr(self, name), 1)
+        if self.decoder_vocab_size is not None:
+            _check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
+        if not isinstance(self.decoder, str):
+            raise ValueError(f"decoder must be a path or model id string, got {self.decoder!r}")
+        _check_bool("bias", self.bias)
         _check_literal("activation", self.activation, ProjectorActivation)
+        _check_literal("special_token_space", self.special_token_space, SpecialTokenSpace)
+        if isinstance(self.special_tokens, (str, bytes)) or not isinstance(self.special_tokens, (list, tuple)):
+            raise ValueError(f"special_tokens must be a list of names, got {self.special_tokens!r}")
         self.special_tokens = tuple(self.special_tokens)
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ValueError(f"special_tokens has duplicates: {self.special_tokens}")
         for tok in self.special_tokens:
             _check_literal("special token", tok, SpecialToken)
+
+    @property
+    def special_token_dim(self) -> int:
+        """Width of the stored special-token vectors (encoder or decoder space)."""
+        return self.input_dim if self.special_token_space == "encoder" else self.output_dim
+
+
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 ``arc_config.json`` dict as format 2, with format 1's semantics stated explicitly.
+
+    Format 1 wrote no key for ``pooled_query_input``, ``pooling_groups``, ``bias`` or
+    ``special_token_space``; those get ``LEGACY_*_OPTIONS``. A format-1 file that does carry
+    a format-2 key is not a file we wrote: refused, naming the key.
+    """
+    where = "format_version 1 config"
+    encoder = data.get("encoder")
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{where}: 'encoder' must be a mapping")
+    _refuse_unknown(encoder, _V1_ENCODER_KEYS, f"{where}: encoder")
+    projectors = data.get("projectors", {})
+    if not isinstance(projectors, dict):
+        raise ValueError(f"{where}: 'projectors' must be a mapping")
+    upgraded = {}
+    for name, proj in projectors.items():
+        if not isinstance(proj, dict):
+            raise ValueError(f"{where}: projectors.{name} must be a mapping")
+        _refuse_unknown(proj, _V1_PROJECTOR_KEYS, f"{where}: projectors.{name}")
+        upgraded[name] = {**LEGACY_PROJECTOR_OPTIONS, **proj}
+    _refuse_unknown(data, {"encoder", "projectors", "format_version"}, where)
+    return {
+        "encoder": {**LEGACY_ENCODER_OPTIONS, **encoder},
+        "projectors": upgraded,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _refuse_unknown(data: dict[str, Any], allowed: frozenset[str] | set[str], where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
 
 
 @dataclass
@@ -202,7 +313,8 @@ class ARCConfig:
         self.projectors = fixed
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
-                f"format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
+                f"format_version {self.format_version!r} is not supported here (expected {FORMAT_VERSION}; "
+                "files of older formats go through ARCConfig.from_dict)"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +322,21 @@ class ARCConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ARCConfig:
+        """A config as read from JSON; older formats are mapped explicitly, never defaulted."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ARCConfig: expected a mapping, got {type(data).__name__}")
+        version = data.get("format_version")
+        if "format_version" not in data:
+            raise ValueError(
+                "format_version is missing: every arc_config.json records it, and a config without "
+                f"it cannot be told apart from an older format (current: {FORMAT_VERSION})"
+            )
+        if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(
+                f"format_version {version!r} is not supported (supported: {list(SUPPORTED_FORMAT_VERSIONS)})"
+            )
+        if version == 1:
+            data = upgrade_v1(data)
         return dataclass_from_dict(cls, data, "ARCConfig")
 
     @classmethod

@@ -1,43 +1,46 @@
-"""ARCEncoder: a Hugging Face transformer turned into a bidirectional, pooling text encoder.
+"""ARCEncoder: a pretrained Hugging Face transformer turned into a bidirectional, pooling text encoder.
 
-Two backbone families are supported:
+Every block but the last is the backbone's own block (and attention kernel), called with a
+padding-only mask, so attention is bidirectional. The last block pools, as the ARC-Encoder
+reference does (``forward_embedder`` + ``TransformerBlock``, DESIGN.md):
 
-* "llama": the base transformer of any Llama-family causal LM (Llama, Mistral, Qwen2,
-  Qwen3: pre-norm blocks with ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
-  ``post_attention_layernorm``, ``mlp``, rotary positions). This is the paper's setting.
-* "neox": GPT-NeoX-family causal LMs (Pythia, GPT-NeoX: fused ``query_key_value``, partial
-  rotary, parallel residual). In the pooled block the MLP reads the pooled block input
-  when the residual is parallel.
-* "bert": BERT-style post-norm encoders (BERT, MiniLM: ``attention.self.{query,key,value}``,
-  absolute positions), so a real pretrained encoder shipped on PyPI can be the starting point.
+    pooled_h = mean of the block INPUT h over m = ceil(n / pf) groups   (balanced sizes)
+    r        = attention(queries from attention_norm(pooled_h) at RoPE positions 0..m-1,
+                         keys/values from attention_norm(h) at positions 0..n-1)
+    h'       = pooled_h + r;   out = h' + FFN(ffn_norm(h'))            (no final norm)
 
-We keep the backbone's own blocks and attention kernels for every layer but the last, called
-with a padding-only (bidirectional) mask. The last block is run here, with its queries
-averaged in groups of ``pooling_factor`` while keys and values stay full length, so a chunk
-of n tokens becomes ceil(n / pooling_factor) vectors.
+so a chunk of n tokens becomes ceil(n / pf) vectors. ``EncoderConfig`` keeps the earlier
+semantics as explicit options (no residual, mean of per-token queries, fixed-size groups
+with a short tail, final norm).
+
+Three backbone families share that one pooled block through the adapters in ``ADAPTERS``:
+
+* "llama": Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3 with its per-head q/k
+  norms): pre-norm blocks, ``self_attn.{q,k,v,o}_proj``, rotary positions. The paper's setting.
+* "neox": GPT-NeoX-family LMs (Pythia): fused ``query_key_value``, partial rotary, and a
+  parallel residual, whose pooled analogue is ``out = pooled_h + r + FFN(ffn_norm(pooled_h))``.
+* "bert": BERT-style post-norm encoders (BERT, MiniLM): absolute positions, so pooled queries
+  need no rotation; ``h' = LN1(pooled_h + r)``, ``out = LN2(h' + FFN(h'))``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from .config import EncoderConfig
-
-_REQUIRED_BLOCK_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
-_REQUIRED_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+from .config import EncoderConfig, PoolingGroups
 
 
 @dataclass
 class EncoderOutput:
-    """Pooled encoder states. Row b holds ``lengths[b]`` valid vectors, then padding."""
+    """Pooled encoder states. Row b holds ``lengths[b]`` valid vectors, then zeros."""
 
     hidden_states: torch.Tensor  # [batch, compressed_len, hidden]
     attention_mask: torch.Tensor  # [batch, compressed_len], bool, True = valid
@@ -59,30 +62,77 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def pool_groups(x: torch.Tensor, valid: torch.Tensor | None, pooling_factor: int) -> torch.Tensor:
-    """Mean over consecutive groups of ``pooling_factor`` positions along dim -2.
+# ---------------------------------------------------------------------------- grouping
+def group_membership(
+    lengths: torch.Tensor, pooling_factors: torch.Tensor, n: int, m: int, groups: PoolingGroups
+) -> torch.Tensor:
+    """[batch, m, n] bool: token t of row b belongs to pooled vector g.
 
-    x: [batch, ..., n, d]; valid: [batch, n] bool (right padded), or None when no row is
-    padded. Padding never enters a mean, so a sequence's shorter tail group is the mean of
-    its real tokens only. Returns [batch, ..., ceil(n / pooling_factor), d].
+    Row b has ``lengths[b]`` real tokens (right padded) cut into ceil(length / pf_b) groups;
+    padding belongs to no group, and groups past a row's own count are empty.
+    "balanced": sizes differ by at most one, larger first (reference ``split_integer(n, -pf)``:
+    17 @ 8 -> 6, 6, 5; 7 @ 4 -> 4, 3; n < pf -> one group). "fixed_tail": pf, pf, ..., rest.
     """
-    n = x.shape[-2]
-    groups = -(-n // pooling_factor)
-    pad = groups * pooling_factor - n
-    if valid is None:
-        counts = torch.full((groups, 1), float(pooling_factor), dtype=x.dtype, device=x.device)
-        counts[-1] = pooling_factor - pad  # the tail group is shorter
-        x = F.pad(x, (0, 0, 0, pad)) if pad else x
-        return x.unflatten(-2, (groups, pooling_factor)).sum(-2) / counts
-    # Broadcast the [batch, n] mask over every middle dim of x.
-    weight = valid.to(x.dtype).view(valid.shape[0], *([1] * (x.dim() - 3)), n, 1)
-    x = x * weight
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-        weight = F.pad(weight, (0, 0, 0, pad))
-    x = x.unflatten(-2, (groups, pooling_factor)).sum(-2)  # [batch, ..., groups, d]
-    counts = weight.unflatten(-2, (groups, pooling_factor)).sum(-2).clamp(min=1)
-    return x / counts
+    t = torch.arange(n, device=lengths.device)[None, :]  # [1, n]
+    length, pf = lengths[:, None], pooling_factors[:, None]  # [batch, 1]
+    if groups == "fixed_tail":
+        gid = t // pf
+    else:
+        count = -(-length // pf)  # groups in this row
+        size, larger = length // count, length % count  # the first `larger` groups hold size + 1
+        head = larger * (size + 1)
+        gid = torch.where(t < head, t // (size + 1), larger + (t - head) // size)
+    gid = gid.masked_fill(t >= length, -1)  # [batch, n]
+    return gid[:, None, :] == torch.arange(m, device=lengths.device)[None, :, None]
+
+
+class GroupPooling:
+    """Means over each row's token groups, built once and applied to states or per-head queries."""
+
+    def __init__(
+        self,
+        valid: torch.Tensor | None,
+        n: int,
+        pooling_factors: Sequence[int],
+        groups: PoolingGroups,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        pfs = list(pooling_factors)
+        self.num_groups = -(-n // min(pfs))  # the widest row's group count, for any lengths
+        if all(pf == 1 for pf in pfs):
+            self.weights = self.counts = None  # every token is its own group
+            return
+        b = len(pfs)
+        lengths = valid.sum(-1) if valid is not None else torch.full((b,), n, device=device)
+        member = group_membership(lengths, torch.tensor(pfs, device=device), n, self.num_groups, groups)
+        # 0/1 weights are exact in any dtype; the sum is divided by the count afterwards.
+        self.weights = member.to(dtype)  # [batch, m, n]
+        self.counts = self.weights.sum(-1, keepdim=True).clamp(min=1)  # [batch, m, 1]; empty groups -> 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, ..., n, d] -> [batch, ..., m, d]."""
+        if self.weights is None:
+            return x
+        middle = [1] * (x.dim() - 3)  # broadcast over heads
+        w = self.weights.view(x.shape[0], *middle, *self.weights.shape[1:]).to(x.dtype)
+        c = self.counts.view(x.shape[0], *middle, *self.counts.shape[1:]).to(x.dtype)
+        return (w @ x) / c
+
+
+def pool_groups(
+    x: torch.Tensor,
+    valid: torch.Tensor | None,
+    pooling_factor: int | Sequence[int],
+    groups: PoolingGroups = "balanced",
+) -> torch.Tensor:
+    """Group means along dim -2 of x [batch, ..., n, d] (valid: [batch, n] right-padded, or None).
+
+    ``pooling_factor``: one factor, or one per row. Padding never enters a mean. Returns
+    [batch, ..., ceil(n / min(pf)), d]; groups a row does not have are zeros.
+    """
+    pfs = [pooling_factor] * x.shape[0] if isinstance(pooling_factor, int) else list(pooling_factor)
+    return GroupPooling(valid, x.shape[-2], pfs, groups, x.dtype, x.device)(x)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +143,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on x [batch, heads, n, head_dim] with cos/sin [batch, n, rot_dim].
 
-    Handles partial rotary (rot_dim < head_dim) by rotating the leading rot_dim channels.
+    Hugging Face's rotate-half convention; partial rotary (rot_dim < head_dim) rotates the
+    leading rot_dim channels.
     """
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
     rot = cos.shape[-1]
@@ -103,88 +154,302 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+# ---------------------------------------------------------------------------- adapters
 BackboneFamily = Literal["llama", "neox", "bert"]
+_SUPPORTED = (
+    "only Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3, ...), GPT-NeoX-family LMs "
+    "and BERT-style encoders are supported"
+)
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[batch, n, heads * head_dim] -> [batch, heads, n, head_dim]."""
+    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def _lacks(obj: object, dotted: str) -> bool:
+    """True when the dotted attribute path is absent (or None) on obj."""
+    for name in dotted.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return True
+    return False
+
+
+class BackboneAdapter:
+    """Where one backbone family keeps the parts the encoder needs.
+
+    ``ARCEncoder`` is written once over these methods: the full-length blocks run as the
+    backbone runs them, and the pooled block is assembled from the family's own modules.
+    """
+
+    family: ClassVar[BackboneFamily]
+    rotary: ClassVar[bool] = True  # positions enter through RoPE in every block
+    final_norm_name: ClassVar[str | None] = None  # attribute of the norm after the last block
+    # Dotted attributes the encoder uses: on the backbone, or on its first block ("block.").
+    required: ClassVar[tuple[str, ...]] = ()
+
+    def matches(self, backbone: PreTrainedModel) -> bool:
+        raise NotImplementedError
+
+    def check(self, backbone: PreTrainedModel) -> None:
+        """ValueError naming the model type and every missing part."""
+        block = self.blocks(backbone)[0]
+        missing = [p for p in self.required
+                   if (_lacks(block, p.removeprefix("block.")) if p.startswith("block.") else _lacks(backbone, p))]
+        if missing:
+            model_type = getattr(backbone.config, "model_type", "?")
+            raise ValueError(
+                f"backbone model_type={model_type!r} looks like the {self.family!r} family but lacks "
+                f"{missing}: {_SUPPORTED}"
+            )
+
+    def prepare(self, backbone: PreTrainedModel, config: EncoderConfig) -> None:
+        """Checks and trimming when an encoder is built.
+
+        Without ``final_norm`` (the reference) the backbone's final norm is never used: it
+        becomes an identity, so its weight is neither saved nor handed to an optimiser (DDP
+        refuses parameters that get no gradient), as the truncated blocks are.
+        """
+        if self.final_norm_name and not config.final_norm:
+            setattr(backbone, self.final_norm_name, nn.Identity())
+
+    def blocks(self, backbone: PreTrainedModel) -> nn.ModuleList:
+        return backbone.layers
+
+    def set_blocks(self, backbone: PreTrainedModel, blocks: nn.ModuleList) -> None:
+        backbone.layers = blocks
+
+    def self_attention(self, block: nn.Module) -> nn.Module:
+        """The module whose ``is_causal`` HF's attention kernels read."""
+        raise NotImplementedError
+
+    def embed(self, backbone: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+        return backbone.get_input_embeddings()(input_ids)
+
+    def run_block(self, block, hidden, mask, position_ids, position_embeddings) -> torch.Tensor:
+        out = block(hidden, attention_mask=mask, position_ids=position_ids,
+                    position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention_norm(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block.input_layernorm(x)
+
+    def queries(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[batch, n, hidden] -> [batch, heads, n, head_dim], before RoPE."""
+        raise NotImplementedError
+
+    def keys_values(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, n, hidden] -> keys, values [batch, kv_heads, n, head_dim], keys before RoPE."""
+        raise NotImplementedError
+
+    def attention_scale(self, block: nn.Module) -> float:
+        raise NotImplementedError
+
+    def attention_output(self, block: nn.Module, context: torch.Tensor) -> torch.Tensor:
+        """[batch, m, heads * head_dim] -> [batch, m, hidden] (the output projection)."""
+        raise NotImplementedError
+
+    def block_output(
+        self, block: nn.Module, attn: torch.Tensor, pooled_in: torch.Tensor, residual: bool
+    ) -> torch.Tensor:
+        """Pre-norm block end: ``h' = pooled_in + attn``, ``out = h' + FFN(ffn_norm(h'))``."""
+        h = attn + pooled_in if residual else attn
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def final_norm(self, backbone: PreTrainedModel) -> nn.Module | None:
+        """The backbone's norm after its last block (None: the family has none)."""
+        return getattr(backbone, self.final_norm_name) if self.final_norm_name else None
+
+
+class LlamaAdapter(BackboneAdapter):
+    family = "llama"
+    final_norm_name = "norm"
+    required = ("embed_tokens", "layers", "norm", "rotary_emb", "block.self_attn.q_proj",
+                "block.self_attn.k_proj", "block.self_attn.v_proj", "block.self_attn.o_proj",
+                "block.input_layernorm", "block.post_attention_layernorm", "block.mlp")
+
+    def matches(self, backbone):
+        return hasattr(backbone, "embed_tokens") and hasattr(backbone, "layers")
+
+    def self_attention(self, block):
+        return block.self_attn
+
+    def queries(self, block, x):
+        attn = block.self_attn
+        q = attn.q_proj(x).view(*x.shape[:2], -1, attn.head_dim)  # [b, n, heads, hd]
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q = attn.q_norm(q)
+        return q.transpose(1, 2)
+
+    def keys_values(self, block, x):
+        attn = block.self_attn
+        k = attn.k_proj(x).view(*x.shape[:2], -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        return k.transpose(1, 2), _heads(attn.v_proj(x), attn.head_dim)
+
+    def attention_scale(self, block):
+        return getattr(block.self_attn, "scaling", block.self_attn.head_dim**-0.5)
+
+    def attention_output(self, block, context):
+        return block.self_attn.o_proj(context)
+
+
+
+class NeoXAdapter(BackboneAdapter):
+    family = "neox"
+    final_norm_name = "final_layer_norm"
+    required = ("embed_in", "layers", "final_layer_norm", "rotary_emb", "block.attention.query_key_value",
+                "block.attention.dense", "block.input_layernorm", "block.post_attention_layernorm", "block.mlp")
+
+    def matches(self, backbone):
+        return hasattr(backbone, "embed_in") and hasattr(backbone, "layers")
+
+    def self_attention(self, block):
+        return block.attention
+
+    def _qkv(self, block, x):
+        hd = block.attention.head_size
+        qkv = block.attention.query_key_value(x).view(*x.shape[:2], -1, 3 * hd).transpose(1, 2)
+        return qkv.chunk(3, dim=-1)  # each [b, heads, n, hd]
+
+    def queries(self, block, x):
+        return self._qkv(block, x)[0]
+
+    def keys_values(self, block, x):
+        _, k, v = self._qkv(block, x)
+        return k, v
+
+    def attention_scale(self, block):
+        return block.attention.scaling
+
+    def attention_output(self, block, context):
+        return block.attention.dense(context)
+
+    def block_output(self, block, attn, pooled_in, residual):
+        if not block.use_parallel_residual:
+            return super().block_output(block, attn, pooled_in, residual)
+        # x + attn(ln1 x) + mlp(ln2 x), with the pooled input in the place of x
+        out = attn + block.mlp(block.post_attention_layernorm(pooled_in))
+        return out + pooled_in if residual else out
+
+
+
+class BertAdapter(BackboneAdapter):
+    family = "bert"
+    rotary = False
+    required = ("embeddings", "encoder.layer", "block.attention.self.query", "block.attention.self.key",
+                "block.attention.self.value", "block.attention.output.dense",
+                "block.attention.output.LayerNorm", "block.intermediate", "block.output")
+
+    def matches(self, backbone):
+        return hasattr(backbone, "embeddings") and hasattr(getattr(backbone, "encoder", None), "layer")
+
+    def prepare(self, backbone, config):
+        super().prepare(backbone, config)
+        max_pos = getattr(backbone.config, "max_position_embeddings", None)
+        if max_pos is not None and config.chunk_len > max_pos:
+            raise ValueError(
+                f"chunk_len={config.chunk_len} exceeds the BERT backbone's "
+                f"max_position_embeddings={max_pos}; set chunk_len <= {max_pos}"
+            )
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # the [CLS] pooler is never used; keep it out of the weights
+
+    def blocks(self, backbone):
+        return backbone.encoder.layer
+
+    def set_blocks(self, backbone, blocks):
+        backbone.encoder.layer = blocks
+
+    def self_attention(self, block):
+        return block.attention.self
+
+    def embed(self, backbone, input_ids):
+        return backbone.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+
+    def run_block(self, block, hidden, mask, position_ids, position_embeddings):
+        out = block(hidden, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention_norm(self, block, x):
+        return x  # post-norm: attention reads the block input as is
+
+    def queries(self, block, x):
+        sa = block.attention.self
+        return _heads(sa.query(x), sa.attention_head_size)
+
+    def keys_values(self, block, x):
+        sa = block.attention.self
+        return _heads(sa.key(x), sa.attention_head_size), _heads(sa.value(x), sa.attention_head_size)
+
+    def attention_scale(self, block):
+        return block.attention.self.attention_head_size**-0.5
+
+    def attention_output(self, block, context):
+        return block.attention.output.dense(context)
+
+    def block_output(self, block, attn, pooled_in, residual):
+        h = block.attention.output.LayerNorm(attn + pooled_in if residual else attn)
+        return block.output(block.intermediate(h), h)  # LN2(h + FFN(h))
+
+
+# Checked in this order: the first whose layout matches is the family.
+ADAPTERS: dict[BackboneFamily, BackboneAdapter] = {
+    "bert": BertAdapter(),
+    "neox": NeoXAdapter(),
+    "llama": LlamaAdapter(),
+}
+
+
+def backbone_adapter(backbone: PreTrainedModel) -> BackboneAdapter:
+    """The adapter for ``backbone``'s block layout; ValueError naming the model type if none fits."""
+    for adapter in ADAPTERS.values():
+        if adapter.matches(backbone):
+            adapter.check(backbone)
+            return adapter
+    model_type = getattr(backbone.config, "model_type", "?")
+    raise ValueError(f"backbone model_type={model_type!r} has an unknown layout: {_SUPPORTED}")
 
 
 def backbone_family(backbone: PreTrainedModel) -> BackboneFamily:
-    """Which block layout the backbone has; ValueError naming the model type if neither."""
-    model_type = getattr(backbone.config, "model_type", "?")
-    if hasattr(backbone, "encoder") and hasattr(backbone, "embeddings") and hasattr(backbone.encoder, "layer"):
-        block = backbone.encoder.layer[0]
-        if all(hasattr(block.attention.self, p) for p in ("query", "key", "value")):
-            return "bert"
-        raise ValueError(f"backbone model_type={model_type!r}: BERT-like blocks without query/key/value")
-    if hasattr(backbone, "embed_in") and hasattr(backbone, "layers"):
-        block = backbone.layers[0]
-        if hasattr(block, "attention") and hasattr(block.attention, "query_key_value"):
-            return "neox"
-        raise ValueError(f"backbone model_type={model_type!r}: GPT-NeoX-like blocks without query_key_value")
-    _check_llama_like(backbone)
-    return "llama"
-
-
-def _check_llama_like(backbone: PreTrainedModel) -> None:
-    model_type = getattr(backbone.config, "model_type", "?")
-    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if not hasattr(backbone, attr):
-            raise ValueError(
-                f"backbone model_type={model_type!r} has no '{attr}': only Llama-family causal "
-                "LMs (Llama, Mistral, Qwen2, Qwen3, ...), GPT-NeoX-family LMs and BERT-style encoders "
-                "are supported"
-            )
-    block = backbone.layers[0]
-    missing = [p for p in _REQUIRED_BLOCK_PARTS if not hasattr(block, p)]
-    missing += [f"self_attn.{p}" for p in _REQUIRED_ATTN_PARTS if not hasattr(block.self_attn, p)]
-    if missing:
-        raise ValueError(
-            f"backbone model_type={model_type!r} blocks lack {missing}: only Llama-family "
-            "blocks (pre-norm, separate q/k/v/o projections) can be pooled"
-        )
+    return backbone_adapter(backbone).family
 
 
 def backbone_blocks(backbone: PreTrainedModel) -> nn.ModuleList:
-    return backbone.encoder.layer if backbone_family(backbone) == "bert" else backbone.layers
+    return backbone_adapter(backbone).blocks(backbone)
 
 
 def truncate_backbone(backbone: PreTrainedModel, keep: int) -> None:
     """Drop all blocks after the first ``keep`` (in place), keeping the config consistent."""
-    blocks = nn.ModuleList(list(backbone_blocks(backbone))[:keep])
-    if backbone_family(backbone) == "bert":
-        backbone.encoder.layer = blocks
-    else:
-        backbone.layers = blocks
+    adapter = backbone_adapter(backbone)
+    adapter.set_blocks(backbone, nn.ModuleList(list(adapter.blocks(backbone))[:keep]))
     backbone.config.num_hidden_layers = keep
     layer_types = getattr(backbone.config, "layer_types", None)
     if layer_types is not None:
         backbone.config.layer_types = list(layer_types)[:keep]
 
 
+# ---------------------------------------------------------------------------- encoder
 class ARCEncoder(nn.Module):
-    """Bidirectional encoder whose last block pools queries by ``config.pooling_factor``."""
+    """Bidirectional encoder whose last block pools by ``config.pooling_factor``."""
 
     def __init__(self, config: EncoderConfig, backbone: PreTrainedModel) -> None:
         super().__init__()
-        self.family: BackboneFamily = backbone_family(backbone)
-        blocks = backbone_blocks(backbone)
+        self.adapter = backbone_adapter(backbone)
+        self.family: BackboneFamily = self.adapter.family
+        blocks = self.adapter.blocks(backbone)
         if backbone.config.num_hidden_layers != len(blocks):
             raise ValueError(
                 f"backbone config says {backbone.config.num_hidden_layers} layers but has {len(blocks)}"
             )
-        max_pos = getattr(backbone.config, "max_position_embeddings", None)
-        if self.family == "bert" and max_pos is not None and config.chunk_len > max_pos:
-            raise ValueError(
-                f"chunk_len={config.chunk_len} exceeds the BERT backbone's "
-                f"max_position_embeddings={max_pos}; set chunk_len <= {max_pos}"
-            )
-        if self.family == "bert" and getattr(backbone, "pooler", None) is not None:
-            backbone.pooler = None  # the [CLS] pooler is never used; keep it out of the weights
+        self.adapter.prepare(backbone, config)
         self.config = config
         self.backbone = backbone
         # Every attention module must run non-causally (read by HF's SDPA/flash paths).
-        for layer in blocks:
-            attn = {"llama": lambda: layer.self_attn, "neox": lambda: layer.attention,
-                    "bert": lambda: layer.attention.self}[self.family]()
-            attn.is_causal = False
+        for block in blocks:
+            self.adapter.self_attention(block).is_causal = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -226,7 +491,7 @@ class ARCEncoder(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return backbone_blocks(self.backbone)
+        return self.adapter.blocks(self.backbone)
 
     @property
     def hidden_size(self) -> int:
@@ -280,18 +545,23 @@ class ARCEncoder(nn.Module):
                 raise ValueError(f"pooling factors must be integers >= 1, got {pf!r}")
         return pfs
 
+    def _positions(self, hidden: torch.Tensor, count: int):
+        """Position ids 0..count-1 per row and the backbone's RoPE (cos, sin) at them."""
+        pos = torch.arange(count, device=hidden.device).unsqueeze(0).expand(hidden.shape[0], count)
+        return pos, self.backbone.rotary_emb(hidden, position_ids=pos)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pooling_factors: int | Sequence[int] | None = None,
     ) -> EncoderOutput:
-        """Encode right-padded token ids [batch, n] into [batch, ceil(n / pf), hidden].
+        """Encode right-padded token ids [batch, n] into [batch, ceil(n / min pf), hidden].
 
-        ``pooling_factors``: None (the config's), one int, or one int per row. Rows with
-        different factors share every full-length layer; only the pooled block runs once per
-        distinct factor (entropy-adaptive compression, ``arc_encoder.adaptive``). Row b then
-        holds ceil(n_b / pf_b) valid vectors (``lengths``); positions after them are padding.
+        ``pooling_factors``: None (the config's), one int, or one int per row. Each row's
+        groups come from its own length and factor, so rows with different factors share one
+        pass (entropy-adaptive compression, ``arc_encoder.adaptive``). Row b holds
+        ceil(n_b / pf_b) valid vectors (``lengths``); the positions after them are zeros.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -317,169 +587,88 @@ class ARCEncoder(nn.Module):
         if all_valid:
             valid = None  # no padding: masks can be dropped (lets SDPA pick its fastest kernel)
 
-        if self.family == "bert":
-            pooled = self._forward_bert(input_ids, valid, pfs)
-        else:
-            pooled = self._forward_rotary(input_ids, valid, pfs)
+        adapter, bb = self.adapter, self.backbone
+        hidden = adapter.embed(bb, input_ids)  # [batch, n, hidden]
+        position_ids = position_embeddings = None
+        if adapter.rotary:
+            position_ids, position_embeddings = self._positions(hidden, input_ids.shape[1])
+        mask = self._layer_mask(valid, hidden.dtype)
+        blocks = self.blocks
+        for block in blocks[:-1]:
+            hidden = adapter.run_block(block, hidden, mask, position_ids, position_embeddings)
+        pooling = self._pooling(hidden, valid, pfs)
+        pooled = self._pooled_block(blocks[-1], hidden, valid, pooling, position_embeddings)
+        norm = adapter.final_norm(bb) if self.config.final_norm else None
+        if norm is not None:
+            pooled = norm(pooled)
+
         if len(set(pfs)) == 1:
             compressed_lengths = -(-lengths // pfs[0])
         else:
             compressed_lengths = -(-lengths // torch.tensor(pfs, device=lengths.device))
         out_mask = torch.arange(pooled.shape[1], device=pooled.device)[None, :] < compressed_lengths[:, None]
+        if valid is not None or len(set(pfs)) > 1:  # some rows end early: zero what follows
+            pooled = pooled.masked_fill(~out_mask[..., None], 0.0)
         return EncoderOutput(pooled, out_mask, compressed_lengths)
-
-    @staticmethod
-    def _pool_rows(
-        pooled_fn: Callable[..., torch.Tensor],
-        hidden: torch.Tensor,
-        valid: torch.Tensor | None,
-        pfs: list[int],
-        per_row: tuple[torch.Tensor, ...] = (),
-    ) -> torch.Tensor:
-        """Run ``pooled_fn(hidden, valid, pf, *per_row)`` once per distinct factor, rows scattered back.
-
-        One factor (the common case) is a single call. Mixed factors give [batch, max_m, d]
-        with zeros after each row's own ceil(n / pf_b) vectors.
-        """
-        if len(set(pfs)) == 1:
-            return pooled_fn(hidden, valid, pfs[0], *per_row)
-        b, n, _ = hidden.shape
-        out: torch.Tensor | None = None
-        for pf in sorted(set(pfs)):
-            idx = torch.tensor([i for i, p in enumerate(pfs) if p == pf], device=hidden.device)
-            sub_valid = None if valid is None else valid[idx]
-            part = pooled_fn(hidden[idx], sub_valid, pf, *(t[idx] for t in per_row))  # [rows, m_pf, d]
-            if out is None:
-                out = part.new_zeros(b, -(-n // min(pfs)), part.shape[-1])
-            out = out.index_put((idx[:, None], torch.arange(part.shape[1], device=idx.device)[None, :]), part)
-        return out
-
-    def _forward_rotary(self, input_ids: torch.Tensor, valid: torch.Tensor | None, pfs: list[int]) -> torch.Tensor:
-        """Llama-family and GPT-NeoX backbones: rotary positions, pre-norm blocks, final norm."""
-        bb = self.backbone
-        hidden = bb.get_input_embeddings()(input_ids)  # [batch, n, hidden]
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
-        position_embeddings = bb.rotary_emb(hidden, position_ids=position_ids)
-        mask = self._layer_mask(valid, hidden.dtype)
-        for layer in bb.layers[:-1]:
-            out = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
-
-        cos, sin = position_embeddings
-
-        def pooled_fn(h, v, pf, c, s):
-            return self.pooled_block(bb.layers[-1], h, v, (c, s), pf)
-
-        pooled = self._pool_rows(pooled_fn, hidden, valid, pfs, (cos, sin))
-        if self.config.final_norm:
-            pooled = (bb.final_layer_norm if self.family == "neox" else bb.norm)(pooled)
-        return pooled
-
-    def _forward_bert(self, input_ids: torch.Tensor, valid: torch.Tensor | None, pfs: list[int]) -> torch.Tensor:
-        """BERT-style post-norm backbone: absolute positions, so pooled queries need no RoPE.
-
-        The pooled block mirrors the Llama path: attention output projection with no residual
-        (unless ``pooled_residual``), then the block's own LayerNorms and feed-forward. BERT
-        has no final norm (every block ends in one), so ``final_norm`` does not apply.
-        """
-        bb = self.backbone
-        hidden = bb.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-        mask = self._layer_mask(valid, hidden.dtype)
-        for layer in bb.encoder.layer[:-1]:
-            out = layer(hidden, attention_mask=mask)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return self._pool_rows(self._bert_pooled_block, hidden, valid, pfs)
-
-    def _bert_pooled_block(self, hidden: torch.Tensor, valid: torch.Tensor | None, pf: int) -> torch.Tensor:
-        """BERT's last block with pooled queries: [batch, n, hidden] -> [batch, ceil(n / pf), hidden]."""
-        layer = self.backbone.encoder.layer[-1]
-        sa = layer.attention.self
-        b, n, _ = hidden.shape
-        hd = sa.attention_head_size
-        q = pool_groups(sa.query(hidden).view(b, n, -1, hd).transpose(1, 2), valid, pf)  # [b, h, m, hd]
-        k = sa.key(hidden).view(b, n, -1, hd).transpose(1, 2)
-        v = sa.value(hidden).view(b, n, -1, hd).transpose(1, 2)
-        key_mask = None if valid is None else valid[:, None, None, :]
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=hd**-0.5)
-        ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], -1)  # [b, m, hidden]
-        attn_out = layer.attention.output
-        h = attn_out.dense(ctx)
-        if self.config.pooled_residual:
-            h = h + pool_groups(hidden, valid, pf)
-        h = attn_out.LayerNorm(h)
-        return layer.output(layer.intermediate(h), h)
 
     def pooled_block(
         self,
         layer: nn.Module,
         hidden: torch.Tensor,
         valid: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        pooling_factor: int | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        pooling_factor: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """The last block with pooled queries: [batch, n, hidden] -> [batch, m, hidden]."""
-        pf = pooling_factor or self.config.pooling_factor
-        attn_out = self.pooled_attention(layer, hidden, valid, position_embeddings, pf)
-        if getattr(layer, "use_parallel_residual", False):  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
-            pooled_in = pool_groups(hidden, valid, pf)
-            out = attn_out + layer.mlp(layer.post_attention_layernorm(pooled_in))
-            return out + pooled_in if self.config.pooled_residual else out
-        if self.config.pooled_residual:
-            attn_out = attn_out + pool_groups(hidden, valid, pf)
-        return attn_out + layer.mlp(layer.post_attention_layernorm(attn_out))
+        """The last block with pooling: [batch, n, hidden] -> [batch, m, hidden] (before any final norm)."""
+        pooling = self._pooling(hidden, valid, pooling_factor)
+        return self._pooled_block(layer, hidden, valid, pooling, position_embeddings)
 
     def pooled_attention(
         self,
         layer: nn.Module,
         hidden: torch.Tensor,
         valid: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        pooling_factor: int | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        pooling_factor: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Self-attention with group-mean queries and full-length keys/values (no residual)."""
-        pf = pooling_factor or self.config.pooling_factor
-        b, n, _ = hidden.shape
-        x = layer.input_layernorm(hidden)
-        if self.family == "neox":
-            attn = layer.attention
-            head_dim = attn.head_size
-            qkv = attn.query_key_value(x).view(b, n, -1, 3 * head_dim).transpose(1, 2)
-            q, k, v = qkv.chunk(3, dim=-1)  # each [b, heads, n, hd]
-            out_proj = attn.dense
-        else:
-            attn = layer.self_attn
-            head_dim = attn.head_dim
-            q = attn.q_proj(x).view(b, n, -1, head_dim)  # [b, n, heads, hd]
-            k = attn.k_proj(x).view(b, n, -1, head_dim)  # [b, n, kv_heads, hd]
-            v = attn.v_proj(x).view(b, n, -1, head_dim).transpose(1, 2)  # [b, kv_heads, n, hd]
-            if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, heads, n, hd]
-            out_proj = attn.o_proj
-        cos, sin = position_embeddings
-        k = apply_rope(k, cos, sin)
-        if self.config.pooled_query_positions == "group_mean":
-            q = pool_groups(apply_rope(q, cos, sin), valid, pf)
-        else:  # "pooled_index": pool raw queries, then rotate at positions 0..m-1
-            q = pool_groups(q, valid, pf)
-            m = q.shape[-2]
-            pos = torch.arange(m, device=hidden.device).unsqueeze(0).expand(b, m)
-            cos_p, sin_p = self.backbone.rotary_emb(hidden, position_ids=pos)
-            q = apply_rope(q, cos_p, sin_p)
+        """Only the pooled block's attention (output projection included, no residual): [batch, m, hidden]."""
+        pooling = self._pooling(hidden, valid, pooling_factor)
+        return self._pooled_attention(layer, hidden, pooling(hidden), valid, pooling, position_embeddings)
+
+    def _pooling(self, hidden, valid, pooling_factor) -> GroupPooling:
+        pfs = self.row_pooling_factors(hidden.shape[0], pooling_factor)
+        return GroupPooling(valid, hidden.shape[1], pfs, self.config.pooling_groups, hidden.dtype, hidden.device)
+
+    def _pooled_block(self, layer, hidden, valid, pooling: GroupPooling, position_embeddings) -> torch.Tensor:
+        pooled_in = pooling(hidden)  # [b, m, hidden]: the block input, averaged per group
+        attn = self._pooled_attention(layer, hidden, pooled_in, valid, pooling, position_embeddings)
+        return self.adapter.block_output(layer, attn, pooled_in, self.config.pooled_residual)
+
+    def _pooled_attention(
+        self, layer, hidden, pooled_in, valid, pooling: GroupPooling, position_embeddings
+    ) -> torch.Tensor:
+        """m pooled queries attend over all n valid keys, bidirectionally: [batch, m, hidden]."""
+        ad, cfg = self.adapter, self.config
+        b, m = hidden.shape[0], pooling.num_groups
+        x = ad.attention_norm(layer, hidden)
+        k, v = ad.keys_values(layer, x)  # [b, kv_heads, n, hd]
+        if cfg.pooled_query_input == "pooled_hidden":  # reference: queries of the averaged input
+            q = ad.queries(layer, ad.attention_norm(layer, pooled_in))  # [b, heads, m, hd]
+            rotate_pooled = True
+        else:  # format 1: average the per-token queries
+            q = ad.queries(layer, x)  # [b, heads, n, hd]
+            if position_embeddings is not None and cfg.pooled_query_positions == "group_mean":
+                q = apply_rope(q, *position_embeddings)
+                rotate_pooled = False
+            else:
+                rotate_pooled = True
+            q = pooling(q)
+        if position_embeddings is not None:
+            k = apply_rope(k, *position_embeddings)
+            if rotate_pooled:  # pooled queries sit at positions 0..m-1
+                q = apply_rope(q, *self._positions(hidden, m)[1])
         key_mask = None if valid is None else valid[:, None, None, :]  # [b, 1, 1, n]
         out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=key_mask,
-            scale=getattr(attn, "scaling", head_dim**-0.5),
-            enable_gqa=q.shape[1] != k.shape[1],
+            q, k, v, attn_mask=key_mask, scale=ad.attention_scale(layer), enable_gqa=q.shape[1] != k.shape[1]
         )  # [b, heads, m, hd]
-        out = out.transpose(1, 2).reshape(b, out.shape[2], -1)  # [b, m, heads * hd]
-        return out_proj(out)
+        return ad.attention_output(layer, out.transpose(1, 2).reshape(b, m, -1))

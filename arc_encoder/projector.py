@@ -1,11 +1,25 @@
 """Per-decoder projector: maps pooled encoder states into one decoder's embedding space.
 
-It also owns that decoder's learned special-token embeddings (continuation / reconstruction
-markers). They live here, not in the decoder's vocabulary, so the decoder stays frozen and
-unmodified, and adapting to a new decoder trains exactly this module.
+It also owns that decoder's learned special tokens (continuation / reconstruction markers).
+They live here, not in the decoder's vocabulary, so the decoder stays frozen and unmodified,
+and adapting to a new decoder trains exactly this module.
+
+As in the reference (``EmbProjector`` type "mlp", ``rec_tok``/``cont_tok`` in
+``enhanced_transformer.py``): ``Linear(enc, hidden, bias=False) -> Linear(hidden, dec,
+bias=False)``, no activation, and one ENCODER-space vector per special token, initialised
+to ones, that goes through the same two layers as the compressed states. Tensors:
+
+    net.0.weight     [hidden_dim, input_dim]
+    net.2.weight     [output_dim, hidden_dim]
+    special_tokens   [len(special_tokens), input_dim]   rows in ProjectorConfig.special_tokens order
+
+Format-1 projectors (``bias=True``, ``special_token_space="decoder"``) add ``net.0.bias``,
+``net.2.bias`` and store ``special_tokens`` as [n, output_dim] decoder-space vectors used as is.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,35 +36,58 @@ class Projector(nn.Module):
         super().__init__()
         self.config = config
         self.net = nn.Sequential(
-            nn.Linear(config.input_dim, config.hidden_dim),
+            nn.Linear(config.input_dim, config.hidden_dim, bias=config.bias),
             _ACTIVATIONS[config.activation](),
-            nn.Linear(config.hidden_dim, config.output_dim),
+            nn.Linear(config.hidden_dim, config.output_dim, bias=config.bias),
         )
-        # [num_special, decoder_dim]; rows ordered as config.special_tokens.
-        self.special_tokens = nn.Parameter(
-            torch.randn(len(config.special_tokens), config.output_dim) * 0.02
-        )
+        count, width = len(config.special_tokens), config.special_token_dim
+        if config.special_token_space == "encoder":
+            init = torch.ones(count, width)  # reference: torch.ones_like(rec_tok / cont_tok)
+        else:
+            init = torch.randn(count, width) * 0.02  # rescaled by match_decoder_embeddings
+        self.special_tokens = nn.Parameter(init)  # [num_special, special_token_dim]
 
     def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
         """[..., input_dim] -> [..., output_dim] in the decoder's embedding space."""
         return self.net(encoder_states)
 
-    def special_embedding(self, name: str) -> torch.Tensor:
-        """The [output_dim] embedding of special token ``name``."""
+    def special_index(self, name: str) -> int:
+        """Row of special token ``name`` in ``special_tokens``; ValueError naming the ones it has."""
         try:
-            index = self.config.special_tokens.index(name)
+            return self.config.special_tokens.index(name)
         except ValueError:
             raise ValueError(
                 f"projector has no special token {name!r}; it has {list(self.config.special_tokens)}"
             ) from None
-        return self.special_tokens[index]
+
+    def special_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        """[len(names), output_dim]: the decoder-space embeddings of ``names`` (repeats allowed).
+
+        Encoder-space tokens go through the projector, exactly as the reference appends them to
+        the compressed sequence before its bridge module; a per-vector MLP makes "project,
+        then insert" identical to "insert, then project".
+        """
+        if isinstance(names, str):
+            raise ValueError("names must be a list of special-token names, not one string")
+        index = torch.tensor([self.special_index(n) for n in names], dtype=torch.long,
+                             device=self.special_tokens.device)
+        raw = self.special_tokens.index_select(0, index)  # [len(names), special_token_dim]
+        return self.net(raw) if self.config.special_token_space == "encoder" else raw
+
+    def special_embedding(self, name: str) -> torch.Tensor:
+        """The [output_dim] decoder-space embedding of special token ``name``."""
+        return self.special_embeddings([name])[0]
 
     @torch.no_grad()
     def match_decoder_embeddings(self, embedding_weight: torch.Tensor) -> None:
-        """Initialise special tokens at the scale of the decoder's real token embeddings.
+        """Initialise decoder-space special tokens at the scale of the decoder's real token embeddings.
 
         A marker far off the decoder's embedding norm would be an outlier input at step 0.
+        Encoder-space tokens (the default) keep the reference's ones init: the projector
+        sets their scale, so they are left unchanged here.
         """
+        if self.config.special_token_space == "encoder":
+            return
         std = embedding_weight.float().std().item()
         mean = embedding_weight.float().mean(0).to(self.special_tokens.device)
         self.special_tokens.copy_(

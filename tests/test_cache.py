@@ -125,7 +125,7 @@ def test_other_checkpoint_or_decoder_refused(setup, tmp_path):
     tmp, model, _, tok, ckpt, corpus = setup
     build_cache(ckpt, "dec", corpus, tmp_path / "c", docs_per_shard=4, model=model, progress=False)
     other, _ = make_model(tokenizer=tok, vocab_size=len(tok), dec_vocab=len(tok), chunk_len=16)
-    torch.nn.init.zeros_(other.projector("dec").net[0].bias)
+    torch.nn.init.zeros_(other.projector("dec").net[0].weight)  # the default projector has no bias
     other_ckpt = other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"built with checkpoint .*ckpt \(sha256 .*\), not .*other \(sha256"):
         CompressedCache(tmp_path / "c", checkpoint=other_ckpt)

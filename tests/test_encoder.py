@@ -26,7 +26,8 @@ def test_pf1_attention_equals_backbone_bidirectional_attention(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pf1_with_residual_equals_whole_bidirectional_backbone(family):
-    enc = make_encoder(family, pooling_factor=1, pooled_residual=True, layers_removed=0).eval()
+    # last_hidden_state ends in the backbone's final norm: the (non-default) final_norm option
+    enc = make_encoder(family, pooling_factor=1, pooled_residual=True, layers_removed=0, final_norm=True).eval()
     ids = torch.randint(3, 99, (2, 7))
     ours = enc(ids).hidden_states
     full = torch.ones(2, 1, 7, 7, dtype=torch.bool)
@@ -38,7 +39,7 @@ def test_pf1_with_residual_equals_whole_bidirectional_backbone(family):
 
 
 def _reference_pooled_attention(enc, layer, hidden, lengths, pf, positions):
-    """Explicit float64 loops: mean of each group's queries, softmax over all valid keys."""
+    """Explicit float64 loops: mean of each group's queries (fixed groups, short tail), softmax over all valid keys."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden).double()
     hd = attn.head_dim
@@ -72,7 +73,9 @@ def _reference_pooled_attention(enc, layer, hidden, lengths, pf, positions):
 @pytest.mark.parametrize("positions", ["pooled_index", "group_mean"])
 @pytest.mark.parametrize("pf", [3, 4])
 def test_pooled_queries_match_explicit_reference(family, positions, pf):
-    enc = make_encoder(family, pooling_factor=pf, pooled_query_positions=positions).eval()
+    # The format-1 options: mean of per-token queries over fixed groups with a short tail.
+    enc = make_encoder(family, pooling_factor=pf, pooled_query_positions=positions,
+                       pooled_query_input="pooled_queries", pooling_groups="fixed_tail").eval()
     layer = enc.backbone.layers[-1]
     lengths = [7, 5]  # 7 and 5 are not multiples of 3 or 4: short tail groups
     hidden = torch.randn(2, 7, 32)
@@ -87,7 +90,7 @@ def test_pooled_queries_match_explicit_reference(family, positions, pf):
 def test_pool_groups_tail_mean_ignores_padding():
     x = torch.arange(14, dtype=torch.float32).view(1, 7, 2).repeat(2, 1, 1)
     valid = _valid([7, 5], 7)
-    out = pool_groups(x, valid, 4)  # groups {0..3}, {4..6} / {4}
+    out = pool_groups(x, valid, 4, "fixed_tail")  # groups {0..3}, {4..6} / {4}
     assert out.shape == (2, 2, 2)
     torch.testing.assert_close(out[0, 1], x[0, 4:7].mean(0))
     torch.testing.assert_close(out[1, 1], x[1, 4])  # only token 4 is real in row 1's tail
@@ -183,7 +186,9 @@ def test_bert_chunk_len_over_positions_is_clear_error():
 def test_pool_groups_without_mask_equals_all_valid_mask():
     x = torch.randn(2, 3, 7, 5)
     for pf in (1, 3, 4, 8):
-        torch.testing.assert_close(pool_groups(x, None, pf), pool_groups(x, torch.ones(2, 7, dtype=torch.bool), pf))
+        for groups in ("balanced", "fixed_tail"):
+            torch.testing.assert_close(pool_groups(x, None, pf, groups),
+                                       pool_groups(x, torch.ones(2, 7, dtype=torch.bool), pf, groups))
 
 
 def _tiny_neox_encoder(pf, **cfg):
@@ -199,7 +204,7 @@ def _tiny_neox_encoder(pf, **cfg):
 
 
 def test_gpt_neox_pf1_with_residual_equals_whole_bidirectional_backbone():
-    enc = _tiny_neox_encoder(1, pooled_residual=True)
+    enc = _tiny_neox_encoder(1, pooled_residual=True, final_norm=True)  # last_hidden_state is final-normed
     assert enc.family == "neox" and enc.blocks[0].use_parallel_residual
     ids = torch.randint(3, 99, (2, 7))
     ours = enc(ids).hidden_states
@@ -210,7 +215,8 @@ def test_gpt_neox_pf1_with_residual_equals_whole_bidirectional_backbone():
 
 @pytest.mark.parametrize("positions", ["pooled_index", "group_mean"])
 def test_gpt_neox_pooling_lengths_and_padding(positions):
-    enc = _tiny_neox_encoder(4, pooled_query_positions=positions)
+    legacy = {"pooled_query_input": "pooled_queries"} if positions == "group_mean" else {}
+    enc = _tiny_neox_encoder(4, pooled_query_positions=positions, **legacy)
     ids = torch.randint(3, 99, (2, 7))
     out = enc(ids, _valid([7, 5], 7))
     assert out.hidden_states.shape == (2, 2, 32) and out.lengths.tolist() == [2, 2]

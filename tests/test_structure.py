@@ -108,7 +108,8 @@ def test_training_cache_build_does_not_import_library_commands():
 # A non-default, valid value for every EncoderConfig field; a new field must be added here.
 ENCODER_VALUES = dict(
     base_model="/models/some-lm", layers_removed=3, pooling_factor=2, pooled_query_positions="group_mean",
-    pooled_residual=True, final_norm=False, chunk_len=64, max_chunks=5, attn_implementation="eager",
+    pooled_query_input="pooled_queries", pooling_groups="fixed_tail",
+    pooled_residual=False, final_norm=True, chunk_len=64, max_chunks=5, attn_implementation="eager",
     pooling_factors=(2, 8),
 )
 
