@@ -261,9 +261,9 @@ class ARCModel(nn.Module):
             return None
         return self._per_chunk([len(self.chunk(ids, i)) for i, ids in enumerate(contexts)], pooling_factors)
 
-    @staticmethod
-    def _per_chunk(chunk_counts: list[int], pooling_factors: int | PoolingPlan) -> list[list[int]]:
-        """Expand ``pooling_factors`` to one factor per chunk, given each context's chunk count."""
+    def _per_chunk(self, chunk_counts: list[int], pooling_factors: int | PoolingPlan) -> list[list[int]]:
+        """Expand ``pooling_factors`` to one factor per chunk, given each context's chunk count;
+        every factor must be an integer in [1, chunk_len] (a larger one makes each chunk one vector)."""
         if isinstance(pooling_factors, int):
             pooling_factors = [pooling_factors] * len(chunk_counts)
         if len(pooling_factors) != len(chunk_counts):
@@ -273,6 +273,10 @@ class ARCModel(nn.Module):
             per_chunk = [pf] * n_chunks if isinstance(pf, int) else list(pf)
             if len(per_chunk) != n_chunks:
                 raise ValueError(f"context {i} has {n_chunks} chunks but {len(per_chunk)} pooling factors")
+            chunk_len = self.encoder.config.chunk_len
+            for f in per_chunk:
+                if isinstance(f, bool) or not isinstance(f, int) or not 1 <= f <= chunk_len:
+                    raise ValueError(f"context {i}: pooling factor {f!r} is not an integer in [1, chunk_len={chunk_len}]")
             plan.append(per_chunk)
         return plan
 

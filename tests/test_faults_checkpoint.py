@@ -189,6 +189,15 @@ def test_cli_commands_refuse_another_decoder_and_accept_the_override(with_decode
     assert "error: decoder 'q'" in err and "--allow-other-decoder" in err and "Traceback" not in err
     assert main(args + ["--allow-other-decoder"]) == 0
     assert "warning: decoder 'q'" in capsys.readouterr().err
+    from arc_encoder.cache.build import build_cache
+
+    (project / "docs.jsonl").write_text(json.dumps({"id": "a", "text": "A list is a mutable sequence."}) + "\n")
+    build_cache(ck, "q", project / "docs.jsonl", project / "cache", progress=False)
+    query = ["cache", "query", str(project / "cache"), "What is a list?", "--max-new-tokens", "2", "--device", "cpu",
+             "--decoder-path", str(project / "dec_b")]
+    assert main(query) == 2
+    assert "is not the decoder its projector was trained for" in capsys.readouterr().err
+    assert main(query + ["--allow-other-decoder"]) == 0
 
 
 def test_a_checkpoint_without_a_decoder_identity_loads_with_a_warning(with_decoder):

@@ -37,8 +37,14 @@ def run_main(argv, capsys) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------- items 1 and 2: data loss
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", " ", "x\n"])
-def test_run_name_that_is_not_one_plain_name_is_refused_before_anything(setup, tmp_path, capsys, name):
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../escape", " ", "x\n", "-x", ".hidden"])
+def test_run_name_must_be_one_plain_directory_name(name):
+    with pytest.raises(ValueError, match="run.name .* must be one directory name"):
+        cli.RunSpec(name=name)
+    cli.RunSpec(name="tiny-2.b_c")
+
+
+def test_an_empty_run_name_is_refused_before_anything(setup, tmp_path, capsys):
     cfg = pretrain_cfg(setup, tmp_path)
     ckpts = tmp_path / "ckpt"
     (ckpts / "other").mkdir(parents=True)
@@ -46,7 +52,7 @@ def test_run_name_that_is_not_one_plain_name_is_refused_before_anything(setup, t
     (ckpts / "notes.txt").write_text("unrelated")
     config = write_config(cfg, tmp_path / "c.yaml")
     before = tree(tmp_path)
-    code, err = run_main(["pretrain", "--config", config, "--run.name", name], capsys)
+    code, err = run_main(["pretrain", "--config", config, "--run.name", ""], capsys)
     assert code == 2 and "error:" in err and "run.name" in err and "Traceback" not in err
     assert tree(tmp_path) == before  # nothing created, nothing deleted
 
@@ -98,14 +104,12 @@ def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_record
     export = ARCModel.from_pretrained(tmp_path / "ckpt" / "r")
     assert export.encoder.config.pooling_factor == 2
     # max_steps (and devices, workers, logging) may change: continuing a run is what resume is for.
-    cli.pretrain(resume)
+    assert cli.resume_changes(tmp_path / "runs" / "r", "pretrain", resume) == {}
     # An explicit override is accepted and recorded in launches.json.
-    lr = replace(resume, trainer=replace(resume.trainer, max_steps=4), optim=replace(resume.optim, lr=1e-2),
-                 run=replace(resume.run, allow_config_changes=True))
-    cli.pretrain(lr)
+    lr = replace(resume, optim=replace(resume.optim, lr=1e-2), run=replace(resume.run, allow_config_changes=True))
+    assert cli.pretrain(lr).startswith("pretrain done: 3 steps")
     launches = json.loads((tmp_path / "runs" / "r" / "launches.json").read_text())["launches"]
-    assert launches[-1]["config_changes"] == {"optim.lr": [cfg.optim.lr, 1e-2]}
-    assert "config_changes" not in launches[1]  # max_steps is not a change of the run
+    assert "config_changes" not in launches[0] and launches[1]["config_changes"] == {"optim.lr": [cfg.optim.lr, 1e-2]}
 
 
 # ---------------------------------------------------------------------------- item 6: failures inside fit
@@ -115,8 +119,9 @@ def _data_file(tmp_path: Path, name: str, content: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["empty", "junk", "no_field", "too_short", "empty_validation"])
-def test_bad_data_fails_before_the_run_directory_exists_and_a_retry_works(setup, tmp_path, case, capsys):
+@pytest.mark.parametrize("case, through_main", [("empty", False), ("junk", True), ("no_field", False),
+                                                ("too_short", False), ("empty_validation", True)])
+def test_bad_data_fails_before_the_run_directory_exists_and_a_retry_works(setup, tmp_path, case, through_main, capsys):
     cfg = pretrain_cfg(setup, tmp_path, steps=1)
     good = cfg.data.train_files[0]
     bad = {"empty": ("train", ""), "junk": ("train", "this is { not json\n\x00\x01"),
@@ -126,14 +131,19 @@ def test_bad_data_fails_before_the_run_directory_exists_and_a_retry_works(setup,
     path = _data_file(tmp_path, f"bad_{case}.jsonl", bad[1])
     data = replace(cfg.data, train_files=[path]) if bad[0] == "train" else replace(cfg.data, validation_files=[path])
     data = replace(data, num_workers=1)  # errors must not surface as a DataLoader-worker traceback
-    argv = ["pretrain", "--config", write_config(replace(cfg, data=data), tmp_path / "c.yaml")]
-    code, err = run_main(argv, capsys)
-    assert code == 2 and "Traceback" not in err and "DataLoader worker" not in err, err
-    assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
+    if through_main:  # the command line: one error line, no loader-worker traceback
+        argv = ["pretrain", "--config", write_config(replace(cfg, data=data), tmp_path / "c.yaml")]
+        code, err = run_main(argv, capsys)
+        assert code == 2 and "Traceback" not in err and "DataLoader worker" not in err, err
+        assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
+    else:
+        with pytest.raises(ValueError) as info:
+            cli.prepare_pretrain(replace(cfg, data=data))
+        err = str(info.value)
     assert bad[0] in err and Path(path).name in err, err
     assert not (tmp_path / "runs" / "t").exists() and not (tmp_path / "ckpt" / "t").exists()
     assert "run directory" not in err
-    assert cli.pretrain(replace(cfg, data=replace(data, train_files=[good], validation_files=[good])))
+    cli.prepare_pretrain(replace(cfg, data=replace(data, train_files=[good], validation_files=[good])))
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_can_be_retried(setup, tmp_path, monkeypatch):
@@ -180,13 +190,18 @@ def test_a_run_that_fails_after_a_checkpoint_is_kept_for_resume(setup, tmp_path,
 
 
 # ---------------------------------------------------------------------------- item 13: smaller
-@pytest.mark.parametrize("key, value", [("trainer.max_steps", "0"), ("trainer.checkpoint_every_n_steps", "0"),
-                                        ("trainer.val_check_interval", "0"), ("trainer.log_every_n_steps", "0"),
-                                        ("trainer.accumulate_grad_batches", "0"), ("trainer.num_nodes", "0")])
-def test_meaningless_trainer_settings_are_refused(setup, tmp_path, capsys, key, value):
+@pytest.mark.parametrize("key", ["max_steps", "checkpoint_every_n_steps", "val_check_interval", "log_every_n_steps",
+                                 "accumulate_grad_batches", "num_nodes"])
+def test_meaningless_trainer_settings_are_refused(key):
+    with pytest.raises(ValueError, match=rf"trainer.{key} must be an integer >= 1"):
+        cli.TrainerSpec(**{key: 0})
+
+
+def test_max_steps_0_is_refused_on_the_command_line(setup, tmp_path, capsys):
     cfg = pretrain_cfg(setup, tmp_path)
-    code, err = run_main(["pretrain", "--config", write_config(cfg, tmp_path / "c.yaml"), f"--{key}", value], capsys)
-    assert code == 2 and key in err and "Traceback" not in err
+    code, err = run_main(["pretrain", "--config", write_config(cfg, tmp_path / "c.yaml"), "--trainer.max_steps", "0"],
+                         capsys)
+    assert code == 2 and "trainer.max_steps" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -234,3 +249,24 @@ def test_last_ckpt_is_written_atomically(tmp_path, monkeypatch):
     assert io.load_checkpoint(path)["step"] == 1
     trainer = cli.make_trainer(cli.TrainerSpec(accelerator="cpu", devices=1, progress_bar=False), tmp_path, [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_finetune_refuses_another_decoder_unless_allowed_and_then_records_it(setup, tmp_path):
+    from test_train import save_decoder
+
+    root, _, decs, tok = setup
+    cfg = pretrain_cfg(setup, tmp_path, steps=1)
+    cli.pretrain(cfg)
+    other = save_decoder(tmp_path / "other", tok, seed=9)  # decoder a's shape, other weights
+    qa = replace(cfg.data, train_files=[str(root / "qa.jsonl")], validation_files=[str(root / "qa.jsonl")])
+    ft = cli.FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), data=qa, trainer=cfg.trainer,
+                            decoders=[cli.DecoderSpec(name="a", path=other, projector_hidden_dim=16)],
+                            run=replace(cfg.run, name="ft"))
+    with pytest.raises(ValueError, match="is not the decoder its projector was trained for"):
+        cli.prepare_finetune(ft)
+    ft.decoders[0].allow_other_decoder = True
+    module, *_ = cli.prepare_finetune(ft)
+    from arc_encoder.model import decoder_identity
+
+    assert module.model.projector("a").config.decoder_sha256 == decoder_identity(module.decoders["a"])
+    assert module.model.projector("a").config.decoder == other

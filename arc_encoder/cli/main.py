@@ -121,9 +121,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         if args.adaptive:
             raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
                              "average factor with --adaptive-target")
-        if plan > enc.chunk_len:
-            raise ValueError(f"--pooling-factor {plan} is larger than the chunk length ({enc.chunk_len} tokens): "
-                             "every chunk would become one vector")
+        model.chunk_pooling(ids, plan)  # a factor that cannot apply is an error, before any warning
         try:
             enc.check_trained([plan])
         except ValueError as err:
@@ -135,7 +133,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
         decoder, dec_tok = None, None
         if policy.density == "decoder_nll":
-            decoder, dec_tok, _ = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device))
+            decoder, dec_tok, _ = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device),
+                                                     allow_other_decoder=args.allow_other_decoder)
         plan = plan_pooling(model, ids, policy, chunk_scorer(policy, decoder, dec_tok))
     with torch.no_grad():
         ctx = model.compress(ids, args.decoder, plan)
@@ -208,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adaptive_args(p)
     p.add_argument("--decoder-path", help="local HF decoder for --adaptive decoder_nll (default: the path recorded "
                    "in the checkpoint)")
+    add_allow_other_decoder_arg(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("generate", help="answer a prompt from a compressed context with the frozen decoder")
