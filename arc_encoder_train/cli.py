@@ -259,12 +259,15 @@ def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-# Settings a resumed run may change: how long and where it runs, how it logs. Anything else
-# (model, data, optimiser, batch) would make the export claim settings it was not trained with.
+# Settings a resumed run may change: how long and where it runs, how it logs, and how its global
+# batch is split (data.batch_size per device x devices x nodes x accumulate_grad_batches: the
+# global batch itself must stay, `_global_batch_change`). Anything else (model, data, optimiser)
+# would make the export claim settings it was not trained with.
 RESUMABLE_KEYS = frozenset({
     "run.resume", "run.allow_config_changes", "trainer.max_steps", "trainer.devices", "trainer.num_nodes",
     "trainer.strategy", "trainer.accelerator", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps", "trainer.val_check_interval", "data.num_workers",
+    "data.batch_size", "trainer.accumulate_grad_batches",
 })
 
 

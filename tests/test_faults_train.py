@@ -98,9 +98,12 @@ def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_record
     resume = replace(cfg, trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, resume=True))
     for changed, key in ((replace(resume, encoder=replace(resume.encoder, pooling_factor=3)), "encoder.pooling_factor"),
                          (replace(resume, optim=replace(resume.optim, lr=1e-2)), "optim.lr"),
-                         (replace(resume, data=replace(resume.data, batch_size=4)), "data.batch_size")):
+                         (replace(resume, data=replace(resume.data, shuffle_buffer=9)), "data.shuffle_buffer")):
         with pytest.raises(ValueError, match=rf"--run\.resume.*{key}"):
             cli.prepare_pretrain(changed)
+    # The per-device batch may change with the number of devices, the global batch may not.
+    with pytest.raises(ValueError, match="--run.resume: the global batch would change from 3 to 4"):
+        cli.pretrain(replace(resume, data=replace(resume.data, batch_size=4)))
     export = ARCModel.from_pretrained(tmp_path / "ckpt" / "r")
     assert export.encoder.config.pooling_factor == 2
     # max_steps (and devices, workers, logging) may change: continuing a run is what resume is for.
