@@ -201,7 +201,7 @@ class ARCModel(nn.Module):
                 f"{cfg.decoder_vocab_size}: wrong decoder or tokenizer"
             )
         accepted = decoder.__dict__.setdefault("_arc_accepted_for", set())
-        if name in accepted:
+        if (name, cfg.decoder_sha256) in accepted:
             return
         if not cfg.decoder_sha256:
             warnings.warn(f"projector {name!r} records no decoder identity (a checkpoint from before it was "
@@ -215,7 +215,7 @@ class ARCModel(nn.Module):
             if not allow_other_decoder:
                 raise ValueError(message + "; pass --allow-other-decoder (allow_other_decoder=True) to use it anyway")
             warnings.warn(message + "; used anyway (allow_other_decoder)", ArcEncoderWarning, stacklevel=2)
-        accepted.add(name)
+        accepted.add((name, cfg.decoder_sha256))
 
     def record_decoder(self, name: str, decoder: PreTrainedModel, path: str = "") -> None:
         """Make ``decoder`` (at ``path``) the one projector ``name`` is trained for (a fine-tune on it)."""
@@ -276,7 +276,8 @@ class ARCModel(nn.Module):
             chunk_len = self.encoder.config.chunk_len
             for f in per_chunk:
                 if isinstance(f, bool) or not isinstance(f, int) or not 1 <= f <= chunk_len:
-                    raise ValueError(f"context {i}: pooling factor {f!r} is not an integer in [1, chunk_len={chunk_len}]")
+                    raise ValueError(f"context {i}: pooling factor {f!r} is not an integer in "
+                                     f"[1, chunk_len={chunk_len}]")
             plan.append(per_chunk)
         return plan
 

@@ -272,8 +272,12 @@ RESUMABLE_KEYS = frozenset({
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "d": [{"n": 2}]} -> {"a.b": 1, "d.#": 1, "d.0.n": 2} (lists of values stay whole)."""
     out = {}
     for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out[f"{prefix}{key}.#"] = len(value)
+            value = {str(i): v for i, v in enumerate(value)}
         if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
         else:
@@ -406,8 +410,9 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
         gradient_clip_val=t.gradient_clip_val, use_distributed_sampler=False,  # the data shards itself by rank
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps,
-        # A resumed run logs to logs/resume-<time>/ so the first part of the curve is kept.
-        logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""), callbacks=[ckpt, *callbacks, *([TrimResumedLogs(run_dir / "logs")] if resume else [])],
+        # A resumed run logs to logs/resume-<time>/; the earlier logs are kept up to the resumed step.
+        logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""),
+        callbacks=[ckpt, *callbacks, *([TrimResumedLogs(run_dir / "logs")] if resume else [])],
         enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir,
         # FSDP's sharded checkpoints are written by torch.distributed.checkpoint (a directory per save).

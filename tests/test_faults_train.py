@@ -98,7 +98,9 @@ def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_record
     resume = replace(cfg, trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, resume=True))
     for changed, key in ((replace(resume, encoder=replace(resume.encoder, pooling_factor=3)), "encoder.pooling_factor"),
                          (replace(resume, optim=replace(resume.optim, lr=1e-2)), "optim.lr"),
-                         (replace(resume, data=replace(resume.data, shuffle_buffer=9)), "data.shuffle_buffer")):
+                         (replace(resume, data=replace(resume.data, shuffle_buffer=9)), "data.shuffle_buffer"),
+                         (replace(resume, decoders=[*resume.decoders, replace(resume.decoders[0], name="b")]),
+                          "decoders.#: 1 -> 2")):
         with pytest.raises(ValueError, match=rf"--run\.resume.*{key}"):
             cli.prepare_pretrain(changed)
     # The per-device batch may change with the number of devices, the global batch may not.
