@@ -9,8 +9,11 @@ Layout of a checkpoint directory (see checkpoints/README.md):
     encoder/tokenizer*.json ...  the encoder's tokenizer
     projectors/<name>.safetensors  one small file per decoder (adding a decoder adds one file)
 
-A whole checkpoint is written into a temporary sibling directory and renamed into place;
-adding a projector rewrites only its file and the two JSON files, each atomically.
+Every write builds the complete new checkpoint in a temporary sibling directory and renames
+it into place (adding a projector hard-links the unchanged files into it, so only the new
+projector and the two JSON files are written); a reader that races a writer re-reads
+(``storage.read_consistently``). Loads check every file that decides the output against the
+manifest: the configs and tokenizer files before parsing them, weights as they are read.
 ``ARCModel.save_pretrained`` / ``from_pretrained`` / ``save_projector`` call these functions;
 this module knows files and tensors, never the model classes (no import cycle).
 """
@@ -19,39 +22,50 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from .config import CONFIG_NAME, FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, ARCConfig
+from .config import CONFIG_NAME, FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, ARCConfig, DtypeName, check_hf_config
 from .storage import (
     PathLike,
     atomic_save_tensors,
     atomic_write_json,
+    check_file_table,
     check_files,
     check_state_dict,
     load_tensors,
+    make_temp_dir,
     read_json_file,
+    replace_directory,
     sha256_file,
 )
 
 MANIFEST_NAME = "manifest.json"
 ENCODER_DIR = "encoder"
 ENCODER_WEIGHTS = "encoder/model.safetensors"
+PROJECTOR_DIR = "projectors"
 
 
 def projector_file(name: str) -> str:
-    return f"projectors/{name}.safetensors"
+    return f"{PROJECTOR_DIR}/{name}.safetensors"
+
+
+def _files(directory: Path) -> list[str]:
+    """Relative paths of every file that belongs to a checkpoint (hidden names are temporaries)."""
+    out = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out.append(rel.as_posix())
+    return out
 
 
 def write_manifest(directory: Path, dtype: torch.dtype) -> None:
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory).as_posix()
-        if path.is_file() and rel != MANIFEST_NAME and not path.name.startswith("."):
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    files = {rel: {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
+             for rel in _files(directory) if rel != MANIFEST_NAME}
     atomic_write_json(
         directory / MANIFEST_NAME,
         {"format_version": FORMAT_VERSION, "dtype": str(dtype).removeprefix("torch."), "files": files},
@@ -60,6 +74,33 @@ def write_manifest(directory: Path, dtype: torch.dtype) -> None:
 
 def _projector_meta(name: str) -> dict[str, str]:
     return {"format": "pt", "kind": "projector", "decoder": name}
+
+
+def is_checkpoint_dir(directory: PathLike) -> bool:
+    directory = Path(directory)
+    return directory.is_dir() and ((directory / CONFIG_NAME).is_file() or (directory / MANIFEST_NAME).is_file())
+
+
+def _writable_target(directory: PathLike, overwrite: bool) -> Path:
+    """Where a checkpoint write goes: a symlink's target (the link keeps pointing at the new
+    checkpoint); an existing directory only with ``overwrite`` and only if it is a checkpoint."""
+    directory = Path(directory)
+    if directory.is_symlink():
+        directory = directory.resolve()
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+        if not is_checkpoint_dir(directory):
+            raise FileExistsError(f"{directory} exists and is not an arc-encoder checkpoint (no {CONFIG_NAME} or "
+                                  f"{MANIFEST_NAME}); refusing to replace it")
+    return directory
+
+
+def record_decoder_paths(config: ARCConfig, directory: Path) -> None:
+    """Set each projector's ``decoder_relative``: its local decoder's path relative to ``directory``."""
+    for proj in config.projectors.values():
+        if proj.decoder and Path(proj.decoder).is_absolute() and Path(proj.decoder).is_dir():
+            proj.decoder_relative = os.path.relpath(proj.decoder, directory.resolve())
 
 
 def save_checkpoint(
@@ -72,12 +113,14 @@ def save_checkpoint(
     dtype: torch.dtype,
     overwrite: bool = False,
 ) -> Path:
-    """Write a whole checkpoint to ``directory`` atomically (temp dir + rename)."""
-    directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    """Write a whole checkpoint to ``directory`` atomically (temp dir + rename).
+
+    ``overwrite`` replaces an existing checkpoint, never another directory. A symlinked
+    ``directory`` is written at its target. ``config``'s ``decoder_relative`` fields are set.
+    """
+    directory = _writable_target(directory, overwrite)
+    record_decoder_paths(config, directory)
+    tmp = make_temp_dir(directory.parent, f".{directory.name}.")
     try:
         atomic_write_json(tmp / CONFIG_NAME, config.to_dict())
         backbone_config.save_pretrained(tmp / ENCODER_DIR)
@@ -87,17 +130,21 @@ def save_checkpoint(
         for name, state in projector_states.items():
             atomic_save_tensors(tmp / projector_file(name), state, _projector_meta(name))
         write_manifest(tmp, dtype)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _link_files(source: Path, target: Path, rels: Iterable[str]) -> None:
+    """Hard-link (or, across filesystems, copy) files of ``source`` into ``target``."""
+    for rel in rels:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source / rel, target / rel)
+        except OSError:
+            shutil.copy2(source / rel, target / rel)
 
 
 def save_projector_file(
@@ -106,51 +153,108 @@ def save_projector_file(
     name: str,
     state: Mapping[str, torch.Tensor],
     dtype: torch.dtype,
+    source: PathLike | None = None,
 ) -> Path:
-    """Add or replace one decoder's projector in an existing checkpoint directory.
+    """Add or replace one decoder's projector in the checkpoint ``directory``.
 
-    The encoder in ``directory`` must be the one ``config`` describes; only the projector
-    file, arc_config.json and manifest.json are rewritten.
+    ``source`` (default: ``directory`` itself) is the checkpoint whose other files are kept;
+    with another ``source``, ``directory`` becomes a copy of it plus this projector (and must
+    not exist, or be a checkpoint). The encoder in ``source`` must be the one ``config``
+    describes. The new directory is assembled beside the old one and renamed into place.
     """
-    directory = Path(directory)
-    on_disk = read_config(directory)
+    directory = _writable_target(directory, overwrite=True)
+    source = Path(source).resolve() if source is not None else directory
+    on_disk = read_config(source)
     if on_disk.encoder != config.encoder:
-        raise ValueError(f"{directory}: its encoder config differs from this model's; refusing to mix")
-    atomic_save_tensors(directory / projector_file(name), state, _projector_meta(name))
+        raise ValueError(f"{source}: its encoder config differs from this model's; refusing to mix")
     on_disk.projectors[name] = config.projectors[name]
-    atomic_write_json(directory / CONFIG_NAME, on_disk.to_dict())
-    write_manifest(directory, dtype)
+    record_decoder_paths(on_disk, directory)
+    rewritten = {projector_file(name), CONFIG_NAME, MANIFEST_NAME}
+    tmp = make_temp_dir(directory.parent, f".{directory.name}.")
+    try:
+        _link_files(source, tmp, [rel for rel in _files(source) if rel not in rewritten])
+        atomic_save_tensors(tmp / projector_file(name), state, _projector_meta(name))
+        atomic_write_json(tmp / CONFIG_NAME, on_disk.to_dict())
+        write_manifest(tmp, dtype)
+        replace_directory(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory / projector_file(name)
 
 
-def read_config(directory: PathLike) -> ARCConfig:
-    directory = Path(directory)
-    path = directory / CONFIG_NAME
+def config_path(directory: PathLike) -> Path:
+    """``directory``'s arc_config.json; a directory without one is not a checkpoint."""
+    path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an arc-encoder checkpoint: {CONFIG_NAME} is missing")
-    return ARCConfig.from_file(path)
+    return path
+
+
+def read_config(directory: PathLike) -> ARCConfig:
+    return ARCConfig.from_file(config_path(directory))
+
+
+def check_manifest(data: object, where: str) -> dict:
+    """A manifest's structure: format version, dtype, and a sha256 + size per relative path."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("format_version")
+    if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:  # older: arc_config.json maps them
+        raise ValueError(f"{where}: format_version {version!r} is not one of {list(SUPPORTED_FORMAT_VERSIONS)}")
+    if data.get("dtype") not in get_args(DtypeName):
+        raise ValueError(f"{where}: dtype {data.get('dtype')!r} is not one of {list(get_args(DtypeName))}")
+    check_file_table(data.get("files"), where)
+    return data
 
 
 def read_manifest(directory: PathLike) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest is missing")
-    data = read_json_file(path)
-    if data.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:  # older formats: arc_config.json maps them
-        raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not one of {list(SUPPORTED_FORMAT_VERSIONS)}")
-    return data
+    return check_manifest(read_json_file(path), str(path))
+
+
+def _decides_output(rel: str) -> bool:
+    """Files that change what a loaded model computes: configs, tokenizer, weights."""
+    return rel == CONFIG_NAME or rel.startswith(f"{ENCODER_DIR}/") or (
+        rel.startswith(f"{PROJECTOR_DIR}/") and rel.endswith(".safetensors"))
+
+
+def unlisted_files(directory: PathLike, manifest: dict) -> list[str]:
+    """Problems for files that decide the output but are not in the manifest (added afterwards)."""
+    directory = Path(directory)
+    return [f"{directory / rel}: not listed in {MANIFEST_NAME} (added after the checkpoint was written?)"
+            for rel in _files(directory) if _decides_output(rel) and rel not in manifest["files"]]
 
 
 def verify_checkpoint(directory: PathLike) -> list[str]:
     """Check every file against the manifest; return the problems found (empty = good)."""
-    return check_files(directory, read_manifest(directory)["files"])
+    manifest = read_manifest(directory)
+    return check_files(directory, manifest["files"]) + unlisted_files(directory, manifest)
+
+
+def check_before_load(directory: PathLike, manifest: dict, verify: bool = True) -> None:
+    """Before a load parses anything: arc_config.json and every encoder/ file except the weights
+    match the manifest (sha256 when ``verify``, else sizes), and nothing unlisted was added.
+    Weight files are hashed as they are read (`load_checked_state`)."""
+    directory = Path(directory)
+    for required in (CONFIG_NAME, "encoder/config.json", ENCODER_WEIGHTS):
+        if required not in manifest["files"]:
+            raise ValueError(f"{directory / required}: not listed in {MANIFEST_NAME}; the checkpoint is incomplete")
+    small = {rel: entry for rel, entry in manifest["files"].items()
+             if _decides_output(rel) and not rel.endswith(".safetensors")}
+    problems = check_files(directory, small, hash=verify) + unlisted_files(directory, manifest)
+    if problems:
+        raise ValueError("; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
 
 
 def read_backbone_config(directory: PathLike):
-    """The truncated HF backbone config saved beside the encoder weights."""
+    """The truncated HF backbone config saved beside the encoder weights (types checked)."""
     from transformers import AutoConfig
 
     path = Path(directory) / ENCODER_DIR
+    check_hf_config(read_json_file(path / "config.json"), str(path / "config.json"))
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -162,17 +266,27 @@ def read_tokenizer(directory: PathLike):
     from transformers import AutoTokenizer
 
     path = Path(directory) / ENCODER_DIR
-    return AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: cannot load the encoder tokenizer ({type(err).__name__}: {err})") from err
 
 
 def load_checked_state(
     directory: PathLike, manifest: dict, rel: str, expected: Mapping[str, torch.Tensor], verify: bool = True
 ) -> dict[str, torch.Tensor]:
-    """File ``rel``'s tensors, checked against the manifest (sha256 when ``verify``) and ``expected``'s
-    names, shapes and dtypes; errors name the file."""
+    """File ``rel``'s tensors, checked against the manifest (sha256 when ``verify``, else its size)
+    and ``expected``'s names, shapes and dtypes; errors name the file."""
     directory = Path(directory)
     if rel not in manifest["files"]:
         raise ValueError(f"{directory / rel}: not listed in {MANIFEST_NAME}; the checkpoint is incomplete")
-    state = load_tensors(directory / rel, manifest["files"][rel]["sha256"] if verify else None)
+    entry = manifest["files"][rel]
+    if not verify:
+        problems = check_files(directory, {rel: entry}, hash=False)
+        if problems:
+            raise ValueError(problems[0])
+    state = load_tensors(directory / rel, entry["sha256"] if verify else None)
     check_state_dict(directory / rel, state, expected)
     return state

@@ -90,6 +90,56 @@ def _check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
+class ArcEncoderWarning(UserWarning):
+    """A condition the user should see but that does not stop the command (the CLIs print
+    these as one ``warning:`` line)."""
+
+
+def _check_number(name: str, value: Any, positive: bool = True) -> None:
+    """A real number (an int or float, never a bool or a string), > 0 when ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a number{' > 0' if positive else ''}, got {value!r}")
+
+
+# Keys of Hugging Face model configs that decide shapes and numerics; each must have its JSON type.
+HF_INT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "max_position_embeddings", "head_dim")
+HF_FLOAT_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_pct",
+                 "partial_rotary_factor")
+HF_BOOL_KEYS = ("tie_word_embeddings", "use_parallel_residual", "attention_bias", "mlp_bias")
+
+
+def check_hf_config(data: Any, where: str) -> None:
+    """A Hugging Face ``config.json`` dict whose shape and numeric keys have their real types.
+
+    ``AutoConfig`` keeps whatever the JSON holds, so ``"hidden_size": "96"`` or
+    ``"tie_word_embeddings": "no"`` would fail deep inside torch or silently mean true.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        raise ValueError(f"{where}: model_type is missing or not a string")
+    try:
+        for key in HF_INT_KEYS:
+            if data.get(key) is not None:
+                _check_int(key, data[key], 1)
+        for key in HF_FLOAT_KEYS:
+            if data.get(key) is not None:
+                _check_number(key, data[key])
+        for key in HF_BOOL_KEYS:
+            if data.get(key) is not None:
+                _check_bool(key, data[key])
+        rope = data.get("rope_parameters")
+        if rope is not None:
+            if not isinstance(rope, dict):
+                raise ValueError(f"rope_parameters must be a mapping, got {rope!r}")
+            for key in ("rope_theta", "partial_rotary_factor"):
+                if rope.get(key) is not None:
+                    _check_number(f"rope_parameters.{key}", rope[key])
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
 def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     """``cls(**data)``, but unknown keys are a ValueError naming ``where`` and the allowed keys."""
     if not isinstance(data, dict):
@@ -227,14 +277,22 @@ class ProjectorConfig:
     decoder: str = ""
     decoder_vocab_size: int | None = None
     special_tokens: tuple[str, ...] = ("continuation", "reconstruction")
+    # The decoder's path relative to the checkpoint directory, written at save time, so a
+    # project moved as a whole still finds its decoder ("": not local, or not recorded).
+    decoder_relative: str = ""
+    # Identity of the decoder the projector was trained for (``arc_encoder.model.decoder_identity``:
+    # sha256 of its input embeddings); a different decoder of the same shape is refused.
+    # "": checkpoints from before it was recorded (loaded with a warning).
+    decoder_sha256: str = ""
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "output_dim", "hidden_dim"):
             _check_int(name, getattr(self, name), 1)
         if self.decoder_vocab_size is not None:
             _check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
-        if not isinstance(self.decoder, str):
-            raise ValueError(f"decoder must be a path or model id string, got {self.decoder!r}")
+        for name in ("decoder", "decoder_relative", "decoder_sha256"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         _check_bool("bias", self.bias)
         _check_literal("activation", self.activation, ProjectorActivation)
         _check_literal("special_token_space", self.special_token_space, SpecialTokenSpace)

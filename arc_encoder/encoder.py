@@ -36,6 +36,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .config import EncoderConfig, PoolingGroups
+from .storage import check_model_dir
 
 
 @dataclass
@@ -466,9 +467,8 @@ class ARCEncoder(nn.Module):
         """
         attn = resolve_attn_implementation(config.attn_implementation)
         if backbone_config is None:
-            backbone = AutoModel.from_pretrained(
-                config.base_model, dtype=torch_dtype, attn_implementation=attn
-            )
+            source = check_model_dir(config.base_model, "base model", allow_hub_id=True)
+            backbone = AutoModel.from_pretrained(str(source), dtype=torch_dtype, attn_implementation=attn)
         else:
             backbone = AutoModel.from_config(
                 backbone_config, dtype=torch_dtype, attn_implementation=attn

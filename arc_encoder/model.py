@@ -13,6 +13,9 @@ directory layout of ``arc_encoder.checkpoint``.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +25,12 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import checkpoint
-from .config import ARCConfig, EncoderConfig, ProjectorConfig, SpecialToken
+from .config import ARCConfig, ArcEncoderWarning, EncoderConfig, ProjectorConfig, SpecialToken
 from .encoder import ARCEncoder, EncoderOutput
 from .objectives import IGNORE_INDEX, ContextMode, DecoderInputs, Targets, decoder_loss
 from .projector import Projector
 from .samples import Batch
-from .storage import PathLike
+from .storage import PathLike, check_model_dir, read_consistently
 
 TokenIds = Sequence[int]
 # Per context: one factor for all its chunks, or one factor per chunk.
@@ -58,6 +61,23 @@ class CompressedContext:
         return cls(embeddings, lengths, decoder)
 
 
+def decoder_identity(decoder: PreTrainedModel) -> str:
+    """sha256 of the decoder's input-embedding table, rounded to bfloat16, with its shape.
+
+    What a projector is trained against; the same decoder loaded in float32, bfloat16 or on
+    another device gives the same value, a different decoder of the same shape does not.
+    Computed once per decoder object (its weights are frozen).
+    """
+    cached = decoder.__dict__.get("_arc_decoder_sha256")
+    if cached is None:
+        weight = decoder.get_input_embeddings().weight.detach()
+        h = hashlib.sha256(f"{tuple(weight.shape)}".encode())
+        for rows in weight.split(8192):  # bounded host memory for large vocabularies
+            h.update(rows.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().tobytes())
+        cached = decoder.__dict__["_arc_decoder_sha256"] = h.hexdigest()
+    return cached
+
+
 def _absolute_if_local(path: str) -> str:
     """Record local decoder paths absolutely, so the checkpoint works from any directory."""
     return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -84,11 +104,14 @@ def load_frozen_decoder(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not path or not Path(path).is_dir():
-        raise FileNotFoundError(f"{what}: {path!r} is not a local model directory (pass the decoder's directory: --decoder-path)")
+    check_model_dir(path, what)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device))
-    return decoder, AutoTokenizer.from_pretrained(path)
+    try:
+        decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{what}: cannot load the model in {path} ({type(err).__name__}: {err})") from err
+    return decoder, tokenizer
 
 
 class ARCModel(nn.Module):
@@ -104,6 +127,8 @@ class ARCModel(nn.Module):
         self.config = config
         self.encoder = encoder
         self.tokenizer = tokenizer
+        # Where from_pretrained read this model (decoder paths recorded relative to it resolve here).
+        self.checkpoint_dir: Path | None = None
         self.projectors = nn.ModuleDict(
             {name: Projector(cfg) for name, cfg in config.projectors.items()}
         )
@@ -143,6 +168,7 @@ class ARCModel(nn.Module):
             activation=activation,  # type: ignore[arg-type]
             decoder=_absolute_if_local(decoder_path or getattr(decoder.config, "_name_or_path", "")),
             decoder_vocab_size=decoder.get_input_embeddings().weight.shape[0],
+            decoder_sha256=decoder_identity(decoder),
         )
         self.config.projectors[name] = cfg
         self.config.__post_init__()  # validates the name
@@ -158,8 +184,10 @@ class ARCModel(nn.Module):
             raise ValueError(f"unknown decoder {name!r}; this model has projectors for {known}")
         return self.projectors[name]
 
-    def check_decoder(self, name: str, decoder: PreTrainedModel) -> None:
-        """Refuse a decoder whose width or vocabulary does not match the projector."""
+    def check_decoder(self, name: str, decoder: PreTrainedModel, allow_other_decoder: bool = False) -> None:
+        """Refuse a decoder whose width or vocabulary does not match the projector, or that is not
+        the decoder it was trained for (``decoder_sha256``; ``allow_other_decoder``: warn instead,
+        and accept this decoder object from then on)."""
         cfg = self.projector(name).config
         width = decoder.config.hidden_size
         vocab = decoder.get_input_embeddings().weight.shape[0]
@@ -172,6 +200,29 @@ class ARCModel(nn.Module):
                 f"decoder {name!r} has vocabulary {vocab} but the projector was trained for "
                 f"{cfg.decoder_vocab_size}: wrong decoder or tokenizer"
             )
+        accepted = decoder.__dict__.setdefault("_arc_accepted_for", set())
+        if (name, cfg.decoder_sha256) in accepted:
+            return
+        if not cfg.decoder_sha256:
+            warnings.warn(f"projector {name!r} records no decoder identity (a checkpoint from before it was "
+                          "recorded): cannot check that this is the decoder it was trained for", ArcEncoderWarning,
+                          stacklevel=2)
+        elif decoder_identity(decoder) != cfg.decoder_sha256:
+            where = getattr(decoder.config, "_name_or_path", "") or "the given decoder"
+            message = (f"decoder {name!r} ({where}) is not the decoder its projector was trained for: its input "
+                       f"embeddings have sha256 {decoder_identity(decoder)[:12]}..., the projector records "
+                       f"{cfg.decoder_sha256[:12]}... ({cfg.decoder or 'path not recorded'})")
+            if not allow_other_decoder:
+                raise ValueError(message + "; pass --allow-other-decoder (allow_other_decoder=True) to use it anyway")
+            warnings.warn(message + "; used anyway (allow_other_decoder)", ArcEncoderWarning, stacklevel=2)
+        accepted.add((name, cfg.decoder_sha256))
+
+    def record_decoder(self, name: str, decoder: PreTrainedModel, path: str = "") -> None:
+        """Make ``decoder`` (at ``path``) the one projector ``name`` is trained for (a fine-tune on it)."""
+        cfg = self.projector(name).config
+        cfg.decoder_sha256 = decoder_identity(decoder)
+        if path:
+            cfg.decoder, cfg.decoder_relative = _absolute_if_local(path), ""
 
     # ------------------------------------------------------------------ compression
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -210,9 +261,9 @@ class ARCModel(nn.Module):
             return None
         return self._per_chunk([len(self.chunk(ids, i)) for i, ids in enumerate(contexts)], pooling_factors)
 
-    @staticmethod
-    def _per_chunk(chunk_counts: list[int], pooling_factors: int | PoolingPlan) -> list[list[int]]:
-        """Expand ``pooling_factors`` to one factor per chunk, given each context's chunk count."""
+    def _per_chunk(self, chunk_counts: list[int], pooling_factors: int | PoolingPlan) -> list[list[int]]:
+        """Expand ``pooling_factors`` to one factor per chunk, given each context's chunk count;
+        every factor must be an integer in [1, chunk_len] (a larger one makes each chunk one vector)."""
         if isinstance(pooling_factors, int):
             pooling_factors = [pooling_factors] * len(chunk_counts)
         if len(pooling_factors) != len(chunk_counts):
@@ -222,6 +273,11 @@ class ARCModel(nn.Module):
             per_chunk = [pf] * n_chunks if isinstance(pf, int) else list(pf)
             if len(per_chunk) != n_chunks:
                 raise ValueError(f"context {i} has {n_chunks} chunks but {len(per_chunk)} pooling factors")
+            chunk_len = self.encoder.config.chunk_len
+            for f in per_chunk:
+                if isinstance(f, bool) or not isinstance(f, int) or not 1 <= f <= chunk_len:
+                    raise ValueError(f"context {i}: pooling factor {f!r} is not an integer in "
+                                     f"[1, chunk_len={chunk_len}]")
             plan.append(per_chunk)
         return plan
 
@@ -428,20 +484,49 @@ class ARCModel(nn.Module):
         return decoder_tokenizer.batch_decode(out, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ decoders on disk
+    def decoder_paths(self, name: str) -> list[str]:
+        """Where projector ``name``'s decoder may be, in order: the recorded path, then the path
+        recorded relative to the checkpoint this model was loaded from."""
+        cfg = self.projector(name).config
+        paths = [cfg.decoder] if cfg.decoder else []
+        if cfg.decoder_relative and self.checkpoint_dir is not None:
+            relative = str(Path(os.path.normpath(self.checkpoint_dir / cfg.decoder_relative)))
+            if relative not in paths:
+                paths.append(relative)
+        return paths
+
+    def resolve_decoder_path(self, name: str, path: str | None = None) -> str:
+        """``path`` when given (it must exist), else the first of `decoder_paths` that exists;
+        the error names every path tried."""
+        if path:
+            check_model_dir(path, f"decoder {name!r}")
+            return path
+        tried = self.decoder_paths(name)
+        for candidate in tried:
+            if Path(candidate).is_dir():
+                return candidate
+        if not tried:
+            raise FileNotFoundError(f"decoder {name!r}: the checkpoint records no local path for it; "
+                                    "pass its directory with --decoder-path")
+        raise FileNotFoundError(f"decoder {name!r}: not found at {' or '.join(tried)} (recorded in the checkpoint"
+                                "; moved?); pass its directory with --decoder-path")
+
     def load_decoder(
         self,
         name: str,
         path: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        allow_other_decoder: bool = False,
     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-        """Projector ``name``'s frozen decoder (from ``path``, else the path its config records),
-        its tokenizer and the path used; refused when it does not match the projector."""
-        path = path or self.projector(name).config.decoder
+        """Projector ``name``'s frozen decoder (from ``path``, else where the checkpoint records it:
+        `resolve_decoder_path`), its tokenizer and the path used; refused when it does not match
+        the projector (`check_decoder`)."""
+        path = self.resolve_decoder_path(name, path)
         if device is None:
             device = next(self.encoder.parameters()).device
         decoder, tokenizer = load_frozen_decoder(path, device, dtype, what=f"decoder {name!r}")
-        self.check_decoder(name, decoder)
+        self.check_decoder(name, decoder, allow_other_decoder)
         return decoder, tokenizer, path
 
     # ------------------------------------------------------------------ persistence
@@ -455,10 +540,11 @@ class ARCModel(nn.Module):
             {name: p.state_dict() for name, p in self.projectors.items()}, self.tokenizer, self._dtype(), overwrite,
         )
 
-    def save_projector(self, name: str, directory: PathLike) -> Path:
-        """Add or replace decoder ``name``'s projector in the checkpoint at ``directory`` (same encoder)."""
+    def save_projector(self, name: str, directory: PathLike, source: PathLike | None = None) -> Path:
+        """Add or replace decoder ``name``'s projector in the checkpoint at ``directory`` (same encoder);
+        with ``source``, ``directory`` becomes a copy of checkpoint ``source`` plus this projector."""
         return checkpoint.save_projector_file(directory, self.config, name, self.projector(name).state_dict(),
-                                              self._dtype())
+                                              self._dtype(), source)
 
     @classmethod
     def from_pretrained(
@@ -471,13 +557,21 @@ class ARCModel(nn.Module):
     ) -> ARCModel:
         """Load a checkpoint; ``decoders`` picks which projectors to load (default: all).
 
-        With ``verify`` every file's sha256 is checked against the manifest, and every tensor's
+        With ``verify`` the sha256 of every file that decides the output (configs, tokenizer,
+        weights) is checked against the manifest (without: their sizes), and every tensor's
         name, shape and dtype against the config, so a truncated, altered or mismatched file
-        fails with an error naming it.
+        fails with an error naming it. A checkpoint that another process replaces meanwhile is
+        read again (``storage.read_consistently``).
         """
         directory = Path(directory)
-        config = checkpoint.read_config(directory)
+        return read_consistently(directory, lambda: cls._load(directory, decoders, device, dtype, verify))
+
+    @classmethod
+    def _load(cls, directory: Path, decoders: list[str] | None, device, dtype, verify: bool) -> ARCModel:
+        checkpoint.config_path(directory)  # a directory without arc_config.json is no checkpoint: say so first
         manifest = checkpoint.read_manifest(directory)
+        checkpoint.check_before_load(directory, manifest, verify)
+        config = checkpoint.read_config(directory)
         saved_dtype = getattr(torch, manifest["dtype"])
         wanted = list(config.projectors) if decoders is None else list(decoders)
         for name in wanted:
@@ -492,6 +586,7 @@ class ARCModel(nn.Module):
         encoder.load_state_dict(checkpoint.load_checked_state(
             directory, manifest, checkpoint.ENCODER_WEIGHTS, encoder.state_dict(), verify))
         model = cls(config, encoder, checkpoint.read_tokenizer(directory))
+        model.checkpoint_dir = directory.resolve()
         for name in wanted:
             projector: Projector = model.projectors[name].to(saved_dtype)
             projector.load_state_dict(checkpoint.load_checked_state(

@@ -74,17 +74,19 @@ class Batch:
 
 
 def check_tokenizer_pair(
-    name: str, decoder_vocab: int, tokenizer: PreTrainedTokenizerBase, allow_padded_vocab: bool = False
+    name: str, decoder_vocab: int, tokenizer: PreTrainedTokenizerBase, allow_padded_vocab: bool = False,
+    what: str = "decoder",
 ) -> None:
-    """Refuse a tokenizer that is not the decoder's own (its size must equal the vocabulary).
+    """Refuse a tokenizer that is not the model's own (its size must equal the vocabulary).
 
     ``allow_padded_vocab`` accepts an embedding table larger than the tokenizer (models that
-    round their vocabulary up, e.g. Qwen); a smaller table would index out of range.
+    round their vocabulary up, e.g. Qwen); a smaller table would index out of range. ``what``:
+    which model (the decoders, and the encoder, check here).
     """
     n = len(tokenizer)
     if n > decoder_vocab or (n != decoder_vocab and not allow_padded_vocab):
         raise ValueError(
-            f"decoder {name!r}: its tokenizer has {n} tokens but the decoder's embedding table "
+            f"{what} {name!r}: its tokenizer has {n} tokens but the {what}'s embedding table "
             f"has {decoder_vocab} rows: mismatched tokenizer (set allow_padded_vocab for a "
             "vocabulary padded past the tokenizer)"
         )

@@ -16,6 +16,7 @@ receive that list by broadcast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from arc_encoder.adaptive import AdaptivePooling
 from arc_encoder.cache.build import DocumentStream, compress_shard, finalize_cache, make_scorer, prepare_build
-from arc_encoder.cache.store import CacheBuildConfig, CorpusFormat, StorageDtype, write_shard
+from arc_encoder.cache.store import CacheBuildConfig, CorpusFormat, StorageDtype, cache_lock, write_shard
 from arc_encoder.checkpoint import read_config
 from arc_encoder.cli.common import DTYPE_CHOICES, adaptive_policy, add_adaptive_args
 from arc_encoder.config import torch_dtype
@@ -81,7 +82,7 @@ class CacheCompressModule(L.LightningModule):
         k = int(batch)
         ids, texts = self.stream.shard(k, self.build.docs_per_shard)
         if self.scorer is None and self.build.policy() is not None:
-            self.scorer = make_scorer(self.build, self.device)  # adaptive builds score chunks first
+            self.scorer = make_scorer(self.build, self.model, self.device)  # adaptive builds score chunks first
         vectors, tokens, plan = compress_shard(self.model, self.build, texts, ids, self.scorer)
         return {"shard": k, "ids": ids, "texts": texts, "vectors": vectors, "tokens": tokens, "plan": plan}
 
@@ -130,21 +131,24 @@ def build_cache_lightning(
         checkpoint, decoder, "" if stream is not None else corpus, corpus_format=corpus_format,
         dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe, adaptive=adaptive,
     )
-    if launched_as_rank_zero():  # creates/validates the output directory; no rank is writing shards yet
-        stream, todo = prepare_build(output, build, resume, stream)
-    else:  # a later rank: the same documents, read only; rank 0's shard list arrives by broadcast
-        if stream is None:
-            stream = DocumentStream.from_corpus(build.corpus, build.corpus_format, build.dedupe)
-        todo = None
     model = ARCModel.from_pretrained(checkpoint, decoders=[decoder])
-    if model_dtype is not None:
-        model.to(torch_dtype(model_dtype))
-    writer = CacheShardWriter(Path(output), build, stream)
-    kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True)
-    kwargs.update(trainer_kwargs or {})
-    kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [writer]
-    trainer = L.Trainer(**kwargs)
-    trainer.predict(CacheCompressModule(model, build, stream), datamodule=CacheShardData(todo), return_predictions=False)
+    with contextlib.ExitStack() as stack:
+        if launched_as_rank_zero():  # locks, creates and validates the output directory; no rank writes yet
+            stack.enter_context(cache_lock(output))  # held by rank 0 until the manifest is written
+            stream, todo = prepare_build(output, build, resume, stream, model.tokenizer)
+        else:  # a later rank: the same documents, read only; rank 0's shard list arrives by broadcast
+            if stream is None:
+                stream = DocumentStream.from_corpus(build.corpus, build.corpus_format, build.dedupe)
+            todo = None
+        if model_dtype is not None:
+            model.to(torch_dtype(model_dtype))
+        writer = CacheShardWriter(Path(output), build, stream)
+        kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True)
+        kwargs.update(trainer_kwargs or {})
+        kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [writer]
+        trainer = L.Trainer(**kwargs)
+        trainer.predict(CacheCompressModule(model, build, stream), datamodule=CacheShardData(todo),
+                        return_predictions=False)
     return writer
 
 
@@ -184,8 +188,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             trainer_kwargs={"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy},
             adaptive=adaptive_policy(args, read_config(args.checkpoint).encoder),
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"cache_predict: error: {rank_prefix()}{err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"cache_predict: error: {rank_prefix()}{' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if writer.manifest is not None:
         m = writer.manifest

@@ -11,11 +11,16 @@ exports checkpoints/<name>/ in the `ARCModel.from_pretrained` format.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+import re
 import shutil
 import sys
 import time
+import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,13 +28,14 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.plugins import TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from arc_encoder.config import ARCConfig, DtypeName, EncoderConfig, torch_dtype
+from arc_encoder.config import ARCConfig, ArcEncoderWarning, DtypeName, EncoderConfig, torch_dtype
 from arc_encoder.encoder import ARCEncoder
 from arc_encoder.model import ARCModel
 from arc_encoder.samples import check_tokenizer_pair
-from arc_encoder.storage import atomic_write_text
+from arc_encoder.storage import atomic_write_bytes, atomic_write_text, check_model_dir
 
 from .data import ARCDataModule, DataSpec, DecoderTokenizers
 from .distributed import (
@@ -56,6 +62,9 @@ class DecoderSpec:
     dtype: DtypeName = "float32"
     projector_hidden_dim: int = 2048  # paper: 2048
     allow_padded_vocab: bool = False
+    # finetune: accept a decoder other than the one the checkpoint's projector was trained for
+    # (its identity is then re-recorded in the export).
+    allow_other_decoder: bool = False
 
 
 def tiny_encoder() -> EncoderConfig:
@@ -72,6 +81,7 @@ class EncoderBuild:
     """Training-only settings of the encoder, beside the embedded ``EncoderConfig``."""
 
     tokenizer: str = ""  # default: base_model's directory
+    allow_padded_vocab: bool = False  # the embedding table may have more rows than the tokenizer has tokens
     gradient_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile the encoder's blocks (GPU: ~1.3x faster forward)
 
@@ -93,6 +103,19 @@ class TrainerSpec:
     checkpoint_every_n_steps: int = 100
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "num_nodes", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
+                     "checkpoint_every_n_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"trainer.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.gradient_clip_val, bool) or not self.gradient_clip_val >= 0:
+            raise ValueError(f"trainer.gradient_clip_val must be >= 0, got {self.gradient_clip_val!r}")
+
+
+# A run name is one directory name: never empty, never a path (an empty name made the export
+# replace the whole checkpoints directory).
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 @dataclass
 class RunSpec:
@@ -100,8 +123,19 @@ class RunSpec:
     runs_dir: str = "runs"
     checkpoints_dir: str = "checkpoints"
     resume: bool = False  # continue runs/<name>/checkpoints/last.ckpt
+    # With resume: accept settings that differ from the run's (recorded in launches.json);
+    # otherwise a resume refuses them (max_steps, devices, workers and logging may always change).
+    allow_config_changes: bool = False
     seed: int = 0
     tiny_lm: LMSpec = field(default_factory=LMSpec)  # used when a path is builtin:tiny-lm
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _RUN_NAME.fullmatch(self.name):
+            raise ValueError(f"run.name {self.name!r} must be one directory name: letters, digits, '.', '_' or '-', "
+                             "not starting with '.' or '-'")
+        for name in ("runs_dir", "checkpoints_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"run.{name} must be a directory path, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -168,8 +202,7 @@ def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
 def check_decoder_spec(spec: DecoderSpec, run: RunSpec) -> tuple[str, object, int]:
     """Before any weights load: the path exists and the tokenizer matches the vocabulary."""
     path = resolve_path(spec.path, run)
-    if not Path(path).is_dir() or not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"decoder {spec.name!r}: {path!r} is not a local model directory (no config.json)")
+    check_model_dir(path, f"decoder {spec.name!r}")
     tok_path = spec.tokenizer or path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -205,8 +238,7 @@ def encoder_tokenizer(build: EncoderBuild, base: str):
 def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
     b = cfg.encoder_build
     base = resolve_path(cfg.encoder.base_model, cfg.run)
-    if not (Path(base) / "config.json").is_file():
-        raise FileNotFoundError(f"encoder base_model {base!r} is not a local model directory (no config.json)")
+    check_model_dir(base, "encoder base_model")
     tok = encoder_tokenizer(b, base)
     enc_cfg = dataclasses.replace(cfg.encoder, base_model=base)  # validates every field again
     encoder = ARCEncoder.from_base_model(enc_cfg, torch.float32)
@@ -214,9 +246,8 @@ def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
         encoder.gradient_checkpointing_enable()
     if b.compile_blocks:
         encoder.compile_blocks()
-    if len(tok) > encoder.backbone.get_input_embeddings().weight.shape[0]:
-        raise ValueError(f"encoder tokenizer has {len(tok)} tokens but the encoder's embedding table "
-                         f"has {encoder.backbone.get_input_embeddings().weight.shape[0]} rows: mismatched tokenizer")
+    check_tokenizer_pair(base, encoder.backbone.get_input_embeddings().weight.shape[0], tok, b.allow_padded_vocab,
+                         what="encoder")
     model = ARCModel(ARCConfig(encoder=enc_cfg), encoder, tok)
     for spec in cfg.decoders:
         model.add_decoder(spec.name, decoders[spec.name], hidden_dim=spec.projector_hidden_dim,
@@ -228,19 +259,139 @@ def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def run_dirs(run: RunSpec) -> tuple[Path, Path]:
-    """runs/<name> and checkpoints/<name>, checked: a new run's directory must not exist (checked
-    by global rank 0 only: the other ranks start after rank 0 created it), a resumed run's
-    last.ckpt must exist (checked by every rank: all of them read it)."""
+# Settings a resumed run may change: how long and where it runs, how it logs, and how its global
+# batch is split (data.batch_size per device x devices x nodes x accumulate_grad_batches: the
+# global batch itself must stay, `_global_batch_change`). Anything else (model, data, optimiser)
+# would make the export claim settings it was not trained with.
+RESUMABLE_KEYS = frozenset({
+    "run.resume", "run.allow_config_changes", "trainer.max_steps", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.accelerator", "trainer.progress_bar", "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps", "trainer.val_check_interval", "data.num_workers",
+    "data.batch_size", "trainer.accumulate_grad_batches",
+})
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "d": [{"n": 2}]} -> {"a.b": 1, "d.#": 1, "d.0.n": 2} (lists of values stay whole)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out[f"{prefix}{key}.#"] = len(value)
+            value = {str(i): v for i, v in enumerate(value)}
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _plain(job: str, cfg) -> dict:
+    """The resolved config as saved in config.yaml (tuples as lists)."""
+    return {"job": job, **json.loads(json.dumps(asdict(cfg)))}
+
+
+def _latest_config(run_dir: Path) -> Path | None:
+    """The config the run's last launch recorded: config.yaml or the newest config.resume-<time>.yaml."""
+    resumes = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.split("-")[-1] or 0))
+    if resumes:
+        return resumes[-1]
+    return run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None
+
+
+def resume_changes(run_dir: Path, job: str, cfg) -> dict[str, list]:
+    """{key: [recorded, now]} for every setting a resume changes beyond `RESUMABLE_KEYS` (keys the
+    recorded config does not have are new options: their defaults apply)."""
+    path = _latest_config(run_dir)
+    if path is None:
+        return {}
+    try:
+        recorded = _flat(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot read the run's recorded config ({err})") from err
+    now = _flat(_plain(job, cfg))
+    return {k: [recorded[k], v] for k, v in now.items()
+            if k in recorded and k not in RESUMABLE_KEYS and recorded[k] != v}
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def run_dirs(run: RunSpec, job: str = "", cfg=None) -> tuple[Path, Path]:
+    """runs/<name> and checkpoints/<name>, checked by global rank 0 only (the other ranks start
+    after rank 0 created them): a new run's directories must not exist (neither the run nor an
+    export of that name is ever replaced); a resumed run keeps its recorded settings (`resume_changes`,
+    unless run.allow_config_changes). A resumed run's last.ckpt must exist (checked by every
+    rank: all of them read it)."""
     run_dir, export_dir = Path(run.runs_dir) / run.name, Path(run.checkpoints_dir) / run.name
+    if _overlap(run_dir, export_dir):
+        raise ValueError(f"the run directory {run_dir} and the export {export_dir} are the same directory or one "
+                         "holds the other; use different run.runs_dir and run.checkpoints_dir")
     if run.resume:
         if not (run_dir / "checkpoints" / "last.ckpt").exists():
             where = "" if launched_as_rank_zero() else " (the run directory must be on a filesystem every node shares)"
             raise FileNotFoundError(f"--run.resume: {run_dir}/checkpoints/last.ckpt does not exist{where}")
-    elif run_dir.exists() and launched_as_rank_zero():
-        raise FileExistsError(f"run directory {run_dir} exists; pass --run.resume true to continue it "
-                              "or choose another --run.name")
+        if cfg is not None and launched_as_rank_zero() and not run.allow_config_changes:
+            changes = resume_changes(run_dir, job, cfg)
+            if changes:
+                shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
+                raise ValueError(f"--run.resume: settings differ from the run's ({shown}); resume with the run's "
+                                 "settings, or pass --run.allow_config_changes true to change them (recorded in "
+                                 "launches.json)")
+    elif launched_as_rank_zero():
+        for path, what in ((run_dir, "run directory"), (export_dir, "export")):
+            if path.exists() or path.is_symlink():
+                hint = ("" if what == "export" or (path / "checkpoints" / "last.ckpt").exists() else
+                        " (it has no checkpoint: an earlier launch failed before saving one; remove it)")
+                raise FileExistsError(f"{what} {path} exists{hint}; pass --run.resume true to continue that run "
+                                      "or choose another --run.name")
     return run_dir, export_dir
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints (last.ckpt) written through temp file + fsync + rename.
+
+    Lightning writes the file in place, so a full disk or a kill while saving left a truncated
+    last.ckpt and no earlier one to resume from.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+
+class TrimResumedLogs(L.Callback):
+    """On a resumed run (rank 0), drop the rows of earlier CSV logs at or after the step training
+    resumes from: the resumed run logs those steps again (they were trained after the checkpoint)."""
+
+    def __init__(self, logs_dir: Path) -> None:
+        self.logs_dir = logs_dir
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        if not trainer.is_global_zero or trainer.logger is None:
+            return
+        current = Path(trainer.logger.log_dir).resolve()
+        for path in sorted(self.logs_dir.rglob("metrics.csv")):
+            if path.parent.resolve() != current:
+                trim_log(path, trainer.global_step)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Rewrite the CSV log ``path`` without its rows of steps >= ``step`` (atomically)."""
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "step" not in rows[0]:
+        return
+    col = rows[0].index("step")
+    kept = [rows[0]] + [r for r in rows[1:] if not (len(r) > col and r[col].isdigit() and int(r[col]) >= step)]
+    if len(kept) != len(rows):
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(kept)
+        atomic_write_text(path, out.getvalue())
 
 
 def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = False,
@@ -259,18 +410,49 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
         gradient_clip_val=t.gradient_clip_val, use_distributed_sampler=False,  # the data shards itself by rank
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps,
-        # A resumed run logs to logs/resume-<time>/ so the first part of the curve is kept.
-        logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""), callbacks=[ckpt, *callbacks],
+        # A resumed run logs to logs/resume-<time>/; the earlier logs are kept up to the resumed step.
+        logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""),
+        callbacks=[ckpt, *callbacks, *([TrimResumedLogs(run_dir / "logs")] if resume else [])],
         enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir,
+        # FSDP's sharded checkpoints are written by torch.distributed.checkpoint (a directory per save).
+        plugins=[] if t.strategy == "fsdp" else [AtomicCheckpointIO()],
     )
+
+
+def _global_batch_change(run_dir: Path, cfg, trainer: L.Trainer) -> dict[str, list]:
+    """A resume on another number of processes keeps the per-device batch, so the global batch
+    (and the run's data order) would change: refused unless run.allow_config_changes."""
+    path = run_dir / "launches.json"
+    if not cfg.run.resume or not path.is_file():
+        return {}
+    launches = json.loads(path.read_text()).get("launches") or [{}]
+    before = launches[-1].get("global_batch")
+    now = cfg.data.batch_size * trainer.num_devices * trainer.num_nodes * cfg.trainer.accumulate_grad_batches
+    if before is None or before == now:
+        return {}
+    if not cfg.run.allow_config_changes:
+        raise ValueError(f"--run.resume: the global batch would change from {before} to {now} (data.batch_size x "
+                         "devices x nodes x accumulate_grad_batches); keep it, or pass --run.allow_config_changes true")
+    return {"global_batch": [before, now]}
+
+
+def _discard_failed_run(run_dir: Path, export_dir: Path) -> None:
+    """After a new run failed: remove what it created unless it saved a checkpoint to resume from.
+
+    Both directories did not exist when the run started (`run_dirs`), so they are this run's own.
+    """
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        print(f"{run_dir} kept: it has a checkpoint; continue the run with --run.resume true", file=sys.stderr)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(export_dir, ignore_errors=True)
 
 
 def _save_config(run_dir: Path, job: str, cfg) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "config.yaml" if not (run_dir / "config.yaml").exists() else f"config.resume-{int(time.time())}.yaml"
-    plain = json.loads(json.dumps(asdict(cfg)))  # tuples (EncoderConfig.pooling_factors) -> YAML lists
-    atomic_write_text(run_dir / name, yaml.safe_dump({"job": job, **plain}, sort_keys=False))
+    atomic_write_text(run_dir / name, yaml.safe_dump(_plain(job, cfg), sort_keys=False))
 
 
 def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -304,12 +486,16 @@ def fit(job: str, cfg, module: ARCTrainingModule, datamodule: ARCDataModule, exp
                            unused_parameters=len(module.decoders) > 1)
     ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.run.resume else None
     if launched_as_rank_zero():  # ranks that a launcher started later never write the run directory
+        changes = resume_changes(run_dir, job, cfg) if cfg.run.resume else {}
+        changes.update(_global_batch_change(run_dir, cfg, trainer))
         _save_config(run_dir, job, cfg)
-        record_launch(run_dir, job, cfg, trainer)
+        record_launch(run_dir, job, cfg, trainer, changes)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except BaseException:
         stop_launched_ranks(trainer)
+        if launched_as_rank_zero() and not cfg.run.resume:
+            _discard_failed_run(run_dir, export_dir)
         raise
     if not trainer.is_global_zero:
         return trainer, ""
@@ -321,14 +507,21 @@ def fit(job: str, cfg, module: ARCTrainingModule, datamodule: ARCDataModule, exp
 # ---------------------------------------------------------------------------- jobs
 def prepare_pretrain(cfg: PretrainConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
     """Everything up to (not including) training; raises on any bad input."""
-    run_dir, export_dir = run_dirs(cfg.run)
+    run_dir, export_dir = run_dirs(cfg.run, "pretrain", cfg)
     cfg.data.check()
     L.seed_everything(cfg.run.seed, verbose=False)
     decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
     model = build_model(cfg, decoders, paths)
     dec_toks = [DecoderTokenizers(n, toks[n], _same_tokenizer(toks[n], model.tokenizer)) for n in toks]
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps)
-    return module, ARCDataModule(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
+    return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
+
+
+def _checked_data(spec: DataSpec, dec_toks: list[DecoderTokenizers], tokenizer, task: str) -> ARCDataModule:
+    """The data module, after its first samples were built here: bad data fails before a run exists."""
+    dm = ARCDataModule(spec, dec_toks, tokenizer, task)
+    dm.probe()
+    return dm
 
 
 def _export_full(export_dir: Path):
@@ -350,7 +543,7 @@ def _load_checkpoint(path: str) -> ARCModel:
 
 
 def prepare_adapt(cfg: AdaptConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
-    run_dir, export_dir = run_dirs(cfg.run)
+    run_dir, export_dir = run_dirs(cfg.run, "adapt", cfg)
     cfg.data.check()
     L.seed_everything(cfg.run.seed, verbose=False)
     decoders, toks, paths = load_decoders([cfg.decoder], cfg.run)
@@ -362,7 +555,7 @@ def prepare_adapt(cfg: AdaptConfig) -> tuple[ARCTrainingModule, ARCDataModule, P
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps, train_encoder=False,
                                train_projectors=[name])
     dec_toks = [DecoderTokenizers(name, toks[name], _same_tokenizer(toks[name], model.tokenizer))]
-    return module, ARCDataModule(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
+    return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
 
 
 def adapt(cfg: AdaptConfig) -> str:
@@ -374,19 +567,15 @@ def adapt(cfg: AdaptConfig) -> str:
 
     def export(model: ARCModel) -> None:
         # A copy of the source checkpoint plus the new projector file (the source stays untouched).
-        if not export_dir.exists():
-            tmp = export_dir.with_name(f".{export_dir.name}.copy")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(cfg.from_checkpoint, tmp)
-            tmp.rename(export_dir)
-        model.save_projector(cfg.decoder.name, export_dir)
+        source = export_dir if export_dir.exists() else cfg.from_checkpoint
+        model.save_projector(cfg.decoder.name, export_dir, source=source)
 
     _, line = fit("adapt", cfg, module, dm, export, run_dir, export_dir)
     return line + f" (trainable parameters: {n:,})" if line else ""
 
 
 def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
-    run_dir, export_dir = run_dirs(cfg.run)
+    run_dir, export_dir = run_dirs(cfg.run, "finetune", cfg)
     if not cfg.data.train_files and not cfg.data.dataset_dir:
         raise ValueError("finetune needs QA data: set data.train_files / data.validation_files (JSONL with "
                          "context, question, answer)")
@@ -394,12 +583,14 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataMod
     L.seed_everything(cfg.run.seed, verbose=False)
     decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
     model = _load_checkpoint(cfg.from_checkpoint)
-    for name, d in decoders.items():
-        model.check_decoder(name, d)
+    for spec in cfg.decoders:
+        model.check_decoder(spec.name, decoders[spec.name], spec.allow_other_decoder)
+        if spec.allow_other_decoder:  # the export is trained for this decoder from now on
+            model.record_decoder(spec.name, decoders[spec.name], paths[spec.name])
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps,
                                train_encoder=not cfg.freeze_encoder, train_projectors=list(decoders))
     dec_toks = [DecoderTokenizers(n, toks[n], _same_tokenizer(toks[n], model.tokenizer)) for n in toks]
-    return module, ARCDataModule(cfg.data, dec_toks, model.tokenizer, "qa"), run_dir, export_dir
+    return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "qa"), run_dir, export_dir
 
 
 def finetune(cfg: FinetuneConfig) -> str:
@@ -454,12 +645,50 @@ def parse(argv: list[str]) -> tuple[str, object]:
     parser = build_parser()
     ns = parser.parse_args(argv)
     job = ns.job
+    _check_sections(JOBS[job][0], ns[job], "")
     init = parser.instantiate_classes(ns)
     values = init[job].as_dict() if hasattr(init[job], "as_dict") else dict(init[job])
     values.pop("config", None)
     values.pop("__path__", None)
     cfg = JOBS[job][0](**values)
     return job, cfg
+
+
+def _check_sections(cls, values, prefix: str) -> None:
+    """Every nested config section (trainer, run, run.tiny_lm, ...) must be a mapping of keys:
+    a YAML ``trainer: [1, 2]`` is an error naming the section, not a failure inside the parser."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name)
+        if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+            continue
+        value = values.get(f.name) if hasattr(values, "get") else None
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple, str, int, float, bool)):
+            raise ValueError(f"{prefix}{f.name} must be a mapping of keys (e.g. {prefix}{f.name}.<key>: value), got "
+                             f"{type(value).__name__} {value!r}")
+        _check_sections(kind, value, f"{prefix}{f.name}.")
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line: library messages can span lines (tracebacks of loader workers)."""
+    text = str(err).strip() or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:  # re-raised from a worker: its last line is the error
+        return lines[-1]
+    return " ".join(lines)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings as one `warning:` line; any other warning as Python prints it."""
+    if issubclass(category, ArcEncoderWarning):
+        print(f"arc-encoder-train: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,12 +702,14 @@ def main(argv: list[str] | None = None) -> int:
     elif argv[0] == "pretrain" and not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["pretrain", "--config", default_config(), *argv[1:]]
     try:
-        job, cfg = parse(argv)
-        line = JOBS[job][1](cfg)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            job, cfg = parse(argv)
+            line = JOBS[job][1](cfg)
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear line
-        print(f"arc-encoder-train {argv[0]}: error: {rank_prefix()}{err}", file=sys.stderr)
+        print(f"arc-encoder-train {argv[0]}: error: {rank_prefix()}{_one_line(err)}", file=sys.stderr)
         return 2
     if line:  # only global rank 0 reports
         print(line)

@@ -73,6 +73,8 @@ class DataSpec:
         for f in files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"data file {f!r} ({split}) does not exist")
+            if Path(f).stat().st_size == 0:
+                raise ValueError(f"{split} data {f}: the file is empty")
         return list(files)
 
     def check(self) -> None:
@@ -352,6 +354,29 @@ class ARCDataModule(L.LightningDataModule):
         self.qa = task == "qa"
         self.sample_fn: SampleFn = qa_samples if self.qa else pretrain_samples
         self._val: list[Batch] | None = None
+
+    def probe(self) -> None:
+        """Build the first training and validation sample of every decoder, here and now.
+
+        A training run reads its data in loader workers once it has started; empty, unreadable,
+        field-less or too-short data would then fail in a worker (with its traceback) after the
+        run directory exists. Errors name the split and its files, on one line.
+        """
+        for split in ("train", "validation"):
+            where = self.spec.dataset_dir or ", ".join(self.spec.files(split))
+            for dec in self.decoders:
+                try:
+                    first = next(iter(self.sample_fn(self.spec, dec, self.enc_tok, split, 0, False)), None)
+                    if first is None:
+                        minimum = "context, question and answer" if self.qa else (
+                            f"at least {self.spec.context_tokens} + {self.spec.target_tokens} decoder tokens")
+                        raise ValueError(f"gives no samples for decoder {dec.name!r} (empty, or no text with {minimum})")
+                    first()
+                except Exception as err:  # noqa: BLE001 - readers raise many types for unreadable files
+                    detail = " ".join(str(err).split()) or type(err).__name__
+                    if not isinstance(err, ValueError):
+                        detail = f"cannot read it ({type(err).__name__}: {detail})"
+                    raise ValueError(f"{split} data {where}: {detail}") from err
 
     def _rank(self) -> DataRank:
         return DataRank(self.trainer.global_rank, self.trainer.world_size) if self.trainer else DataRank()

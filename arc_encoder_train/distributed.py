@@ -148,8 +148,9 @@ def gathered_model(module: L.LightningModule) -> ARCModel | None:
 
 
 # ---------------------------------------------------------------------------- run records, agreement, failure
-def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer) -> dict:
-    """Print how many processes train and the global batch; append it to runs/<name>/launches.json."""
+def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer, changes: dict | None = None) -> dict:
+    """Print how many processes train and the global batch; append it to runs/<name>/launches.json
+    (with ``changes``: the settings a resume changed, {key: [before, now]})."""
     t = cfg.trainer
     world = trainer.num_devices * trainer.num_nodes
     entry = {"job": job, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": cfg.run.resume,
@@ -157,6 +158,8 @@ def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer) -> dict:
              "world_size": world, "batch_size_per_device": cfg.data.batch_size,
              "accumulate_grad_batches": t.accumulate_grad_batches,
              "global_batch": cfg.data.batch_size * world * t.accumulate_grad_batches}
+    if changes:
+        entry["config_changes"] = changes
     print(f"{job}: {world} process{'es' if world > 1 else ''} ({trainer.num_nodes} node(s) x {trainer.num_devices} "
           f"device(s), strategy {t.strategy}); global batch {entry['global_batch']} = {cfg.data.batch_size} per "
           f"device x {world} x {t.accumulate_grad_batches} accumulated", file=sys.stderr)

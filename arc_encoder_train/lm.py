@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from arc_encoder.objectives import mean_loss
-from arc_encoder.storage import atomic_write_json
+from arc_encoder.storage import atomic_write_json, make_temp_dir
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
 from .data import _CACHE, DataRank, DataSpec, iter_texts, worker_builds
@@ -161,7 +160,7 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
         return None
     model = model.cpu().float()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -6,7 +6,7 @@ import torch
 from arc_encoder import ARCModel
 from arc_encoder.checkpoint import verify_checkpoint
 from arc_encoder.tiny import tiny_causal_lm, tiny_config
-from conftest import make_model
+from conftest import make_model, rehash
 
 
 @pytest.fixture
@@ -45,8 +45,8 @@ def test_truncated_file_names_the_file(saved):
     with pytest.raises(ValueError, match="encoder/model.safetensors: checksum mismatch"):
         ARCModel.from_pretrained(path)
     assert any("model.safetensors" in p for p in verify_checkpoint(path))
-    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors"):
-        ARCModel.from_pretrained(path, verify=False)
+    with pytest.raises(ValueError, match=r"model.safetensors: \d+ bytes, manifest says \d+"):
+        ARCModel.from_pretrained(path, verify=False)  # no hashing, but sizes are still checked
 
 
 def test_mismatched_config_names_file_and_tensor(saved):
@@ -54,6 +54,9 @@ def test_mismatched_config_names_file_and_tensor(saved):
     cfg = json.loads((path / "arc_config.json").read_text())
     cfg["projectors"]["dec"]["hidden_dim"] = 18
     (path / "arc_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="arc_config.json: .*manifest says"):
+        ARCModel.from_pretrained(path)  # an edited config no longer matches the manifest
+    rehash(path, "arc_config.json")
     with pytest.raises(ValueError, match="dec.safetensors: tensor 'net.0.weight' has shape \\(16, 32\\), config expects \\(18, 32\\)"):
         ARCModel.from_pretrained(path)
 

@@ -275,10 +275,10 @@ def test_one_decoder_loader(tmp_path):
     model.projector("dec").config.decoder = str(path)
     loaded, _, used = model.load_decoder("dec", dtype=torch.float32)
     assert used == str(path) and not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    with pytest.raises(FileNotFoundError, match="decoder 'dec'.*not a local model directory"):
+    with pytest.raises(FileNotFoundError, match="decoder 'dec': .*missing does not exist"):
         model.load_decoder("dec", str(tmp_path / "missing"))
     model.projector("dec").config.decoder = ""
-    with pytest.raises(FileNotFoundError, match="decoder 'dec': ''"):
+    with pytest.raises(FileNotFoundError, match="decoder 'dec': the checkpoint records no local path"):
         model.load_decoder("dec")
 
 

@@ -186,7 +186,7 @@ def test_bad_configs_fail_before_training(setup, tmp_path):
     root, _, decs, tok = setup
     cfg = pretrain_cfg(setup, tmp_path)
     missing = replace(cfg, decoders=[cli.DecoderSpec(name="a", path=str(tmp_path / "nope"))])
-    with pytest.raises(FileNotFoundError, match="decoder 'a'.*not a local model directory"):
+    with pytest.raises(FileNotFoundError, match="decoder 'a'.*nope does not exist"):
         cli.prepare_pretrain(missing)
     wrong = save_decoder(tmp_path / "wrong", tok, vocab=len(tok) + 7)
     with pytest.raises(ValueError, match="decoder 'w'.*mismatched tokenizer"):

@@ -21,21 +21,34 @@ from typing import Any
 import torch
 
 from ..adaptive import AdaptivePooling, ChunkScorer, chunk_scorer, plan_pooling
-from ..model import ARCModel, compute_dtype, load_frozen_decoder
+from ..model import ARCModel, compute_dtype
 from ..storage import PathLike, atomic_write_json, sha256_file
 from .store import (
     BUILD_CONFIG,
     CACHE_FORMAT_VERSION,
     CACHE_MANIFEST,
     INDEX_NAME,
+    LOCK_NAME,
     SHARD_DIR,
     CacheBuildConfig,
     CorpusFormat,
     StorageDtype,
     build_sha256,
+    cache_lock,
     sidecar_name,
+    text_sha256,
     write_shard,
 )
+
+def _corpus_error(path: Path, fmt: str, err: BaseException) -> ValueError:
+    """One clear error naming the corpus file (bad UTF-8 said as such, wherever it surfaced)."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return ValueError(f"corpus {path}: not UTF-8 text ({cause})")
+    return ValueError(f"corpus {path}: cannot read it as {fmt} ({type(err).__name__}: {err})")
+
 
 # ---------------------------------------------------------------------------- document stream
 @dataclass
@@ -103,13 +116,17 @@ class DocumentStream:
                 raise ValueError(f"corpus {path}: cannot tell the format from {suffix!r}; pass corpus_format")
         try:
             ds = load_dataset(fmt, data_files=str(path), split="train")
+            if "text" not in ds.column_names:
+                raise ValueError(f"corpus {path}: no 'text' field (fields: {ds.column_names})")
+            texts = list(ds["text"])  # Arrow decodes the strings here: bad UTF-8 surfaces now
+            ids = list(ds["id"]) if "id" in ds.column_names else [str(i + 1) for i in range(len(texts))]
+        except ValueError as err:
+            if str(err).startswith(f"corpus {path}:"):
+                raise
+            raise _corpus_error(path, fmt, err) from err
         except Exception as err:  # datasets raises many types for unreadable files
-            raise ValueError(f"corpus {path}: cannot read it as {fmt} ({type(err).__name__}: {err})") from err
-        if "text" not in ds.column_names:
-            raise ValueError(f"corpus {path}: no 'text' field (fields: {ds.column_names})")
-        texts = ds["text"]
-        ids = ds["id"] if "id" in ds.column_names else [str(i + 1) for i in range(len(texts))]
-        return cls.from_records(list(ids), list(texts), dedupe=dedupe, where=f"corpus {path}")
+            raise _corpus_error(path, fmt, err) from err
+        return cls.from_records(ids, texts, dedupe=dedupe, where=f"corpus {path}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -163,15 +180,32 @@ def compress_documents(
     return vectors
 
 
-def make_scorer(build: CacheBuildConfig, device: str | torch.device = "cpu") -> ChunkScorer | None:
-    """The chunk scorer of an adaptive build (loads the frozen decoder for ``decoder_nll``)."""
+def make_scorer(build: CacheBuildConfig, model: ARCModel, device: str | torch.device = "cpu") -> ChunkScorer | None:
+    """The chunk scorer of an adaptive build (``decoder_nll``: the projector's own frozen decoder,
+    found and checked by ``model.load_decoder``)."""
     policy = build.policy()
     if policy is None:
         return None
     if policy.density != "decoder_nll":
         return chunk_scorer(policy)
-    what = "adaptive_density='decoder_nll' needs the decoder recorded in the checkpoint"
-    return chunk_scorer(policy, *load_frozen_decoder(build.decoder_path, device, compute_dtype(device), what))
+    decoder, tokenizer, _ = model.load_decoder(build.decoder, None, device, compute_dtype(device))
+    return chunk_scorer(policy, decoder, tokenizer)
+
+
+def check_document_lengths(stream: DocumentStream, tokenizer, chunk_len: int, max_chunks: int) -> None:
+    """Refuse a document longer than ``chunk_len * max_chunks`` encoder tokens before any shard is
+    written (the build would otherwise fail on it after the shards before it).
+
+    Only documents of at least limit / 4 UTF-8 bytes can be that long (no tokenizer makes more
+    than 4 tokens of a byte), so only those are tokenized here.
+    """
+    limit = chunk_len * max_chunks
+    for doc_id, text in zip(stream.ids, stream.texts):
+        if 4 * len(text.encode("utf-8")) >= limit:
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > limit:
+                raise ValueError(f"document {doc_id!r} has {n} tokens, over the limit of {limit} ({max_chunks} "
+                                 f"chunks x {chunk_len}); split it or raise max_chunks (nothing was written)")
 
 
 @torch.no_grad()
@@ -194,8 +228,19 @@ def compress_shard(
     return vectors, [len(t) for t in token_ids], plan
 
 
-def shard_is_complete(directory: PathLike, build: CacheBuildConfig, k: int, ids: Sequence[str]) -> bool:
-    """A shard counts as done only if its sidecar, both files and their checksums all agree."""
+def _doc_keys(ids: Sequence[str], texts: Sequence[str]) -> list[tuple[str, str]]:
+    return [(i, text_sha256(t)) for i, t in zip(ids, texts)]
+
+
+def _sidecar_keys(side: dict) -> list[tuple[str, str]]:
+    return [(d.get("id"), d.get("text_sha256")) for d in side.get("docs", [])]
+
+
+def shard_is_complete(
+    directory: PathLike, build: CacheBuildConfig, k: int, ids: Sequence[str], texts: Sequence[str]
+) -> bool:
+    """A shard counts as done only if its sidecar (build settings, document ids AND text hashes),
+    both files and their checksums all agree: a document whose text changed is compressed again."""
     directory = Path(directory)
     path = directory / sidecar_name(k)
     if not path.is_file():
@@ -204,7 +249,8 @@ def shard_is_complete(directory: PathLike, build: CacheBuildConfig, k: int, ids:
         side = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    if side.get("build_sha256") != build_sha256(build) or [d["id"] for d in side.get("docs", [])] != list(ids):
+    if not isinstance(side, dict) or side.get("build_sha256") != build_sha256(build) \
+            or _sidecar_keys(side) != _doc_keys(ids, texts):
         return False
     for key, sha in (("file", "sha256"), ("texts_file", "texts_sha256")):
         f = directory / side[key]
@@ -214,9 +260,14 @@ def shard_is_complete(directory: PathLike, build: CacheBuildConfig, k: int, ids:
 
 
 def prepare_build(
-    directory: PathLike, build: CacheBuildConfig, resume: bool, stream: DocumentStream | None = None
+    directory: PathLike, build: CacheBuildConfig, resume: bool, stream: DocumentStream | None = None,
+    tokenizer=None,
 ) -> tuple[DocumentStream, list[int]]:
-    """Create or reopen the cache directory; return the stream and the shards still to write."""
+    """Create or reopen the cache directory; return the stream and the shards still to write.
+
+    Every check (settings, corpus, document lengths with ``tokenizer``: default the checkpoint's)
+    passes before anything is written. The caller holds the directory's `cache_lock`.
+    """
     directory = Path(directory)
     cfg_path = directory / BUILD_CONFIG
     if cfg_path.is_file():
@@ -226,16 +277,22 @@ def prepare_build(
         if on_disk != build:
             diff = {k: (v, build.to_dict()[k]) for k, v in on_disk.to_dict().items() if build.to_dict()[k] != v}
             raise ValueError(f"{directory}: cannot resume, the build settings differ (on disk vs now: {diff})")
-    elif directory.exists() and any(directory.iterdir()):
+    elif directory.exists() and any(p.name != LOCK_NAME for p in directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not an arc-encoder cache; choose an empty directory")
     if stream is None:
         stream = DocumentStream.from_corpus(build.corpus, build.corpus_format, build.dedupe)
+    if tokenizer is None:
+        from ..checkpoint import read_tokenizer
+
+        tokenizer = read_tokenizer(build.checkpoint)
+    if tokenizer is not None:
+        check_document_lengths(stream, tokenizer, build.chunk_len, build.max_chunks)
     (directory / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     if not cfg_path.is_file():
         atomic_write_json(cfg_path, build.to_dict())
     todo = [
         k for k in range(stream.num_shards(build.docs_per_shard))
-        if not shard_is_complete(directory, build, k, stream.shard(k, build.docs_per_shard)[0])
+        if not shard_is_complete(directory, build, k, *stream.shard(k, build.docs_per_shard))
     ]
     # Leftovers of an interrupted atomic write are never part of the cache.
     for tmp in (directory / SHARD_DIR).glob(".*.tmp"):
@@ -256,8 +313,11 @@ def finalize_cache(directory: PathLike, build: CacheBuildConfig, stream: Documen
         if not path.is_file():
             raise ValueError(f"{directory}: shard {k} is missing ({sidecar_name(k)}); the build is incomplete, resume it")
         side = json.loads(path.read_text())
-        if [d["id"] for d in side["docs"]] != stream.shard(k, build.docs_per_shard)[0]:
-            raise ValueError(f"{path}: its documents are not the corpus's shard {k}; the corpus changed, rebuild")
+        if side.get("build_sha256") != build_sha256(build):
+            raise ValueError(f"{path}: written by another build (other settings, or a concurrent build into this "
+                             "directory), not this one; resume to rebuild it")
+        if _sidecar_keys(side) != _doc_keys(*stream.shard(k, build.docs_per_shard)):
+            raise ValueError(f"{path}: its documents are not the corpus's shard {k}; the corpus changed, resume")
         for d in side["docs"]:
             index[d["id"]] = {"shard": k, "offset": d["offset"], "length": d["length"],
                               "tokens": d["tokens"], "text_sha256": d["text_sha256"]}
@@ -329,23 +389,24 @@ def build_cache(
         checkpoint, decoder, "" if stream is not None else corpus, corpus_format=corpus_format,
         dtype=dtype, docs_per_shard=docs_per_shard, batch_size=batch_size, dedupe=dedupe, adaptive=adaptive,
     )
-    stream, todo = prepare_build(output, build, resume, stream)
     if model is None:
         model = ARCModel.from_pretrained(checkpoint, decoders=[decoder], device=device)
     model.eval()
-    scorer = make_scorer(build, device) if todo else None
-    start = time.perf_counter()
-    n_todo_docs = sum(len(stream.shard(k, docs_per_shard)[0]) for k in todo)
-    bar = tqdm(total=n_todo_docs, unit="doc", desc="cache build", disable=not progress)
-    for k in todo:
-        ids, texts = stream.shard(k, docs_per_shard)
-        vectors, tokens, plan = compress_shard(model, build, texts, ids, scorer)
-        write_shard(output, build, k, ids, texts, vectors, tokens, plan)
-        bar.update(len(ids))
-        if on_shard is not None:
-            on_shard(k)
-    bar.close()
-    manifest = finalize_cache(output, build, stream)
+    with cache_lock(output):
+        stream, todo = prepare_build(output, build, resume, stream, model.tokenizer)
+        scorer = make_scorer(build, model, device) if todo else None
+        start = time.perf_counter()
+        n_todo_docs = sum(len(stream.shard(k, docs_per_shard)[0]) for k in todo)
+        bar = tqdm(total=n_todo_docs, unit="doc", desc="cache build", disable=not progress)
+        for k in todo:
+            ids, texts = stream.shard(k, docs_per_shard)
+            vectors, tokens, plan = compress_shard(model, build, texts, ids, scorer)
+            write_shard(output, build, k, ids, texts, vectors, tokens, plan)
+            bar.update(len(ids))
+            if on_shard is not None:
+                on_shard(k)
+        bar.close()
+        manifest = finalize_cache(output, build, stream)
     n_shards = stream.num_shards(docs_per_shard)
     return BuildResult(Path(output), manifest, todo, n_shards - len(todo), time.perf_counter() - start)
 

@@ -10,10 +10,14 @@ another checkpoint or decoder. Building lives in ``arc_encoder.cache.build``.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -30,6 +34,7 @@ from ..storage import (
     atomic_save_tensors,
     atomic_write_bytes,
     atomic_write_json,
+    check_file_table,
     check_files,
     read_json_file,
     sha256_file,
@@ -40,11 +45,16 @@ CACHE_MANIFEST = "cache_manifest.json"
 BUILD_CONFIG = "build_config.json"
 INDEX_NAME = "index.json"
 SHARD_DIR = "shards"
+# Held (fcntl.flock) by the one process building into a cache directory; removed when it ends.
+LOCK_NAME = ".build.lock"
+_SHARD_FILE = re.compile(rf"{SHARD_DIR}/shard-(\d+)\.safetensors")
 
 StorageDtype = Literal["float16", "bfloat16", "float32", "int8"]
 CorpusFormat = Literal["auto", "json", "parquet", "text"]
 VerifyMode = Literal["checksum", "size"]
 PoolingMode = Literal["fixed", "adaptive"]
+# The safetensors dtype name of each storage dtype's vectors.
+_SAFETENSORS_DTYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "int8": "I8"}
 # Bytes per stored element (int8 also stores one float32 scale per vector, counted separately).
 _ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
 
@@ -113,8 +123,13 @@ class CacheBuildConfig:
             raise ValueError(f"corpus_format={self.corpus_format!r} is not one of {list(get_args(CorpusFormat))}")
         for name in ("docs_per_shard", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("checkpoint", "checkpoint_sha256", "decoder", "corpus", "decoder_path"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.dedupe, bool):
+            raise ValueError(f"dedupe must be true or false, got {self.dedupe!r}")
         if self.format_version != CACHE_FORMAT_VERSION:
             raise ValueError(f"cache format_version {self.format_version} is not {CACHE_FORMAT_VERSION}")
         if self.pooling not in get_args(PoolingMode):
@@ -161,6 +176,51 @@ class CacheBuildConfig:
             max_chunks=config.encoder.max_chunks,
             **kwargs,
         )
+
+
+# ---------------------------------------------------------------------------- lock
+@contextmanager
+def cache_lock(directory: PathLike) -> Iterator[Path]:
+    """Hold the exclusive build lock of cache ``directory`` (created if missing) or fail at once.
+
+    Two builds into one directory would each report success while the survivor's files were
+    whichever finished last. The lock is an ``fcntl.flock`` on ``DIR/.build.lock`` (released by
+    the kernel if the process dies); the file is removed on release, and a directory this call
+    created is removed again if nothing else was written into it.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FileExistsError(f"{directory}: another build is writing this cache (it holds the lock {path}, pid "
+                                  f"{holder}); wait for it to finish, then resume") from None
+        try:  # the holder before us may have removed the file we opened: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise FileExistsError(f"{directory}: could not take the build lock {path}")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- shards
@@ -231,33 +291,127 @@ def build_sha256(build: CacheBuildConfig) -> str:
 
 
 # ---------------------------------------------------------------------------- verify / load
+# Build settings every cache manifest records (the adaptive ones came later: default fixed pooling).
+_MANIFEST_REQUIRED = ("checkpoint", "checkpoint_sha256", "decoder", "dtype", "docs_per_shard", "decoder_hidden_size",
+                      "pooling_factor", "chunk_len", "max_chunks")
+_MANIFEST_COUNTS = {"num_docs": 1, "num_shards": 1, "tokens": 1, "vectors": 1, "text_bytes": 0, "skipped_empty": 0,
+                    "dropped_duplicates": 0}
+
+
+def check_cache_manifest(data: Any, where: str) -> dict[str, Any]:
+    """A cache manifest's structure: the build settings (as `CacheBuildConfig` checks them),
+    counts, and the file table; errors name the file and the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    if data.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {data.get('format_version')!r} is not {CACHE_FORMAT_VERSION}")
+    check_file_table(data.get("files"), where)
+    for key, minimum in _MANIFEST_COUNTS.items():
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    missing = [k for k in _MANIFEST_REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}")
+    names = {f.name for f in dataclasses.fields(CacheBuildConfig)}
+    try:
+        CacheBuildConfig(**{k: v for k, v in data.items() if k in names})
+    except (TypeError, ValueError) as err:  # TypeError: a required setting is missing
+        raise ValueError(f"{where}: {err}") from err
+    for key in ("decoder_hidden_size", "pooling_factor"):
+        if isinstance(data.get(key), bool) or not isinstance(data.get(key), int) or data[key] < 1:
+            raise ValueError(f"{where}: {key} must be an integer >= 1, got {data.get(key)!r}")
+    return data
+
+
 def read_cache_manifest(directory: PathLike) -> dict[str, Any]:
     path = Path(directory) / CACHE_MANIFEST
     if not path.is_file():
         hint = " (a build started here but did not finish: resume it)" if (Path(directory) / BUILD_CONFIG).is_file() else ""
         raise FileNotFoundError(f"{directory} is not a complete arc-encoder cache: {CACHE_MANIFEST} is missing{hint}")
-    return read_json_file(path, CACHE_FORMAT_VERSION)
+    return check_cache_manifest(read_json_file(path), str(path))
+
+
+def read_index(directory: PathLike, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """index.json, checked against the manifest: every document's shard exists (the manifest lists
+    num_shards shards, each with its files) and its offsets are non-negative integers."""
+    directory = Path(directory)
+    path = directory / INDEX_NAME
+    data = read_json_file(path)
+    docs = data.get("docs") if isinstance(data, dict) else None
+    if not isinstance(docs, dict):
+        raise ValueError(f"{path}: expected {{\"docs\": {{id: entry}}}}")
+    if len(docs) != manifest["num_docs"]:
+        raise ValueError(f"{path}: {len(docs)} documents, the manifest says num_docs {manifest['num_docs']}")
+    shards = set()
+    for doc_id, e in docs.items():
+        ok = isinstance(e, dict) and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool) and e[k] >= low
+                                         for k, low in (("shard", 0), ("offset", 0), ("length", 1)))
+        if not ok:
+            raise ValueError(f"{path}: document {doc_id!r} needs integer shard, offset >= 0 and length >= 1")
+        shards.add(e["shard"])
+    listed = sorted(int(m.group(1)) for rel in manifest["files"] if (m := _SHARD_FILE.fullmatch(rel)))
+    expected = list(range(manifest["num_shards"]))
+    if listed != expected or not shards <= set(expected):
+        raise ValueError(f"{directory / CACHE_MANIFEST}: num_shards {manifest['num_shards']}, but it lists "
+                         f"{len(listed)} shard files and the index uses shards {min(shards)}..{max(shards)}; "
+                         "the manifest does not describe this cache")
+    for k in expected:
+        for rel in (texts_name(k), sidecar_name(k)):
+            if rel not in manifest["files"]:
+                raise ValueError(f"{directory / CACHE_MANIFEST}: shard {k}'s {rel} is not listed")
+    return docs
+
+
+def check_shard_layout(f, path: PathLike, manifest: dict[str, Any]) -> int:
+    """An open shard's tensors are the manifest's dtype and width (int8: plus one float32 scale per
+    vector); returns its rows. A shard of another cache (another dtype) would be misread."""
+    dtype = manifest["dtype"]
+    expected = {"vectors": torch.int8, "scales": torch.float32} if dtype == "int8" else {"vectors": torch_dtype(dtype)}
+    names = set(f.keys())
+    if "vectors" in names:
+        got = f.get_slice("vectors").get_dtype()
+        if got != _SAFETENSORS_DTYPE[dtype]:
+            shard_dtype = next((k for k, v in _SAFETENSORS_DTYPE.items() if v == got), got)
+            raise ValueError(f"{path}: a {shard_dtype} shard, but the manifest says dtype {dtype} (a shard of "
+                             "another cache?)")
+    if names != set(expected):
+        raise ValueError(f"{path}: tensors {sorted(names)}, a {dtype} cache shard has {sorted(expected)}")
+    shape = f.get_slice("vectors").get_shape()
+    if len(shape) != 2 or shape[1] != manifest["decoder_hidden_size"]:
+        raise ValueError(f"{path}: vectors have shape {shape}, expected [rows, {manifest['decoder_hidden_size']}]")
+    if dtype == "int8" and f.get_slice("scales").get_shape() != [shape[0]]:
+        raise ValueError(f"{path}: scales have shape {f.get_slice('scales').get_shape()}, expected [{shape[0]}]")
+    return shape[0]
 
 
 def verify_cache(directory: PathLike, checkpoint: PathLike | None = None) -> list[str]:
-    """Check every file against the manifest (and the index against the shards); return problems."""
+    """Check every file against the manifest, the index against the manifest, and every shard's
+    dtype, width and rows against the index; return the problems found."""
     directory = Path(directory)
     manifest = read_cache_manifest(directory)
     problems = check_files(directory, manifest["files"])
     if not problems:
-        index = json.loads((directory / INDEX_NAME).read_text())["docs"]
-        if len(index) != manifest["num_docs"]:
-            problems.append(f"{directory / INDEX_NAME}: {len(index)} documents, manifest says {manifest['num_docs']}")
+        try:
+            index = read_index(directory, manifest)
+        except ValueError as err:
+            index = {}
+            problems.append(str(err))
         per_shard: dict[int, int] = {}
         for entry in index.values():
             per_shard[entry["shard"]] = max(per_shard.get(entry["shard"], 0), entry["offset"] + entry["length"])
         from safetensors import safe_open
 
-        for k, end in sorted(per_shard.items()):
-            with safe_open(str(directory / shard_name(k)), framework="pt") as f:
-                rows = f.get_slice("vectors").get_shape()[0]
-            if end > rows:
-                problems.append(f"{directory / shard_name(k)}: index points at row {end} but the shard has {rows}")
+        for k in range(manifest["num_shards"] if index else 0):
+            path = directory / shard_name(k)
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    rows = check_shard_layout(f, path, manifest)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            if per_shard.get(k, 0) > rows:
+                problems.append(f"{path}: index points at row {per_shard[k]} but the shard has {rows}")
     if checkpoint is not None:
         actual = checkpoint_sha256(checkpoint)
         if actual != manifest["checkpoint_sha256"]:
@@ -299,7 +453,7 @@ class CompressedCache:
         entry = self.manifest["files"].get(INDEX_NAME)
         if entry is None or not index_path.is_file() or sha256_file(index_path) != entry["sha256"]:
             raise ValueError(f"{index_path}: missing or does not match the cache manifest")
-        self.index: dict[str, dict[str, Any]] = json.loads(index_path.read_text())["docs"]
+        self.index: dict[str, dict[str, Any]] = read_index(self.directory, self.manifest)
         self._shards: dict[int, Any] = {}
         self._texts: dict[str, str] | None = None
 
@@ -332,7 +486,8 @@ class CompressedCache:
             from safetensors import safe_open
 
             path = self._check_file(shard_name(k))
-            self._shards[k] = safe_open(str(path), framework="pt")  # memory-mapped, read lazily
+            f = safe_open(str(path), framework="pt")  # memory-mapped, read lazily
+            self._shards[k] = (f, check_shard_layout(f, path, self.manifest))
         return self._shards[k]
 
     def get(self, doc_id: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -340,7 +495,10 @@ class CompressedCache:
         if doc_id not in self.index:
             raise KeyError(f"document id {doc_id!r} is not in cache {self.directory}")
         e = self.index[doc_id]
-        f = self._shard(e["shard"])
+        f, rows = self._shard(e["shard"])
+        if e["offset"] + e["length"] > rows:
+            raise ValueError(f"{self.directory / shard_name(e['shard'])}: document {doc_id!r} is indexed at rows "
+                             f"{e['offset']}..{e['offset'] + e['length']}, but the shard has {rows} rows")
         span = slice(e["offset"], e["offset"] + e["length"])
         vec = f.get_slice("vectors")[span]
         if self.manifest["dtype"] == "int8":

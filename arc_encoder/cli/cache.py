@@ -10,7 +10,14 @@ import json
 from typing import get_args
 
 from ..cache.store import CorpusFormat, StorageDtype
-from .common import add_adaptive_args, add_device_arg, adaptive_policy, report_problems, resolve_device
+from .common import (
+    add_adaptive_args,
+    add_allow_other_decoder_arg,
+    add_device_arg,
+    adaptive_policy,
+    report_problems,
+    resolve_device,
+)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -90,7 +97,8 @@ def cmd_query(args: argparse.Namespace) -> None:
             print(f"retrieved    {d} (BM25 {score:.2f})")
     device = resolve_device(args.device)
     model = ARCModel.from_pretrained(checkpoint, decoders=[cache.decoder], device=device).eval()
-    decoder, tokenizer, _ = model.load_decoder(cache.decoder, args.decoder_path, device)
+    decoder, tokenizer, _ = model.load_decoder(cache.decoder, args.decoder_path, device,
+                                               allow_other_decoder=args.allow_other_decoder)
     answer = cache.generate(model, decoder, tokenizer, [args.question], [doc_ids],
                             max_new_tokens=args.max_new_tokens, do_sample=False)
     print(format_answer(answer[0]))
@@ -149,4 +157,5 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
     q.add_argument("--max-new-tokens", type=int, default=64)
     add_device_arg(q)
+    add_allow_other_decoder_arg(q)
     q.set_defaults(func=cmd_query)

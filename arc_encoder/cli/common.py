@@ -8,6 +8,7 @@ the training package, can use it without import cycles.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 import torch
@@ -23,14 +24,42 @@ DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; any other name as given."""
+    """'auto' -> cuda when available, else cpu; any other name must be a device this machine has."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type {device.type!r} (cpu, cuda, mps)")
     return name
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def add_allow_other_decoder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-other-decoder", action="store_true",
+                   help="use a decoder other than the one the projector was trained for (its embeddings differ "
+                   "from the recorded identity); a warning says so")
+
+
+def output_file(path: str, flag: str = "--output") -> str:
+    """A file path to write: not empty, not an existing directory (an existing file is replaced)."""
+    if not path or not path.strip():
+        raise ValueError(f"{flag}: empty path")
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    return path
 
 
 def int_list(text: str) -> list[int]:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .common import add_adaptive_args, add_device_arg, adaptive_policies, int_list, resolve_device
+from .common import (
+    add_adaptive_args,
+    add_allow_other_decoder_arg,
+    add_device_arg,
+    adaptive_policies,
+    int_list,
+    output_file,
+    resolve_device,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -27,8 +35,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..storage import atomic_write_json
 
     device = resolve_device(args.device)
+    for flag in ("output", "plot"):
+        if getattr(args, flag) is not None:
+            output_file(getattr(args, flag), f"--{flag}")
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
-    decoder, dec_tok, dec_path = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device))
+    decoder, dec_tok, dec_path = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device),
+                                                    allow_other_decoder=args.allow_other_decoder)
     stream = DocumentStream.from_corpus(args.data, args.format)
     batches = eval_batches(stream.texts, model, args.decoder, dec_tok, args.context_tokens,
                            args.target_tokens, args.max_samples, args.batch_size)
@@ -164,6 +176,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--em-k", type=int, default=4, help="EM@k: the first k continuation tokens exactly")
     add_device_arg(i)
+    add_allow_other_decoder_arg(i)
     add_adaptive_args(i, several=True)
     i.add_argument("--output", help="JSON file (also the planner's --quality curve)")
     i.add_argument("--plot", help="PNG: rate-distortion and bits recovered vs rate")

@@ -8,12 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..config import torch_dtype
-from .common import DTYPE_CHOICES, add_adaptive_args, add_device_arg, adaptive_policy, report_problems, resolve_device
+from ..config import ArcEncoderWarning, torch_dtype
+from .common import (
+    DTYPE_CHOICES,
+    add_adaptive_args,
+    add_allow_other_decoder_arg,
+    add_device_arg,
+    adaptive_policy,
+    output_file,
+    report_problems,
+    resolve_device,
+)
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -23,23 +33,29 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
     path = Path(args.input)
     if not path.is_file():
         raise FileNotFoundError(f"--input {path}: no such file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--input {path}: not UTF-8 text ({err})") from None
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(path.read_text().splitlines()):
+        for i, line in enumerate(content.splitlines()):
             if line.strip():
                 try:
                     texts.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise ValueError(f"{path}:{i + 1}: expected a JSON object with a 'text' field ({err})") from err
-        return texts
-    return [line for line in path.read_text().splitlines() if line.strip()]
+    else:
+        texts = [line for line in content.splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"--input {path}: no text to compress (the file is empty)")
+    return texts
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM
-
     from ..config import EncoderConfig
-    from ..model import ARCModel
+    from ..model import ARCModel, load_frozen_decoder
+    from ..storage import check_model_dir
 
     cfg = EncoderConfig(
         base_model=args.base_model,
@@ -47,12 +63,18 @@ def cmd_init(args: argparse.Namespace) -> None:
         pooling_factor=args.pooling_factor,
         chunk_len=args.chunk_len,
     )
-    model = ARCModel.from_base_model(cfg, torch_dtype=torch_dtype(args.dtype))
-    for spec in args.decoder or []:
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    decoders = []
+    for spec in args.decoder or []:  # every path checked before anything loads
         name, sep, path = spec.partition("=")
-        if not sep:
+        if not sep or not name:
             raise ValueError(f"--decoder {spec!r}: expected NAME=PATH")
-        decoder = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype))
+        check_model_dir(path, f"--decoder {name}")
+        decoders.append((name, path))
+    model = ARCModel.from_base_model(cfg, torch_dtype=torch_dtype(args.dtype))
+    for name, path in decoders:
+        decoder, _ = load_frozen_decoder(path, dtype=torch_dtype(args.dtype), what=f"--decoder {name}")
         model.add_decoder(name, decoder, hidden_dim=args.projector_hidden, decoder_path=path)
         del decoder
     model.to(torch_dtype(args.dtype))
@@ -89,8 +111,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from ..storage import atomic_save_tensors
 
     device = resolve_device(args.device)
-    model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
+    output_file(args.output)
     texts = _read_texts(args)
+    model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     ids = model.tokenize(texts)
     enc = model.encoder.config
     plan = args.pooling_factor
@@ -98,6 +121,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         if args.adaptive:
             raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
                              "average factor with --adaptive-target")
+        model.chunk_pooling(ids, plan)  # a factor that cannot apply is an error, before any warning
         try:
             enc.check_trained([plan])
         except ValueError as err:
@@ -109,7 +133,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
         decoder, dec_tok = None, None
         if policy.density == "decoder_nll":
-            decoder, dec_tok, _ = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device))
+            decoder, dec_tok, _ = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device),
+                                                     allow_other_decoder=args.allow_other_decoder)
         plan = plan_pooling(model, ids, policy, chunk_scorer(policy, decoder, dec_tok))
     with torch.no_grad():
         ctx = model.compress(ids, args.decoder, plan)
@@ -126,11 +151,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ..model import ARCModel
 
     device = resolve_device(args.device)
+    contexts = [Path(args.context_file).read_text(encoding="utf-8")] if args.context_file else [args.context]
+    if not contexts[0] or not contexts[0].strip():
+        raise ValueError("the context is empty: give --context TEXT or a non-empty --context-file")
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
-    decoder, tokenizer, _ = model.load_decoder(args.decoder, args.decoder_path, device)
-    contexts = [Path(args.context_file).read_text()] if args.context_file else [args.context]
-    if not contexts[0]:
-        raise ValueError("give --context or --context-file")
+    decoder, tokenizer, _ = model.load_decoder(args.decoder, args.decoder_path, device,
+                                               allow_other_decoder=args.allow_other_decoder)
     out = model.generate(decoder, tokenizer, args.decoder, contexts, [args.prompt],
                          max_new_tokens=args.max_new_tokens, do_sample=False)
     print(out[0])
@@ -181,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adaptive_args(p)
     p.add_argument("--decoder-path", help="local HF decoder for --adaptive decoder_nll (default: the path recorded "
                    "in the checkpoint)")
+    add_allow_other_decoder_arg(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("generate", help="answer a prompt from a compressed context with the frozen decoder")
@@ -193,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text that follows the compressed context")
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_device_arg(p)
+    add_allow_other_decoder_arg(p)
     p.set_defaults(func=cmd_generate)
 
     from .cache import add_cache_commands
@@ -208,10 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    python_showwarning = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, ArcEncoderWarning):  # ours: one line, like errors
+            print(f"arc-encoder {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            python_showwarning(message, category, filename, lineno, file, line)
+
     try:
-        code = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"arc-encoder {args.command}: error: {err}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            code = args.func(args)
+    except (ValueError, OSError) as err:  # bad input, missing/unwritable files, full disks: one line
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"arc-encoder {args.command}: error: {text}", file=sys.stderr)
         return 2
     return int(code or 0)
 
