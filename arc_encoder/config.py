@@ -109,8 +109,8 @@ class EncoderConfig:
     Qwen2, Qwen3), a GPT-NeoX-family LM or a BERT-style encoder. The last ``layers_removed``
     blocks are dropped (paper: 2); the last remaining block pools by ``pooling_factor``.
 
-    The defaults compute what the ARC-Encoder reference computes (DESIGN.md): in the last
-    block ``pooled_h`` = mean of the block input over balanced groups, queries from
+    The defaults compute what the ARC-Encoder reference computes (README "How it works"): in
+    the last block ``pooled_h`` = mean of the block input over balanced groups, queries from
     ``attention_norm(pooled_h)``, ``h' = pooled_h + attn``, ``out = h' + FFN(ffn_norm(h'))``,
     no final norm. ``pooled_residual``, ``pooled_query_input``, ``pooling_groups`` and
     ``final_norm`` keep the earlier (format-1) semantics available as explicit options.
@@ -200,7 +200,7 @@ class EncoderConfig:
         if untrained:
             raise ValueError(
                 f"{where}pooling factors {untrained} were never trained: this encoder knows "
-                f"{list(self.trained_pooling_factors)} (pretrain with encoder.pooling_factors to mix factors)"
+                f"{list(self.trained_pooling_factors)} (pretrain with --encoder.pooling_factors to mix factors)"
             )
 
     def compressed_len(self, num_tokens: int, pooling_factor: int | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Every block but the last is the backbone's own block (and attention kernel), called with a
 padding-only mask, so attention is bidirectional. The last block pools, as the ARC-Encoder
-reference does (``forward_embedder`` + ``TransformerBlock``, DESIGN.md):
+reference does (kyutai-labs/ARC-Encoder, ``embed_llm/models/enhanced_transformer.py``
+``forward_embedder`` + ``transformer_layers.py`` ``TransformerBlock``; README "How it works"):
 
     pooled_h = mean of the block INPUT h over m = ceil(n / pf) groups   (balanced sizes)
     r        = attention(queries from attention_norm(pooled_h) at RoPE positions 0..m-1,
@@ -466,9 +467,11 @@ class ARCEncoder(nn.Module):
         """
         attn = resolve_attn_implementation(config.attn_implementation)
         if backbone_config is None:
-            backbone = AutoModel.from_pretrained(
-                config.base_model, dtype=torch_dtype, attn_implementation=attn
-            )
+            from .loading import load_pretrained
+
+            # The LM head in the files is unused here (expected); missing weights are reported.
+            backbone = load_pretrained(AutoModel, config.base_model, "encoder base_model",
+                                       dtype=torch_dtype, attn_implementation=attn)
         else:
             backbone = AutoModel.from_config(
                 backbone_config, dtype=torch_dtype, attn_implementation=attn

@@ -86,9 +86,12 @@ def load_frozen_decoder(
 
     if not path or not Path(path).is_dir():
         raise FileNotFoundError(f"{what}: {path!r} is not a local model directory (pass the decoder's directory: --decoder-path)")
+    from .loading import load_pretrained, quiet_transformers
+
     kwargs = {} if dtype is None else {"dtype": dtype}
-    decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device))
-    return decoder, AutoTokenizer.from_pretrained(path)
+    decoder = freeze_decoder(load_pretrained(AutoModelForCausalLM, path, what, **kwargs).to(device))
+    with quiet_transformers():
+        return decoder, AutoTokenizer.from_pretrained(path)
 
 
 class ARCModel(nn.Module):

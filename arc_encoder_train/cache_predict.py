@@ -152,7 +152,7 @@ def build_parser(prog: str = "python -m arc_encoder_train.cache_predict") -> arg
     p = argparse.ArgumentParser(
         prog=prog,
         description="Build a compressed RAG cache with Lightning Trainer.predict (DDP across GPUs; "
-        "rank r writes shards k with k %% world_size == r). Same files as `arc-encoder cache build`.",
+        "rank r writes shards k with k % world_size == r). Same files as `arc-encoder cache build`.",
     )
     p.add_argument("checkpoint", help="arc-encoder checkpoint directory")
     p.add_argument("--decoder", required=True, help="projector name")
@@ -173,7 +173,8 @@ def build_parser(prog: str = "python -m arc_encoder_train.cache_predict") -> arg
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
+    parser = build_parser(prog) if prog else build_parser()
+    args = parser.parse_args(argv)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     start = time.perf_counter()
     try:
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             adaptive=adaptive_policy(args, read_config(args.checkpoint).encoder),
         )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"cache_predict: error: {rank_prefix()}{err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {rank_prefix()}{err}", file=sys.stderr)
         return 2
     if writer.manifest is not None:
         m = writer.manifest

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from arc_encoder.config import ARCConfig, DtypeName, EncoderConfig, torch_dtype
 from arc_encoder.encoder import ARCEncoder
+from arc_encoder.loading import load_pretrained
 from arc_encoder.model import ARCModel
 from arc_encoder.samples import check_tokenizer_pair
 from arc_encoder.storage import atomic_write_text
@@ -189,7 +190,7 @@ def load_decoders(specs: list[DecoderSpec], run: RunSpec) -> tuple[dict, dict, d
     models, toks, paths = {}, {}, {}
     for s in specs:
         path, tok, _ = checked[s.name]
-        models[s.name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(s.dtype))
+        models[s.name] = load_pretrained(AutoModelForCausalLM, path, f"decoder {s.name!r}", dtype=torch_dtype(s.dtype))
         toks[s.name], paths[s.name] = tok, path
     return models, toks, paths
 
@@ -388,7 +389,7 @@ def adapt(cfg: AdaptConfig) -> str:
 def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
     run_dir, export_dir = run_dirs(cfg.run)
     if not cfg.data.train_files and not cfg.data.dataset_dir:
-        raise ValueError("finetune needs QA data: set data.train_files / data.validation_files (JSONL with "
+        raise ValueError("finetune needs QA data: pass --data.train_files and --data.validation_files (JSONL with "
                          "context, question, answer)")
     cfg.data.check()
     L.seed_everything(cfg.run.seed, verbose=False)

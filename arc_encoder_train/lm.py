@@ -130,7 +130,7 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
 
     out = Path(spec.out_dir)
     if out.exists() and launched_as_rank_zero():
-        raise FileExistsError(f"{out} exists; remove it or choose another lm.out_dir")
+        raise FileExistsError(f"{out} exists; remove it or choose another --lm.out_dir")
     data.check()
     start = time.time()
     L.seed_everything(spec.seed, verbose=False)

@@ -25,6 +25,7 @@ from ..checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from ..checkpoint import read_config
 from ..config import dataclass_from_dict, torch_dtype
 from ..model import ARCModel, CompressedContext
+from .names import CorpusFormat, StorageDtype
 from ..storage import (
     PathLike,
     atomic_save_tensors,
@@ -41,8 +42,6 @@ BUILD_CONFIG = "build_config.json"
 INDEX_NAME = "index.json"
 SHARD_DIR = "shards"
 
-StorageDtype = Literal["float16", "bfloat16", "float32", "int8"]
-CorpusFormat = Literal["auto", "json", "parquet", "text"]
 VerifyMode = Literal["checksum", "size"]
 PoolingMode = Literal["fixed", "adaptive"]
 # Bytes per stored element (int8 also stores one float32 scale per vector, counted separately).

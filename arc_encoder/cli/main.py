@@ -9,38 +9,38 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
-import torch
-
+from ..cache.names import CorpusFormat
 from ..config import torch_dtype
-from .common import DTYPE_CHOICES, add_adaptive_args, add_device_arg, adaptive_policy, report_problems, resolve_device
+from .common import (
+    DTYPE_CHOICES, add_adaptive_args, add_device_arg, adaptive_policy, read_text_file, report_problems, resolve_device,
+)
 
 
-def _read_texts(args: argparse.Namespace) -> list[str]:
-    """Texts from --text (repeatable) or --input (.txt: one per line; .jsonl: field 'text')."""
+def _read_texts(args: argparse.Namespace) -> tuple[list[str], int]:
+    """Texts from --text (repeatable) or --input (any corpus file, as `cache build` reads it),
+    and how many empty ones were skipped."""
     if args.text:
-        return list(args.text)
-    path = Path(args.input)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input {path}: no such file")
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{i + 1}: expected a JSON object with a 'text' field ({err})") from err
-        return texts
-    return [line for line in path.read_text().splitlines() if line.strip()]
+        return list(args.text), 0
+    from ..cache.build import read_corpus
+
+    _, texts = read_corpus(args.input, args.format)
+    kept = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not kept:
+        raise ValueError(f"--input {args.input}: no non-empty text")
+    return kept, len(texts) - len(kept)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from ..config import EncoderConfig
+    from ..loading import load_pretrained
     from ..model import ARCModel
 
+    if Path(args.output).exists() and not args.overwrite:  # before any model loads
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     cfg = EncoderConfig(
         base_model=args.base_model,
         layers_removed=args.layers_removed,
@@ -52,7 +52,7 @@ def cmd_init(args: argparse.Namespace) -> None:
         name, sep, path = spec.partition("=")
         if not sep:
             raise ValueError(f"--decoder {spec!r}: expected NAME=PATH")
-        decoder = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype))
+        decoder = load_pretrained(AutoModelForCausalLM, path, f"--decoder {name}", dtype=torch_dtype(args.dtype))
         model.add_decoder(name, decoder, hidden_dim=args.projector_hidden, decoder_path=path)
         del decoder
     model.to(torch_dtype(args.dtype))
@@ -67,9 +67,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     cfg = read_config(args.checkpoint)
     manifest = read_manifest(args.checkpoint)
     enc = cfg.encoder
+    trained = ", ".join(f"x{pf}" for pf in enc.trained_pooling_factors)
     print(f"checkpoint   {args.checkpoint}")
-    print(f"encoder      {enc.base_model} minus {enc.layers_removed} layers, pooling x{enc.pooling_factor} "
-          f"({enc.pooled_query_positions}), chunks of {enc.chunk_len} tokens, up to {enc.max_chunks} chunks")
+    print(f"encoder      {enc.base_model} minus {enc.layers_removed} layers, chunks of {enc.chunk_len} tokens, "
+          f"up to {enc.max_chunks} chunks")
+    print(f"pooling      trained at {trained}; default x{enc.pooling_factor} (queries at {enc.pooled_query_positions})"
+          + ("; mixed pooling: --pooling-factor and --adaptive may use any of these" if enc.pooling_factors else ""))
     print(f"dtype        {manifest['dtype']}")
     for name, p in cfg.projectors.items():
         print(f"projector    {name}: {p.input_dim} -> {p.hidden_dim} -> {p.output_dim} "
@@ -85,24 +88,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..checkpoint import read_config
     from ..model import ARCModel
     from ..storage import atomic_save_tensors
 
+    if args.pooling_factor is not None and args.adaptive:
+        raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
+                         "average factor with --adaptive-target")
+    policy = adaptive_policy(args, read_config(args.checkpoint).encoder)  # bad flags fail before any load
+    texts, skipped = _read_texts(args)
     device = resolve_device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
-    texts = _read_texts(args)
     ids = model.tokenize(texts)
     enc = model.encoder.config
     plan = args.pooling_factor
     if plan is not None:
-        if args.adaptive:
-            raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
-                             "average factor with --adaptive-target")
         try:
             enc.check_trained([plan])
         except ValueError as err:
             print(f"warning: {err}", file=sys.stderr)
-    policy = adaptive_policy(args, enc)
     if policy is not None:
         from ..adaptive import chunk_scorer, plan_pooling
         from ..model import compute_dtype
@@ -119,18 +125,19 @@ def cmd_compress(args: argparse.Namespace) -> None:
     atomic_save_tensors(args.output, {"embeddings": ctx.embeddings, "lengths": ctx.lengths}, meta)
     n_tokens = sum(len(t) for t in ids)
     print(f"compressed {len(texts)} texts, {n_tokens} tokens -> {int(ctx.lengths.sum())} vectors "
-          f"of width {ctx.embeddings.shape[-1]}; wrote {args.output}")
+          f"of width {ctx.embeddings.shape[-1]}; wrote {args.output}"
+          + (f" (skipped {skipped} empty texts)" if skipped else ""))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from ..model import ARCModel
 
+    contexts = [read_text_file(args.context_file, "--context-file")] if args.context_file else [args.context]
+    if not contexts[0].strip():
+        raise ValueError(f"the context ({'--context-file' if args.context_file else '--context'}) is empty")
     device = resolve_device(args.device)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     decoder, tokenizer, _ = model.load_decoder(args.decoder, args.decoder_path, device)
-    contexts = [Path(args.context_file).read_text()] if args.context_file else [args.context]
-    if not contexts[0]:
-        raise ValueError("give --context or --context-file")
     out = model.generate(decoder, tokenizer, args.decoder, contexts, [args.prompt],
                          max_new_tokens=args.max_new_tokens, do_sample=False)
     print(out[0])
@@ -158,21 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("info", help="print a checkpoint's config and files")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("info", help="print a checkpoint's config and files",
+                       description="Encoder, trained pooling factors, dtype, one line per projector (decoder), files.")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", help="check every checkpoint file against its manifest checksums")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("verify", help="check every checkpoint file against its manifest checksums",
+                       description="Re-hash every file of the checkpoint against manifest.json: one FAIL line per "
+                       "problem and exit code 1, or OK and exit code 0.")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compress", help="compress texts into a safetensors file of decoder-space vectors",
                        description="Writes 'embeddings' [texts, max_vectors, decoder_dim] and 'lengths' [texts].")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to compress (repeatable)")
-    src.add_argument("--input", help=".txt (one text per line) or .jsonl (field 'text')")
+    src.add_argument("--input", help="file of texts: JSONL/JSON (field 'text'), parquet or .txt (one text per line), "
+                     "optionally .gz")
+    p.add_argument("--format", choices=get_args(CorpusFormat), default="auto",
+                   help="--input's format (default: from the suffix)")
     p.add_argument("--output", required=True, help="safetensors file to write (atomically)")
     add_device_arg(p)
     p.add_argument("--pooling-factor", type=int, default=None,
@@ -184,12 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("generate", help="answer a prompt from a compressed context with the frozen decoder")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.add_argument("--decoder", required=True, help="projector name")
     p.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
     ctx = p.add_mutually_exclusive_group(required=True)
     ctx.add_argument("--context", help="context text, compressed before decoding")
-    ctx.add_argument("--context-file", help="file whose text is the context")
+    ctx.add_argument("--context-file", help="file whose text is the context (optionally .gz)")
     p.add_argument("--prompt", required=True, help="text that follows the compressed context")
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_device_arg(p)
@@ -205,13 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The subcommand as typed ('compress', 'cache build', 'eval info'), for error lines."""
+    sub = getattr(args, "cache_command", None) or getattr(args, "eval_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"arc-encoder {args.command}: error: {err}", file=sys.stderr)
+        print(f"arc-encoder {command_name(args)}: error: {err}", file=sys.stderr)
         return 2
     return int(code or 0)
 
