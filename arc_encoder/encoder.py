@@ -515,9 +515,11 @@ class ARCEncoder(nn.Module):
             block.compile()
 
     def gradient_checkpointing_enable(self) -> None:
-        self.backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ forward
     def _layer_mask(self, valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,7 @@ from .distributed import (
 )
 from .lm import LMSpec, is_decoder_dir, train_lm
 from .module import ARCTrainingModule, ExportCallback, OptimSpec
+from .progress import TrainProgress, format_validation, quiet_lightning
 
 BUILTIN_TINY = "builtin:tiny-lm"
 # A tiny decoder trained by this project and shipped in the package, so the quickstart
@@ -52,11 +54,17 @@ class DecoderSpec:
     """A frozen decoder: a local HF causal-LM directory (or builtin:tiny-lm)."""
 
     name: str = "tiny"
+    """the projector's name (what --decoder NAME selects in `arc-encoder` commands)"""
     path: str = BUILTIN_TINY
-    tokenizer: str = ""  # default: the decoder's own directory
+    """local HF causal-LM directory, or builtin:tiny-lm (the tiny decoder shipped in the package)"""
+    tokenizer: str = ""
+    """its tokenizer's directory (default: path)"""
     dtype: DtypeName = "float32"
-    projector_hidden_dim: int = 2048  # paper: 2048
+    """dtype the frozen decoder is held in"""
+    projector_hidden_dim: int = 2048
+    """projector MLP width (paper: 2048)"""
     allow_padded_vocab: bool = False
+    """accept an embedding table larger than the tokenizer (models that round their vocabulary up)"""
 
 
 def tiny_encoder() -> EncoderConfig:
@@ -70,46 +78,74 @@ def tiny_encoder() -> EncoderConfig:
 
 @dataclass
 class EncoderBuild:
-    """Training-only settings of the encoder, beside the embedded ``EncoderConfig``."""
+    """Training-only settings of the encoder (beside encoder)."""
 
-    tokenizer: str = ""  # default: base_model's directory
+    tokenizer: str = ""
+    """the encoder tokenizer's directory (default: encoder.base_model)"""
     gradient_checkpointing: bool = False
-    compile_blocks: bool = False  # torch.compile the encoder's blocks (GPU: ~1.3x faster forward)
+    """recompute activations in the backward pass (less memory, ~30% more compute)"""
+    compile_blocks: bool = False
+    """torch.compile the encoder's blocks (GPU: ~1.3x faster forward)"""
 
 
 @dataclass
 class TrainerSpec:
-    """Subset of `lightning.Trainer` arguments (precision auto: bf16-mixed on GPU, else 32)."""
+    """Lightning Trainer settings (a subset)."""
 
     max_steps: int = 300
+    """optimizer steps to train"""
     accelerator: str = "auto"
+    """cpu, gpu or auto (a GPU when there is one)"""
     devices: int | str = "auto"
+    """devices per node (processes; with several, data.batch_size is per device)"""
     num_nodes: int = 1
-    strategy: str = "auto"  # "ddp", "fsdp", ...
+    """nodes (runs_dir and checkpoints_dir must be on a filesystem they all share)"""
+    strategy: str = "auto"
+    """auto, ddp (replicated) or fsdp (sharded encoder and projectors)"""
     precision: str = "auto"
+    """Lightning precision (auto: bf16-mixed on a GPU, else 32-true)"""
     gradient_clip_val: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
     accumulate_grad_batches: int = 1
-    val_check_interval: int = 100  # steps
+    """batches per optimizer step (the global batch grows by this factor)"""
+    val_check_interval: int = 100
+    """validate (and export checkpoints/<name>/) every this many steps"""
     log_every_n_steps: int = 10
+    """CSV metrics (runs/<name>/logs/) every this many steps"""
     checkpoint_every_n_steps: int = 100
+    """write runs/<name>/checkpoints/last.ckpt (for --run.resume) every this many steps"""
     progress_bar: bool = True
+    """show progress: a bar on a terminal, else a status line every status_every_s seconds"""
+    status_every_s: float = 30.0
+    """seconds between status lines when the output is not a terminal (log files, pipes, batch jobs)"""
 
 
 @dataclass
 class RunSpec:
+    """Where the run writes, resuming, seed."""
+
     name: str = "tiny"
+    """the run's name: it writes runs_dir/<name>/ and exports checkpoints_dir/<name>/"""
     runs_dir: str = "runs"
+    """directory of run directories (configs, Lightning checkpoints, CSV logs, summary)"""
     checkpoints_dir: str = "checkpoints"
-    resume: bool = False  # continue runs/<name>/checkpoints/last.ckpt
+    """directory of exported checkpoints (the from_pretrained format, what `arc-encoder` reads)"""
+    resume: bool = False
+    """continue runs/<name>/checkpoints/last.ckpt (same step, optimizer and data position)"""
     seed: int = 0
-    tiny_lm: LMSpec = field(default_factory=LMSpec)  # used when a path is builtin:tiny-lm
+    """seed of the weights' initialisation and of everything random in training"""
+    tiny_lm: LMSpec = field(default_factory=LMSpec)
+    """the tiny decoder LM trained for builtin:tiny-lm paths when a setting differs from the shipped one's"""
 
 
 @dataclass
 class PretrainConfig:
+    """The pretrain job: encoder + one projector per decoder on raw text."""
+
     encoder: EncoderConfig = field(default_factory=tiny_encoder)
     encoder_build: EncoderBuild = field(default_factory=EncoderBuild)
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
+    """frozen decoders, one projector each (a YAML list; its keys: --decoders.help DecoderSpec)"""
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -118,7 +154,10 @@ class PretrainConfig:
 
 @dataclass
 class AdaptConfig:
+    """The adapt job: a projector for a new decoder; the encoder stays frozen."""
+
     from_checkpoint: str = "checkpoints/tiny"
+    """the trained checkpoint to add a projector to (it stays untouched; the export is a copy)"""
     decoder: DecoderSpec = field(default_factory=DecoderSpec)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-3))
@@ -128,9 +167,14 @@ class AdaptConfig:
 
 @dataclass
 class FinetuneConfig:
+    """The finetune job: context + question -> answer, loss on the answer only."""
+
     from_checkpoint: str = "checkpoints/tiny"
+    """the trained checkpoint to fine-tune"""
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
+    """the decoders to fine-tune for (each must have a projector in from_checkpoint)"""
     freeze_encoder: bool = False
+    """train the projectors only"""
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-4))
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -139,6 +183,8 @@ class FinetuneConfig:
 
 @dataclass
 class LMConfig:
+    """The lm job: a small plain causal LM to serve as a frozen decoder."""
+
     lm: LMSpec = field(default_factory=LMSpec)
     data: DataSpec = field(default_factory=DataSpec)
 
@@ -249,6 +295,7 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    quiet_lightning()
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
@@ -261,8 +308,9 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps,
         # A resumed run logs to logs/resume-<time>/ so the first part of the curve is kept.
-        logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""), callbacks=[ckpt, *callbacks],
-        enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""),
+        callbacks=[ckpt, *callbacks, *([TrainProgress("train/loss", t.status_every_s)] if t.progress_bar else [])],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir,
     )
 
@@ -283,13 +331,8 @@ def summary_line(job: str, module: ARCTrainingModule, trainer: L.Trainer, second
     k = max(1, min(10, len(losses) // 10))
     first = sum(losses[:k]) / k if losses else float("nan")
     last = sum(losses[-k:]) / k if losses else float("nan")
-    m = _val_metrics(trainer)
-    val = ""
-    if "loss_compressed" in m:
-        val = (f", val continuation loss: none {m['loss_none']:.2f} / compressed {m['loss_compressed']:.2f}"
-               f" / full {m['loss_full']:.2f}")
-    if "recon_acc" in m:
-        val += f", recon acc {m['recon_acc']:.2f}"
+    val = format_validation(_val_metrics(trainer))
+    val = f", val {val}" if val else ""
     return (f"{job} done: {trainer.global_step} steps in {seconds:.0f} s, train loss {first:.2f} -> {last:.2f}"
             f"{val}; checkpoint: {export}/")
 
@@ -436,29 +479,94 @@ def default_config() -> str:
     return str(resources.files("arc_encoder_train") / "configs" / "tiny.yaml")
 
 
-def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+# Keys a job never reads: left out of its parser, so that its --help lists only what it uses
+# and setting one is an unknown-key error rather than a silent no-op.
+JOB_SKIPS: dict[str, set[str]] = {
+    "pretrain": {"data.max_context_tokens"},
+    "adapt": {"data.max_context_tokens"},
+    "finetune": {"data.context_tokens", "data.target_tokens", "data.reconstruction_ratio", "data.text_field"},
+    "lm": {"data.validation_files", "data.context_tokens", "data.target_tokens", "data.max_context_tokens",
+           "data.batch_size", "data.val_batches", "data.reconstruction_ratio"},
+}
 
-    parser = ArgumentParser(prog="arc-encoder-train", description=__doc__.split("\n")[0],
-                            exit_on_error=False)
+
+def _tiny_default(argv: list[str]) -> bool:
+    """`pretrain` without --config runs the packaged tiny.yaml."""
+    return bool(argv) and argv[0] == "pretrain" and not any(a == "--config" or a.startswith("--config=")
+                                                            for a in argv[1:])
+
+
+def add_job_arguments(parser, cls: type, skip: set[str]) -> None:
+    """``cls``'s fields as --key / --group.key arguments, each dataclass field as its own group
+    (its docstring the header, each field's docstring its help), leaving out the keys in ``skip``."""
+    hints = typing.get_type_hints(cls)
+    groups = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+    top_skip = {k for k in skip if "." not in k}
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=set(groups) | top_skip)
+    for name in groups:
+        inner = {k.split(".", 1)[1] for k in skip if k.startswith(name + ".")}
+        parser.add_class_arguments(hints[name], nested_key=name, fail_untyped=True, skip=inner)
+
+
+def _help_formatter():
+    """jsonargparse's formatter, but a list of decoders shows its default as plain mappings
+    (name, path, ...) instead of jsonargparse's internal Namespace objects."""
+    from jsonargparse import DefaultHelpFormatter
+
+    def plain(item):
+        if dataclasses.is_dataclass(item):
+            return dataclasses.asdict(item)
+        init = getattr(item, "init_args", None)
+        return init.as_dict() if init is not None else item
+
+    class Formatter(DefaultHelpFormatter):
+        def _get_help_string(self, action):  # action.default is the parser's real default here
+            text = super()._get_help_string(action)
+            if isinstance(action.default, list) and action.default and "%(default)s" in text:
+                shown = str([plain(item) for item in action.default]).replace("%", "%%")
+                text = text.replace("%(default)s", shown)
+            return text
+
+    return Formatter
+
+
+def build_parser(tiny_default: bool = False):
+    """The `arc-encoder-train` parser; ``tiny_default``: pretrain's defaults are tiny.yaml's (what
+    it runs without --config), so its --help shows them."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
+    formatter = _help_formatter()  # jsonargparse gives every subcommand its parent's formatter
+    parser = ArgumentParser(
+        prog="arc-encoder-train", exit_on_error=False, formatter_class=formatter,
+        description="Train ARC encoders and projectors (Lightning), configured by YAML (--config) and "
+        "--key value overrides. `arc-encoder-train JOB --help` lists every key of JOB with its meaning and "
+        "default. `arc-encoder-train cache-build --help`: the cache build through Lightning, several GPUs.")
     sub = parser.add_subcommands(dest="job")
     for name, (cls, _, help_text) in JOBS.items():
-        p = ArgumentParser(description=help_text, exit_on_error=False)
-        p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
-        p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+        defaults = [default_config()] if name == "pretrain" and tiny_default else []
+        p = ArgumentParser(prog=f"arc-encoder-train {name}", description=help_text, exit_on_error=False,
+                           default_config_files=defaults, formatter_class=formatter,
+                           usage=f"arc-encoder-train {name} [-h] [--config YAML] [--KEY VALUE ...]")
+        p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below"
+                       + (" (instead of the tiny CPU default, arc_encoder_train/configs/tiny.yaml)"
+                          if name == "pretrain" else ""))
+        add_job_arguments(p, cls, JOB_SKIPS.get(name, set()))
         sub.add_subcommand(name, p, help=help_text)
     return parser
 
 
 def parse(argv: list[str]) -> tuple[str, object]:
-    """argv -> (job, typed config); unknown keys and bad values raise."""
-    parser = build_parser()
+    """argv -> (job, typed config); unknown keys and bad values raise. `pretrain` without
+    --config starts from the packaged tiny.yaml."""
+    parser = build_parser(_tiny_default(argv))
     ns = parser.parse_args(argv)
     job = ns.job
-    init = parser.instantiate_classes(ns)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    init = instantiate(ns)
     values = init[job].as_dict() if hasattr(init[job], "as_dict") else dict(init[job])
-    values.pop("config", None)
-    values.pop("__path__", None)
+    for key in ("config", "__path__", "__default_config__"):
+        values.pop(key, None)
     cfg = JOBS[job][0](**values)
     return job, cfg
 
@@ -469,10 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         from .cache_predict import main as cache_build
 
         return cache_build(argv[1:], prog="arc-encoder-train cache-build")
-    if not argv:
-        argv = ["pretrain", "--config", default_config()]
-    elif argv[0] == "pretrain" and not any(a == "--config" or a.startswith("--config=") for a in argv):
-        argv = ["pretrain", "--config", default_config(), *argv[1:]]
+    argv = argv or ["pretrain"]  # no arguments: the tiny CPU default
     try:
         job, cfg = parse(argv)
         line = JOBS[job][1](cfg)

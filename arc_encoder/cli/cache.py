@@ -120,7 +120,7 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--output", required=True, help="cache directory to create")
     b.add_argument("--dtype", choices=get_args(StorageDtype), default="float16",
                    help="storage: float16/bfloat16/float32, or int8 with one absmax scale per vector")
-    b.add_argument("--docs-per-shard", type=int, default=256)
+    b.add_argument("--docs-per-shard", type=int, default=256, help="documents per shard file (the unit of resuming; default 256)")
     b.add_argument("--batch-size", type=int, default=8, help="documents compressed together")
     b.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
@@ -147,6 +147,6 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--doc-id", action="append", help="use these documents instead of retrieval (repeatable)")
     q.add_argument("--checkpoint", help="checkpoint directory (default: the one recorded in the cache)")
     q.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
-    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (greedy; default 64)")
     add_device_arg(q)
     q.set_defaults(func=cmd_query)

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers-removed", type=int, default=2, help="last blocks dropped from the LM (default 2)")
     p.add_argument("--chunk-len", type=int, default=1024, help="tokens per independently compressed chunk")
     p.add_argument("--projector-hidden", type=int, default=2048, help="projector MLP width (default 2048)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of the saved weights (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_init)
 
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--context", help="context text, compressed before decoding")
     ctx.add_argument("--context-file", help="file whose text is the context (optionally .gz)")
     p.add_argument("--prompt", required=True, help="text that follows the compressed context")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (greedy; default 64)")
     add_device_arg(p)
     p.set_defaults(func=cmd_generate)
 
