@@ -12,6 +12,7 @@ exports checkpoints/<name>/ in the `ARCModel.from_pretrained` format.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -530,6 +531,7 @@ def _help_formatter():
     return Formatter
 
 
+@functools.lru_cache(maxsize=2)  # parsing the field docstrings takes ~0.5 s; a parser serves many parses
 def build_parser(tiny_default: bool = False):
     """The `arc-encoder-train` parser; ``tiny_default``: pretrain's defaults are tiny.yaml's (what
     it runs without --config), so its --help shows them."""

@@ -38,10 +38,10 @@ def bundled_corpus(split: str) -> str:
 class DataSpec:
     """Where the text comes from and how it is cut into samples."""
 
-    train_files: list[str] = field(default_factory=list)
-    """training text: .txt / .json / .jsonl / .parquet files, optionally .gz (empty: the bundled Python docs)"""
-    validation_files: list[str] = field(default_factory=list)
-    """validation text, same formats (empty: the bundled Python docs' validation split)"""
+    train_files: list[str] | str = field(default_factory=list)
+    """training text: one file or a list of .txt / .json / .jsonl / .parquet files, optionally .gz (empty: the bundled Python docs)"""
+    validation_files: list[str] | str = field(default_factory=list)
+    """validation text: one file or a list, same formats (empty: the bundled Python docs' validation split)"""
     dataset_dir: str = ""
     """a `datasets.save_to_disk` directory with train/validation splits (instead of the files)"""
     text_field: str = "text"
@@ -68,6 +68,9 @@ class DataSpec:
     """loader processes per rank, overlapping the training step (0: in the training process)"""
 
     def __post_init__(self) -> None:
+        for name in ("train_files", "validation_files"):  # one file given as a string
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         for name in ("context_tokens", "target_tokens", "batch_size", "val_batches", "max_context_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")

@@ -2,8 +2,9 @@
 
 On a terminal: one progress bar over optimizer steps (loss, context tokens/s). Anywhere else
 (a log file, a pipe, a batch job) a bar shows nothing until it ends, so instead one status
-line every ``every_s`` seconds: step, loss, tokens/s, elapsed time and ETA. Either way a line
-after every validation. Only global rank 0 prints.
+line every ``every_s`` seconds: step, loss, tokens/s, elapsed time and ETA. The loss shown is
+the mean training loss of the steps since the last update (one step's loss is noisy). Either
+way a line after every validation. Only global rank 0 prints.
 
 Lightning's own bar (``Epoch 0/-2`` for step-based runs), its info lines (accelerator table,
 a logger tip, "`Trainer.fit` stopped") and a deprecation warning raised inside Lightning are
@@ -85,10 +86,22 @@ class TrainProgress(Callback):
         self._start = self._last = 0.0
         self._first_step = 0
         self._tokens = 0
+        self._loss_sum, self._loss_steps = None, 0
 
-    def _loss(self, trainer) -> float | None:
+    def _add_loss(self, trainer) -> None:
         value = trainer.callback_metrics.get(self.loss_key)
-        return None if value is None else float(value)  # one device sync, only when shown
+        if value is not None:  # summed on its device: no sync per step
+            value = value.detach() if hasattr(value, "detach") else value
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_steps += 1
+
+    def _loss(self) -> float | None:
+        """Mean loss of the steps since the last call (one device sync, only when shown)."""
+        if not self._loss_steps:
+            return None
+        mean = float(self._loss_sum) / self._loss_steps
+        self._loss_sum, self._loss_steps = None, 0
+        return mean
 
     def _print(self, line: str) -> None:
         if self.bar is not None:
@@ -111,17 +124,18 @@ class TrainProgress(Callback):
         self._tokens += batch_tokens(batch) * trainer.world_size  # every rank trains an equal slice
         if not trainer.is_global_zero:
             return
+        self._add_loss(trainer)
         now, step = time.monotonic(), trainer.global_step
         elapsed = now - self._start
         rate = self._tokens / elapsed if elapsed > 0 else 0.0
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if now - self._last >= 1.0:  # the postfix reads the loss: at most once a second
-                loss = self._loss(trainer)
+                loss = self._loss()
                 self.bar.set_postfix_str(f"loss {'?' if loss is None else f'{loss:.3f}'}, {rate:,.0f} context tokens/s")
                 self._last = now
         elif now - self._last >= self.every_s or step >= trainer.max_steps:
-            self._print(status_line(step, trainer.max_steps, self._loss(trainer), rate, elapsed,
+            self._print(status_line(step, trainer.max_steps, self._loss(), rate, elapsed,
                                     step - self._first_step))
             self._last = now
 
