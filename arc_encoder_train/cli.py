@@ -319,8 +319,22 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
 def _save_config(run_dir: Path, job: str, cfg) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "config.yaml" if not (run_dir / "config.yaml").exists() else f"config.resume-{int(time.time())}.yaml"
-    plain = json.loads(json.dumps(asdict(cfg)))  # tuples (EncoderConfig.pooling_factors) -> YAML lists
-    atomic_write_text(run_dir / name, yaml.safe_dump({"job": job, **plain}, sort_keys=False))
+    header = (f"# arc-encoder-train {job}: the resolved configuration (every key). To train it again:\n"
+              f"#   arc-encoder-train {job} --config {run_dir / name} --run.name NEW_NAME\n")
+    atomic_write_text(run_dir / name, header + yaml.safe_dump(config_dict(job, cfg), sort_keys=False))
+
+
+def config_dict(job: str, cfg) -> dict:
+    """The job's config as plain data without the keys it does not read (JOB_SKIPS): a file
+    that `--config` takes back. Tuples (EncoderConfig.pooling_factors) become lists."""
+    plain = json.loads(json.dumps(asdict(cfg)))
+    for key in JOB_SKIPS.get(job, ()):
+        group, _, name = key.rpartition(".")
+        node = plain
+        for part in filter(None, group.split(".")):
+            node = node[part]
+        node.pop(name, None)
+    return plain
 
 
 def _val_metrics(trainer: L.Trainer) -> dict[str, float]:

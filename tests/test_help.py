@@ -107,3 +107,13 @@ def test_every_arc_encoder_option_has_help():
     missing = [f"{path} {a.option_strings or a.dest}" for path, a in walk(build_parser(), "arc-encoder")
                if not (a.help or "").strip()]
     assert missing == []
+
+
+@pytest.mark.parametrize("job", list(cli.JOBS))
+def test_a_saved_config_is_taken_back_by_config(job, tmp_path):
+    """runs/<name>/config.yaml holds exactly the keys the job reads, so `--config` takes it back."""
+    cfg = cli.JOBS[job][0]()
+    cli._save_config(tmp_path, job, cfg)
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith(f"# arc-encoder-train {job}: the resolved configuration")
+    assert cli.parse([job, "--config", str(tmp_path / "config.yaml")]) == (job, cfg)
