@@ -35,6 +35,7 @@ from arc_encoder.config import torch_dtype
 from arc_encoder.model import ARCModel
 
 from .distributed import launched_as_rank_zero, rank_prefix
+from .progress import quiet_lightning
 
 
 class _ShardList(torch.utils.data.Dataset):
@@ -140,7 +141,10 @@ def build_cache_lightning(
     if model_dtype is not None:
         model.to(torch_dtype(model_dtype))
     writer = CacheShardWriter(Path(output), build, stream)
-    kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True)
+    quiet_lightning()
+    # Lightning's bar shows nothing until the end off a terminal; the summary line says what was done.
+    kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True,
+                  enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
     kwargs.update(trainer_kwargs or {})
     kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [writer]
     trainer = L.Trainer(**kwargs)

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from arc_encoder.loading import quiet_transformers
 from arc_encoder.objectives import mean_loss
 from arc_encoder.storage import atomic_write_json
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
@@ -183,8 +184,9 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():  # no "Writing model shards" bar
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         losses = [float(x) for x in module.losses]
         k = max(1, len(losses) // 10)
         summary = {"steps": len(losses), "seconds": round(time.time() - start, 1),
