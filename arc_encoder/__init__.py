@@ -1,22 +1,47 @@
-"""arc-encoder: learned context compression for frozen LLMs (ARC-Encoder, arXiv 2510.20535)."""
+"""arc-encoder: learned context compression for frozen LLMs (ARC-Encoder, arXiv 2510.20535).
 
-from .config import ARCConfig, EncoderConfig, ProjectorConfig
-from .encoder import ARCEncoder, EncoderOutput
-from .model import ARCModel, CompressedContext, freeze_decoder
-from .objectives import DecoderInputs
-from .projector import Projector
+The names below load on first use (PEP 562), so that importing a torch-free part of the
+package (the command line's parser, the planner) does not import torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ARCConfig",
-    "ARCEncoder",
-    "ARCModel",
-    "CompressedContext",
-    "DecoderInputs",
-    "EncoderConfig",
-    "EncoderOutput",
-    "Projector",
-    "ProjectorConfig",
-    "freeze_decoder",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "ARCConfig": "config",
+    "EncoderConfig": "config",
+    "ProjectorConfig": "config",
+    "ARCEncoder": "encoder",
+    "EncoderOutput": "encoder",
+    "ARCModel": "model",
+    "CompressedContext": "model",
+    "freeze_decoder": "model",
+    "DecoderInputs": "objectives",
+    "Projector": "projector",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import ARCConfig, EncoderConfig, ProjectorConfig
+    from .encoder import ARCEncoder, EncoderOutput
+    from .model import ARCModel, CompressedContext, freeze_decoder
+    from .objectives import DecoderInputs
+    from .projector import Projector
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

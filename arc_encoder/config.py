@@ -159,32 +159,37 @@ class EncoderConfig:
     Qwen2, Qwen3), a GPT-NeoX-family LM or a BERT-style encoder. The last ``layers_removed``
     blocks are dropped (paper: 2); the last remaining block pools by ``pooling_factor``.
 
-    The defaults compute what the ARC-Encoder reference computes (DESIGN.md): in the last
-    block ``pooled_h`` = mean of the block input over balanced groups, queries from
+    The defaults compute what the ARC-Encoder reference computes (README "How it works"): in
+    the last block ``pooled_h`` = mean of the block input over balanced groups, queries from
     ``attention_norm(pooled_h)``, ``h' = pooled_h + attn``, ``out = h' + FFN(ffn_norm(h'))``,
     no final norm. ``pooled_residual``, ``pooled_query_input``, ``pooling_groups`` and
     ``final_norm`` keep the earlier (format-1) semantics available as explicit options.
     """
 
     base_model: str
+    """local HF causal-LM directory the encoder is cut from (training: or builtin:tiny-lm)"""
     layers_removed: int = 2
+    """last blocks of the LM dropped (paper: 2)"""
     pooling_factor: int = 4
+    """tokens per compressed vector (the default factor when several are trained)"""
     pooled_query_positions: PooledQueryPositions = "pooled_index"
+    """RoPE positions of the pooled queries: 0..m-1 (reference), or per-token then averaged"""
     pooled_query_input: PooledQueryInput = "pooled_hidden"
+    """pooled queries from the pooled block input (reference), or the mean of per-token queries (format 1)"""
     pooling_groups: PoolingGroups = "balanced"
-    # The pooled block's residual is the pooled block input (reference). False: no residual
-    # around the pooled attention (format 1).
+    """n tokens -> ceil(n / pf) groups of balanced sizes (reference), or pf-sized with a short tail (format 1)"""
     pooled_residual: bool = True
-    # Apply the backbone's final norm to the pooled states. The reference does not (format 1 did).
+    """residual of the pooled block = its pooled input (reference); false: none (format 1)"""
     final_norm: bool = False
-    # Long contexts are split into chunks of at most this many tokens (paper: 1024).
+    """apply the backbone's final norm to the pooled states (format 1); the reference does not"""
     chunk_len: int = 1024
-    # A context longer than chunk_len * max_chunks tokens is refused (paper: 32 x 1024).
+    """long contexts are split into chunks of at most this many tokens (paper: 1024)"""
     max_chunks: int = 32
+    """a context longer than chunk_len x max_chunks tokens is refused (paper: 32 x 1024)"""
     attn_implementation: AttnImplementation = "auto"
-    # Mixed-pooling training: every sample draws its factor from this set, so one encoder
-    # serves entropy-adaptive compression (arc_encoder.adaptive). Empty: pooling_factor only.
+    """attention kernel of the regular blocks (auto: flash-attn 2 on a GPU when installed, else SDPA)"""
     pooling_factors: tuple[int, ...] = ()
+    """mixed-pooling training: each sample draws its factor from these, e.g. [2, 4, 8]; empty: pooling_factor only"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model:
@@ -250,7 +255,7 @@ class EncoderConfig:
         if untrained:
             raise ValueError(
                 f"{where}pooling factors {untrained} were never trained: this encoder knows "
-                f"{list(self.trained_pooling_factors)} (pretrain with encoder.pooling_factors to mix factors)"
+                f"{list(self.trained_pooling_factors)} (pretrain with --encoder.pooling_factors to mix factors)"
             )
 
     def compressed_len(self, num_tokens: int, pooling_factor: int | None = None) -> int:

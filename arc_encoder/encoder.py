@@ -2,7 +2,8 @@
 
 Every block but the last is the backbone's own block (and attention kernel), called with a
 padding-only mask, so attention is bidirectional. The last block pools, as the ARC-Encoder
-reference does (``forward_embedder`` + ``TransformerBlock``, DESIGN.md):
+reference does (kyutai-labs/ARC-Encoder, ``embed_llm/models/enhanced_transformer.py``
+``forward_embedder`` + ``transformer_layers.py`` ``TransformerBlock``; README "How it works"):
 
     pooled_h = mean of the block INPUT h over m = ceil(n / pf) groups   (balanced sizes)
     r        = attention(queries from attention_norm(pooled_h) at RoPE positions 0..m-1,
@@ -467,8 +468,12 @@ class ARCEncoder(nn.Module):
         """
         attn = resolve_attn_implementation(config.attn_implementation)
         if backbone_config is None:
+            from .loading import load_pretrained
+
+            # The LM head in the files is unused here (expected); missing weights are reported.
             source = check_model_dir(config.base_model, "base model", allow_hub_id=True)
-            backbone = AutoModel.from_pretrained(str(source), dtype=torch_dtype, attn_implementation=attn)
+            backbone = load_pretrained(AutoModel, str(source), "encoder base_model",
+                                       dtype=torch_dtype, attn_implementation=attn)
         else:
             backbone = AutoModel.from_config(
                 backbone_config, dtype=torch_dtype, attn_implementation=attn
@@ -512,9 +517,11 @@ class ARCEncoder(nn.Module):
             block.compile()
 
     def gradient_checkpointing_enable(self) -> None:
-        self.backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ forward
     def _layer_mask(self, valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -105,10 +105,13 @@ def load_frozen_decoder(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_dir(path, what)
+    from .loading import load_pretrained, quiet_transformers
+
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
-        decoder = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        decoder = freeze_decoder(load_pretrained(AutoModelForCausalLM, path, what, **kwargs).to(device))
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{what}: cannot load the model in {path} ({type(err).__name__}: {err})") from err
     return decoder, tokenizer

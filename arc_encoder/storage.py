@@ -16,11 +16,10 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+if TYPE_CHECKING:  # torch and safetensors load only where tensors are written or read
+    import torch
 
 PathLike = str | os.PathLike
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -194,6 +193,8 @@ def atomic_save_tensors(
     path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> str:
     """Write a safetensors file atomically; return its sha256. Equal inputs give equal bytes."""
+    from safetensors.torch import save
+
     blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, dict(metadata or {}))
     blob = canonical_safetensors(blob)
     atomic_write_bytes(path, blob)
@@ -268,6 +269,9 @@ def load_tensors(path: PathLike, expected_sha256: str | None = None) -> dict[str
                 f"{path}: checksum mismatch (sha256 {actual[:12]}..., expected "
                 f"{expected_sha256[:12]}...): the file is corrupt, truncated or was replaced"
             )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

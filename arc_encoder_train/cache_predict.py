@@ -36,6 +36,7 @@ from arc_encoder.config import torch_dtype
 from arc_encoder.model import ARCModel
 
 from .distributed import launched_as_rank_zero, rank_prefix
+from .progress import quiet_lightning
 
 
 class _ShardList(torch.utils.data.Dataset):
@@ -143,7 +144,10 @@ def build_cache_lightning(
         if model_dtype is not None:
             model.to(torch_dtype(model_dtype))
         writer = CacheShardWriter(Path(output), build, stream)
-        kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True)
+        quiet_lightning()
+        # Lightning's bar shows nothing until the end off a terminal; the summary line says what was done.
+        kwargs = dict(logger=False, enable_checkpointing=False, use_distributed_sampler=False, inference_mode=True,
+                      enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
         kwargs.update(trainer_kwargs or {})
         kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [writer]
         trainer = L.Trainer(**kwargs)
@@ -156,7 +160,7 @@ def build_parser(prog: str = "python -m arc_encoder_train.cache_predict") -> arg
     p = argparse.ArgumentParser(
         prog=prog,
         description="Build a compressed RAG cache with Lightning Trainer.predict (DDP across GPUs; "
-        "rank r writes shards k with k %% world_size == r). Same files as `arc-encoder cache build`.",
+        "rank r writes shards k with k % world_size == r). Same files as `arc-encoder cache build`.",
     )
     p.add_argument("checkpoint", help="arc-encoder checkpoint directory")
     p.add_argument("--decoder", required=True, help="projector name")
@@ -177,7 +181,8 @@ def build_parser(prog: str = "python -m arc_encoder_train.cache_predict") -> arg
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
+    parser = build_parser(prog) if prog else build_parser()
+    args = parser.parse_args(argv)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     start = time.perf_counter()
     try:
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             adaptive=adaptive_policy(args, read_config(args.checkpoint).encoder),
         )
     except (ValueError, OSError) as err:
-        print(f"cache_predict: error: {rank_prefix()}{' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{parser.prog}: error: {rank_prefix()}{' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if writer.manifest is not None:
         m = writer.manifest

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import re
@@ -33,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from arc_encoder.config import ARCConfig, ArcEncoderWarning, DtypeName, EncoderConfig, torch_dtype
 from arc_encoder.encoder import ARCEncoder
+from arc_encoder.loading import load_pretrained
 from arc_encoder.model import ARCModel
 from arc_encoder.samples import check_tokenizer_pair
 from arc_encoder.storage import atomic_write_bytes, atomic_write_text, check_model_dir
@@ -44,6 +46,7 @@ from .distributed import (
 )
 from .lm import LMSpec, is_decoder_dir, train_lm
 from .module import ARCTrainingModule, ExportCallback, OptimSpec
+from .progress import TrainProgress, format_validation, quiet_lightning
 
 BUILTIN_TINY = "builtin:tiny-lm"
 # A tiny decoder trained by this project and shipped in the package, so the quickstart
@@ -57,14 +60,20 @@ class DecoderSpec:
     """A frozen decoder: a local HF causal-LM directory (or builtin:tiny-lm)."""
 
     name: str = "tiny"
+    """the projector's name (what --decoder NAME selects in `arc-encoder` commands)"""
     path: str = BUILTIN_TINY
-    tokenizer: str = ""  # default: the decoder's own directory
+    """local HF causal-LM directory, or builtin:tiny-lm (the tiny decoder shipped in the package)"""
+    tokenizer: str = ""
+    """its tokenizer's directory (default: path)"""
     dtype: DtypeName = "float32"
-    projector_hidden_dim: int = 2048  # paper: 2048
+    """dtype the frozen decoder is held in"""
+    projector_hidden_dim: int = 2048
+    """projector MLP width (paper: 2048)"""
     allow_padded_vocab: bool = False
-    # finetune: accept a decoder other than the one the checkpoint's projector was trained for
-    # (its identity is then re-recorded in the export).
+    """accept an embedding table larger than the tokenizer (models that round their vocabulary up)"""
     allow_other_decoder: bool = False
+    """finetune: accept a decoder other than the one the checkpoint's projector was trained for
+    (its identity is then re-recorded in the export)"""
 
 
 def tiny_encoder() -> EncoderConfig:
@@ -78,30 +87,48 @@ def tiny_encoder() -> EncoderConfig:
 
 @dataclass
 class EncoderBuild:
-    """Training-only settings of the encoder, beside the embedded ``EncoderConfig``."""
+    """Training-only settings of the encoder (beside encoder)."""
 
-    tokenizer: str = ""  # default: base_model's directory
-    allow_padded_vocab: bool = False  # the embedding table may have more rows than the tokenizer has tokens
+    tokenizer: str = ""
+    """the encoder tokenizer's directory (default: encoder.base_model)"""
+    allow_padded_vocab: bool = False
+    """the embedding table may have more rows than the tokenizer has tokens"""
     gradient_checkpointing: bool = False
-    compile_blocks: bool = False  # torch.compile the encoder's blocks (GPU: ~1.3x faster forward)
+    """recompute activations in the backward pass (less memory, ~30% more compute)"""
+    compile_blocks: bool = False
+    """torch.compile the encoder's blocks (GPU: ~1.3x faster forward)"""
 
 
 @dataclass
 class TrainerSpec:
-    """Subset of `lightning.Trainer` arguments (precision auto: bf16-mixed on GPU, else 32)."""
+    """Lightning Trainer settings (a subset)."""
 
     max_steps: int = 300
+    """optimizer steps to train"""
     accelerator: str = "auto"
+    """cpu, gpu or auto (a GPU when there is one)"""
     devices: int | str = "auto"
+    """devices per node (processes; with several, data.batch_size is per device)"""
     num_nodes: int = 1
-    strategy: str = "auto"  # "ddp", "fsdp", ...
+    """nodes (runs_dir and checkpoints_dir must be on a filesystem they all share)"""
+    strategy: str = "auto"
+    """auto, ddp (replicated) or fsdp (sharded encoder and projectors)"""
     precision: str = "auto"
+    """Lightning precision (auto: bf16-mixed on a GPU, else 32-true)"""
     gradient_clip_val: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
     accumulate_grad_batches: int = 1
-    val_check_interval: int = 100  # steps
+    """batches per optimizer step (the global batch grows by this factor)"""
+    val_check_interval: int = 100
+    """validate (and export checkpoints/<name>/) every this many steps"""
     log_every_n_steps: int = 10
+    """CSV metrics (runs/<name>/logs/) every this many steps"""
     checkpoint_every_n_steps: int = 100
+    """write runs/<name>/checkpoints/last.ckpt (for --run.resume) every this many steps"""
     progress_bar: bool = True
+    """show progress: a bar on a terminal, else a status line every status_every_s seconds"""
+    status_every_s: float = 30.0
+    """seconds between status lines when the output is not a terminal (log files, pipes, batch jobs)"""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "num_nodes", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
@@ -119,15 +146,23 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 @dataclass
 class RunSpec:
+    """Where the run writes, resuming, seed."""
+
     name: str = "tiny"
+    """the run's name: it writes runs_dir/<name>/ and exports checkpoints_dir/<name>/"""
     runs_dir: str = "runs"
+    """directory of run directories (configs, Lightning checkpoints, CSV logs, summary)"""
     checkpoints_dir: str = "checkpoints"
-    resume: bool = False  # continue runs/<name>/checkpoints/last.ckpt
-    # With resume: accept settings that differ from the run's (recorded in launches.json);
-    # otherwise a resume refuses them (max_steps, devices, workers and logging may always change).
+    """directory of exported checkpoints (the from_pretrained format, what `arc-encoder` reads)"""
+    resume: bool = False
+    """continue runs/<name>/checkpoints/last.ckpt (same step, optimizer and data position)"""
     allow_config_changes: bool = False
+    """with resume: accept settings that differ from the run's (recorded in launches.json); otherwise
+    a resume refuses them (max_steps, devices, workers and logging may always change)"""
     seed: int = 0
-    tiny_lm: LMSpec = field(default_factory=LMSpec)  # used when a path is builtin:tiny-lm
+    """seed of the weights' initialisation and of everything random in training"""
+    tiny_lm: LMSpec = field(default_factory=LMSpec)
+    """the tiny decoder LM trained for builtin:tiny-lm paths when a setting differs from the shipped one's"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _RUN_NAME.fullmatch(self.name):
@@ -140,9 +175,12 @@ class RunSpec:
 
 @dataclass
 class PretrainConfig:
+    """The pretrain job: encoder + one projector per decoder on raw text."""
+
     encoder: EncoderConfig = field(default_factory=tiny_encoder)
     encoder_build: EncoderBuild = field(default_factory=EncoderBuild)
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
+    """frozen decoders, one projector each (a YAML list; its keys: --decoders.help DecoderSpec)"""
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -151,7 +189,10 @@ class PretrainConfig:
 
 @dataclass
 class AdaptConfig:
+    """The adapt job: a projector for a new decoder; the encoder stays frozen."""
+
     from_checkpoint: str = "checkpoints/tiny"
+    """the trained checkpoint to add a projector to (it stays untouched; the export is a copy)"""
     decoder: DecoderSpec = field(default_factory=DecoderSpec)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-3))
@@ -161,9 +202,14 @@ class AdaptConfig:
 
 @dataclass
 class FinetuneConfig:
+    """The finetune job: context + question -> answer, loss on the answer only."""
+
     from_checkpoint: str = "checkpoints/tiny"
+    """the trained checkpoint to fine-tune"""
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
+    """the decoders to fine-tune for (each must have a projector in from_checkpoint)"""
     freeze_encoder: bool = False
+    """train the projectors only"""
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-4))
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -172,6 +218,8 @@ class FinetuneConfig:
 
 @dataclass
 class LMConfig:
+    """The lm job: a small plain causal LM to serve as a frozen decoder."""
+
     lm: LMSpec = field(default_factory=LMSpec)
     data: DataSpec = field(default_factory=DataSpec)
 
@@ -222,7 +270,7 @@ def load_decoders(specs: list[DecoderSpec], run: RunSpec) -> tuple[dict, dict, d
     models, toks, paths = {}, {}, {}
     for s in specs:
         path, tok, _ = checked[s.name]
-        models[s.name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(s.dtype))
+        models[s.name] = load_pretrained(AutoModelForCausalLM, path, f"decoder {s.name!r}", dtype=torch_dtype(s.dtype))
         toks[s.name], paths[s.name] = tok, path
     return models, toks, paths
 
@@ -285,11 +333,6 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def _plain(job: str, cfg) -> dict:
-    """The resolved config as saved in config.yaml (tuples as lists)."""
-    return {"job": job, **json.loads(json.dumps(asdict(cfg)))}
-
-
 def _latest_config(run_dir: Path) -> Path | None:
     """The config the run's last launch recorded: config.yaml or the newest config.resume-<time>.yaml."""
     resumes = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.split("-")[-1] or 0))
@@ -308,7 +351,7 @@ def resume_changes(run_dir: Path, job: str, cfg) -> dict[str, list]:
         recorded = _flat(yaml.safe_load(path.read_text()) or {})
     except (yaml.YAMLError, AttributeError) as err:
         raise ValueError(f"{path}: cannot read the run's recorded config ({err})") from err
-    now = _flat(_plain(job, cfg))
+    now = _flat(config_dict(job, cfg))
     return {k: [recorded[k], v] for k, v in now.items()
             if k in recorded and k not in RESUMABLE_KEYS and recorded[k] != v}
 
@@ -399,6 +442,7 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    quiet_lightning()
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
@@ -412,8 +456,9 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps,
         # A resumed run logs to logs/resume-<time>/; the earlier logs are kept up to the resumed step.
         logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""),
-        callbacks=[ckpt, *callbacks, *([TrimResumedLogs(run_dir / "logs")] if resume else [])],
-        enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[ckpt, *callbacks, *([TrimResumedLogs(run_dir / "logs")] if resume else []),
+                   *([TrainProgress("train/loss", t.status_every_s)] if t.progress_bar else [])],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir,
         # FSDP's sharded checkpoints are written by torch.distributed.checkpoint (a directory per save).
         plugins=[] if t.strategy == "fsdp" else [AtomicCheckpointIO()],
@@ -452,7 +497,22 @@ def _discard_failed_run(run_dir: Path, export_dir: Path) -> None:
 def _save_config(run_dir: Path, job: str, cfg) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "config.yaml" if not (run_dir / "config.yaml").exists() else f"config.resume-{int(time.time())}.yaml"
-    atomic_write_text(run_dir / name, yaml.safe_dump(_plain(job, cfg), sort_keys=False))
+    header = (f"# arc-encoder-train {job}: the resolved configuration (every key). To train it again:\n"
+              f"#   arc-encoder-train {job} --config {run_dir / name} --run.name NEW_NAME\n")
+    atomic_write_text(run_dir / name, header + yaml.safe_dump(config_dict(job, cfg), sort_keys=False))
+
+
+def config_dict(job: str, cfg) -> dict:
+    """The job's config as plain data without the keys it does not read (JOB_SKIPS): a file
+    that `--config` takes back. Tuples (EncoderConfig.pooling_factors) become lists."""
+    plain = json.loads(json.dumps(asdict(cfg)))
+    for key in JOB_SKIPS.get(job, ()):
+        group, _, name = key.rpartition(".")
+        node = plain
+        for part in filter(None, group.split(".")):
+            node = node[part]
+        node.pop(name, None)
+    return plain
 
 
 def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -464,13 +524,8 @@ def summary_line(job: str, module: ARCTrainingModule, trainer: L.Trainer, second
     k = max(1, min(10, len(losses) // 10))
     first = sum(losses[:k]) / k if losses else float("nan")
     last = sum(losses[-k:]) / k if losses else float("nan")
-    m = _val_metrics(trainer)
-    val = ""
-    if "loss_compressed" in m:
-        val = (f", val continuation loss: none {m['loss_none']:.2f} / compressed {m['loss_compressed']:.2f}"
-               f" / full {m['loss_full']:.2f}")
-    if "recon_acc" in m:
-        val += f", recon acc {m['recon_acc']:.2f}"
+    val = format_validation(_val_metrics(trainer))
+    val = f", val {val}" if val else ""
     return (f"{job} done: {trainer.global_step} steps in {seconds:.0f} s, train loss {first:.2f} -> {last:.2f}"
             f"{val}; checkpoint: {export}/")
 
@@ -577,7 +632,7 @@ def adapt(cfg: AdaptConfig) -> str:
 def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
     run_dir, export_dir = run_dirs(cfg.run, "finetune", cfg)
     if not cfg.data.train_files and not cfg.data.dataset_dir:
-        raise ValueError("finetune needs QA data: set data.train_files / data.validation_files (JSONL with "
+        raise ValueError("finetune needs QA data: pass --data.train_files and --data.validation_files (JSONL with "
                          "context, question, answer)")
     cfg.data.check()
     L.seed_everything(cfg.run.seed, verbose=False)
@@ -626,30 +681,96 @@ def default_config() -> str:
     return str(resources.files("arc_encoder_train") / "configs" / "tiny.yaml")
 
 
-def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+# Keys a job never reads: left out of its parser, so that its --help lists only what it uses
+# and setting one is an unknown-key error rather than a silent no-op.
+JOB_SKIPS: dict[str, set[str]] = {
+    "pretrain": {"data.max_context_tokens"},
+    "adapt": {"data.max_context_tokens"},
+    "finetune": {"data.context_tokens", "data.target_tokens", "data.reconstruction_ratio", "data.text_field"},
+    "lm": {"data.validation_files", "data.context_tokens", "data.target_tokens", "data.max_context_tokens",
+           "data.batch_size", "data.val_batches", "data.reconstruction_ratio"},
+}
 
-    parser = ArgumentParser(prog="arc-encoder-train", description=__doc__.split("\n")[0],
-                            exit_on_error=False)
+
+def _tiny_default(argv: list[str]) -> bool:
+    """`pretrain` without --config runs the packaged tiny.yaml."""
+    return bool(argv) and argv[0] == "pretrain" and not any(a == "--config" or a.startswith("--config=")
+                                                            for a in argv[1:])
+
+
+def add_job_arguments(parser, cls: type, skip: set[str]) -> None:
+    """``cls``'s fields as --key / --group.key arguments, each dataclass field as its own group
+    (its docstring the header, each field's docstring its help), leaving out the keys in ``skip``."""
+    hints = typing.get_type_hints(cls)
+    groups = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+    top_skip = {k for k in skip if "." not in k}
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=set(groups) | top_skip)
+    for name in groups:
+        inner = {k.split(".", 1)[1] for k in skip if k.startswith(name + ".")}
+        parser.add_class_arguments(hints[name], nested_key=name, fail_untyped=True, skip=inner)
+
+
+def _help_formatter():
+    """jsonargparse's formatter, but a list of decoders shows its default as plain mappings
+    (name, path, ...) instead of jsonargparse's internal Namespace objects."""
+    from jsonargparse import DefaultHelpFormatter
+
+    def plain(item):
+        if dataclasses.is_dataclass(item):
+            return dataclasses.asdict(item)
+        init = getattr(item, "init_args", None)
+        return init.as_dict() if init is not None else item
+
+    class Formatter(DefaultHelpFormatter):
+        def _get_help_string(self, action):  # action.default is the parser's real default here
+            text = super()._get_help_string(action)
+            if isinstance(action.default, list) and action.default and "%(default)s" in text:
+                shown = str([plain(item) for item in action.default]).replace("%", "%%")
+                text = text.replace("%(default)s", shown)
+            return text
+
+    return Formatter
+
+
+@functools.lru_cache(maxsize=2)  # parsing the field docstrings takes ~0.5 s; a parser serves many parses
+def build_parser(tiny_default: bool = False):
+    """The `arc-encoder-train` parser; ``tiny_default``: pretrain's defaults are tiny.yaml's (what
+    it runs without --config), so its --help shows them."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
+    formatter = _help_formatter()  # jsonargparse gives every subcommand its parent's formatter
+    parser = ArgumentParser(
+        prog="arc-encoder-train", exit_on_error=False, formatter_class=formatter,
+        description="Train ARC encoders and projectors (Lightning), configured by YAML (--config) and "
+        "--key value overrides. `arc-encoder-train JOB --help` lists every key of JOB with its meaning and "
+        "default. `arc-encoder-train cache-build --help`: the cache build through Lightning, several GPUs.")
     sub = parser.add_subcommands(dest="job")
     for name, (cls, _, help_text) in JOBS.items():
-        p = ArgumentParser(description=help_text, exit_on_error=False)
-        p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
-        p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+        defaults = [default_config()] if name == "pretrain" and tiny_default else []
+        p = ArgumentParser(prog=f"arc-encoder-train {name}", description=help_text, exit_on_error=False,
+                           default_config_files=defaults, formatter_class=formatter,
+                           usage=f"arc-encoder-train {name} [-h] [--config YAML] [--KEY VALUE ...]")
+        p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below"
+                       + (" (instead of the tiny CPU default, arc_encoder_train/configs/tiny.yaml)"
+                          if name == "pretrain" else ""))
+        add_job_arguments(p, cls, JOB_SKIPS.get(name, set()))
         sub.add_subcommand(name, p, help=help_text)
     return parser
 
 
 def parse(argv: list[str]) -> tuple[str, object]:
-    """argv -> (job, typed config); unknown keys and bad values raise."""
-    parser = build_parser()
+    """argv -> (job, typed config); unknown keys and bad values raise. `pretrain` without
+    --config starts from the packaged tiny.yaml."""
+    parser = build_parser(_tiny_default(argv))
     ns = parser.parse_args(argv)
     job = ns.job
     _check_sections(JOBS[job][0], ns[job], "")
-    init = parser.instantiate_classes(ns)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    init = instantiate(ns)
     values = init[job].as_dict() if hasattr(init[job], "as_dict") else dict(init[job])
-    values.pop("config", None)
-    values.pop("__path__", None)
+    for key in ("config", "__path__", "__default_config__"):
+        values.pop(key, None)
     cfg = JOBS[job][0](**values)
     return job, cfg
 
@@ -697,10 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         from .cache_predict import main as cache_build
 
         return cache_build(argv[1:], prog="arc-encoder-train cache-build")
-    if not argv:
-        argv = ["pretrain", "--config", default_config()]
-    elif argv[0] == "pretrain" and not any(a == "--config" or a.startswith("--config=") for a in argv):
-        argv = ["pretrain", "--config", default_config(), *argv[1:]]
+    argv = argv or ["pretrain"]  # no arguments: the tiny CPU default
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from arc_encoder.loading import quiet_transformers
 from arc_encoder.objectives import mean_loss
 from arc_encoder.storage import atomic_write_json, make_temp_dir
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
@@ -29,6 +30,7 @@ from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 from .data import _CACHE, DataRank, DataSpec, iter_texts, worker_builds
 from .distributed import RankAgreement, all_reduce_sum, launched_as_rank_zero, stop_launched_ranks
 from .module import cosine_with_warmup
+from .progress import TrainProgress, quiet_lightning
 
 
 @dataclass
@@ -36,22 +38,39 @@ class LMSpec:
     """Shape and schedule of the small decoder LM (defaults: ~0.6M params, ~20 s on 2 cores)."""
 
     out_dir: str = "runs/tiny-decoder"
+    """directory the LM and its tokenizer are saved to (must not exist)"""
     family: str = "llama"
+    """architecture (llama, mistral, qwen2, ...)"""
     vocab_size: int = 1024
+    """BPE vocabulary trained on the data"""
     hidden_size: int = 96
+    """model width"""
     num_layers: int = 4
+    """transformer blocks"""
     num_heads: int = 4
+    """attention heads"""
     num_kv_heads: int = 2
+    """key/value heads (grouped-query attention)"""
     intermediate_size: int = 256
+    """MLP width"""
     seq_len: int = 128
+    """tokens per training sequence"""
     batch_size: int = 16
+    """sequences per batch and device"""
     max_steps: int = 300
+    """optimizer steps"""
     lr: float = 3e-3
-    tokenizer_docs: int = 2000  # documents used to train the tokenizer
+    """peak learning rate (warm-up, then cosine)"""
+    tokenizer_docs: int = 2000
+    """documents the tokenizer is trained on"""
     seed: int = 0
-    devices: int | str = 1  # per node; with several, batch_size is per device
+    """seed of the weights and the data order"""
+    devices: int | str = 1
+    """devices per node; with several, batch_size is per device"""
     num_nodes: int = 1
-    strategy: str = "auto"  # "ddp" for several devices
+    """nodes"""
+    strategy: str = "auto"
+    """auto, or ddp for several devices"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "seq_len", "batch_size", "max_steps", "num_nodes"):
@@ -129,7 +148,7 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
 
     out = Path(spec.out_dir)
     if out.exists() and launched_as_rank_zero():
-        raise FileExistsError(f"{out} exists; remove it or choose another lm.out_dir")
+        raise FileExistsError(f"{out} exists; remove it or choose another --lm.out_dir")
     data.check()
     start = time.time()
     L.seed_everything(spec.seed, verbose=False)
@@ -146,9 +165,11 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
     module = CausalLMModule(model, spec, data, tokenizer)
     vocab = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
     agree = RankAgreement(lambda trainer, m: {"tokenizer": vocab, "spec": spec.__dict__})
+    quiet_lightning()
     trainer = L.Trainer(max_steps=spec.max_steps, accelerator=accelerator, devices=spec.devices,
-                        num_nodes=spec.num_nodes, strategy=spec.strategy, logger=False, callbacks=[agree],
-                        enable_checkpointing=False, enable_progress_bar=progress, gradient_clip_val=1.0,
+                        num_nodes=spec.num_nodes, strategy=spec.strategy, logger=False,
+                        callbacks=[agree, *([TrainProgress("lm/loss")] if progress else [])],
+                        enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=1.0,
                         enable_model_summary=False, use_distributed_sampler=False,
                         precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true")
     try:
@@ -162,8 +183,9 @@ def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():  # no "Writing model shards" bar
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         losses = [float(x) for x in module.losses]
         k = max(1, len(losses) // 10)
         summary = {"steps": len(losses), "seconds": round(time.time() - start, 1),

@@ -30,17 +30,22 @@ from .distributed import all_reduce_sum, gathered_model, shard_for_fsdp
 
 @dataclass
 class OptimSpec:
-    """AdamW on trainable parameters, linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """Optimizer: AdamW on the trainable parameters, linear warm-up, then cosine decay to min_lr_ratio x lr."""
 
     lr: float = 3e-4
+    """peak learning rate"""
     weight_decay: float = 0.01
+    """AdamW weight decay (matrices only)"""
     beta1: float = 0.9
+    """AdamW beta1"""
     beta2: float = 0.95
+    """AdamW beta2"""
     warmup_steps: int = 20
+    """steps of linear warm-up to lr"""
     min_lr_ratio: float = 0.1
-    # Length of the cosine schedule; 0 = trainer.max_steps. Set it to stop a run early
-    # (and resume it later) without changing its learning-rate curve.
+    """the cosine decays to lr x this"""
     total_steps: int = 0
+    """length of the cosine (0: trainer.max_steps); set it to stop early and resume on the same curve"""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -141,14 +146,6 @@ class ARCTrainingModule(L.LightningModule):
     def _move_decoders(self) -> None:
         for d in self.decoders.values():
             d.to(self.device)
-
-    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
-        """A `Batch` holds only token-id lists; the model moves the tensors it builds.
-
-        Lightning's default walks every nested list looking for tensors: 120 ms per
-        128-sample batch (measured on CPU), which dominated GPU steps at small model sizes.
-        """
-        return batch
 
     def on_fit_start(self) -> None:
         # from_pretrained leaves models in eval mode and Lightning keeps each module's mode:

@@ -61,3 +61,22 @@ def rehash(checkpoint, rel: str) -> None:
     target = Path(checkpoint) / rel
     manifest["files"][rel] = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
     path.write_text(json.dumps(manifest))
+
+
+def saved_generate_model(tmp_path, tokenizer):
+    """A saved checkpoint with projector 'q' for a saved tiny decoder, and the library's greedy
+    6-token answer to "Lists are" after the context "A list is mutable."."""
+    from arc_encoder import freeze_decoder
+    from arc_encoder.tiny import tiny_causal_lm
+
+    enc = make_encoder("llama", vocab_size=len(tokenizer))
+    model = ARCModel(ARCConfig(encoder=enc.config), enc, tokenizer).eval()
+    dec = freeze_decoder(tiny_causal_lm(tiny_config("qwen2", vocab_size=len(tokenizer), hidden_size=24, num_heads=3,
+                                                    num_kv_heads=1)))
+    dec.save_pretrained(tmp_path / "dec")
+    tokenizer.save_pretrained(tmp_path / "dec")
+    model.add_decoder("q", dec, hidden_dim=16, decoder_path=str(tmp_path / "dec"))
+    ckpt = model.save_pretrained(tmp_path / "ck")
+    expected = model.generate(dec, tokenizer, "q", ["A list is mutable."], ["Lists are"], max_new_tokens=6,
+                              do_sample=False)[0]
+    return ckpt, expected

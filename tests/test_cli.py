@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from arc_encoder import ARCModel
 from arc_encoder.cli.main import main
-from conftest import make_model
+from conftest import make_model, saved_generate_model
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_init_from_local_pretrained_lm(tmp_path, tokenizer, capsys):
     assert model.projector("q").config.output_dim == 24
     assert main(["verify", str(tmp_path / "ck")]) == 0
     assert main(["info", str(tmp_path / "ck")]) == 0
-    assert "pooling x4" in capsys.readouterr().out
+    assert "pooling      trained at x4; default x4" in capsys.readouterr().out
 
 
 def test_cli_errors_are_clear(ckpt, tmp_path, capsys):
@@ -65,18 +65,7 @@ def test_help_explains_every_command(capsys):
 
 
 def test_generate_cli_matches_library(tmp_path, tokenizer, capsys):
-    from arc_encoder import ARCConfig, freeze_decoder
-    from arc_encoder.tiny import tiny_causal_lm, tiny_config
-    from conftest import make_encoder
-
-    enc = make_encoder("llama", vocab_size=len(tokenizer))
-    model = ARCModel(ARCConfig(encoder=enc.config), enc, tokenizer).eval()
-    dec = freeze_decoder(tiny_causal_lm(tiny_config("qwen2", vocab_size=len(tokenizer), hidden_size=24, num_heads=3, num_kv_heads=1)))
-    dec.save_pretrained(tmp_path / "dec")
-    tokenizer.save_pretrained(tmp_path / "dec")
-    model.add_decoder("q", dec, hidden_dim=16, decoder_path=str(tmp_path / "dec"))
-    ckpt = model.save_pretrained(tmp_path / "ck")
-    expected = model.generate(dec, tokenizer, "q", ["A list is mutable."], ["Lists are"], max_new_tokens=6, do_sample=False)[0]
+    ckpt, expected = saved_generate_model(tmp_path, tokenizer)
     assert main(["generate", str(ckpt), "--decoder", "q", "--context", "A list is mutable.", "--prompt", "Lists are",
                  "--max-new-tokens", "6", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == expected

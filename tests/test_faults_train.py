@@ -26,7 +26,7 @@ def tree(path: Path) -> dict[str, bytes]:
 
 
 def write_config(cfg, path: Path) -> str:
-    path.write_text(json.dumps(asdict(cfg)))  # JSON is YAML
+    path.write_text(json.dumps(cli.config_dict("pretrain", cfg)))  # JSON is YAML; only the keys pretrain reads
     return str(path)
 
 

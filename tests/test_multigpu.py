@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -128,7 +128,7 @@ def runs(setup, tmp_path_factory):
     base.trainer = replace(base.trainer, devices=WORLD, strategy="ddp", val_check_interval=4,
                            checkpoint_every_n_steps=2)
     base.data = replace(base.data, batch_size=PER_DEVICE, num_workers=2)
-    (tmp / "base.yaml").write_text(json.dumps(asdict(base)))  # JSON is YAML
+    (tmp / "base.yaml").write_text(json.dumps(cli.config_dict("pretrain", base)))  # JSON is YAML
     model, _ = make_model(tokenizer=setup[3], vocab_size=len(setup[3]), dec_vocab=len(setup[3]), chunk_len=16)
     cache_ckpt = model.save_pretrained(tmp / "cache_ckpt")
     words = TEXT.split()

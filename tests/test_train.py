@@ -242,11 +242,16 @@ def test_batches_are_not_walked_on_transfer():
     """Lightning's default transfer walks every token list (slow); ours hands the Batch over as is."""
     import torch
 
+    from lightning.pytorch import LightningModule
+
     from arc_encoder.samples import Batch
+    from arc_encoder_train.data import ARCDataModule
     from arc_encoder_train.module import ARCTrainingModule
 
     batch = Batch("d", "continuation", [[1, 2]], [[1, 2]], [[]], [[3]], [[1]])
-    assert ARCTrainingModule.transfer_batch_to_device(None, batch, torch.device("cpu"), 0) is batch
+    assert ARCDataModule.transfer_batch_to_device(None, batch, torch.device("cpu"), 0) is batch
+    # Only the data module has the hook: overriding it on the module too makes Lightning warn on every run.
+    assert ARCTrainingModule.transfer_batch_to_device is LightningModule.transfer_batch_to_device
 
 
 def test_mixed_pooling_pretrain_draws_factors_and_saves_them(setup, tmp_path):

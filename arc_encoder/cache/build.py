@@ -40,6 +40,7 @@ from .store import (
     write_shard,
 )
 
+
 def _corpus_error(path: Path, fmt: str, err: BaseException) -> ValueError:
     """One clear error naming the corpus file (bad UTF-8 said as such, wherever it surfaced)."""
     cause: BaseException | None = err
@@ -51,6 +52,44 @@ def _corpus_error(path: Path, fmt: str, err: BaseException) -> ValueError:
 
 
 # ---------------------------------------------------------------------------- document stream
+def read_corpus(path: PathLike, corpus_format: CorpusFormat = "auto") -> tuple[list, list]:
+    """(ids, texts) of a JSONL/JSON, parquet or plain-text file, optionally .gz/.bz2/.xz (``datasets``).
+
+    Fields ``id`` and ``text``. Plain text: one document per line, id = line number.
+    JSON/parquet without an ``id`` column: id = row number. Every text input of the command
+    line (``cache build``, ``compress``, ``eval info``) reads through here.
+    """
+    from datasets import load_dataset
+
+    from ..loading import quiet_datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus {path}: no such file")
+    fmt = corpus_format
+    if fmt == "auto":
+        name = path.name.removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz")
+        suffix = Path(name).suffix
+        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}.get(suffix, "")
+        if not fmt:
+            raise ValueError(f"corpus {path}: cannot tell the format from {suffix!r}; name it with --format "
+                             "(corpus_format=): json, parquet or text")
+    try:
+        with quiet_datasets():
+            ds = load_dataset(fmt, data_files=str(path), split="train")
+        if "text" not in ds.column_names:
+            raise ValueError(f"corpus {path}: no 'text' field (fields: {ds.column_names})")
+        texts = list(ds["text"])  # Arrow decodes the strings here: bad UTF-8 surfaces now
+        ids = list(ds["id"]) if "id" in ds.column_names else [str(i + 1) for i in range(len(texts))]
+    except ValueError as err:
+        if str(err).startswith(f"corpus {path}:"):
+            raise
+        raise _corpus_error(path, fmt, err) from err
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise _corpus_error(path, fmt, err) from err
+    return ids, texts
+
+
 @dataclass
 class DocumentStream:
     """Documents in corpus order, empty ones skipped; shard k is docs [k*S, (k+1)*S)."""
@@ -84,7 +123,7 @@ class DocumentStream:
                 if not dedupe:
                     raise ValueError(
                         f"{where}: duplicate document id {doc_id!r} at rows {seen[doc_id]} and {row}; "
-                        "make ids unique or pass dedupe (keeps the first)"
+                        "make ids unique, or keep the first with --dedupe (dedupe=True)"
                     )
                 dropped += 1
                 continue
@@ -97,35 +136,8 @@ class DocumentStream:
 
     @classmethod
     def from_corpus(cls, path: PathLike, corpus_format: CorpusFormat = "auto", dedupe: bool = False) -> DocumentStream:
-        """Read JSONL/JSON, parquet or plain text with ``datasets`` (fields ``id``, ``text``).
-
-        Plain text: one document per line, id = line number. JSON/parquet without an ``id``
-        column: id = row number.
-        """
-        from datasets import load_dataset
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus {path}: no such file")
-        fmt = corpus_format
-        if fmt == "auto":
-            name = path.name.removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz")
-            suffix = Path(name).suffix
-            fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}.get(suffix, "")
-            if not fmt:
-                raise ValueError(f"corpus {path}: cannot tell the format from {suffix!r}; pass corpus_format")
-        try:
-            ds = load_dataset(fmt, data_files=str(path), split="train")
-            if "text" not in ds.column_names:
-                raise ValueError(f"corpus {path}: no 'text' field (fields: {ds.column_names})")
-            texts = list(ds["text"])  # Arrow decodes the strings here: bad UTF-8 surfaces now
-            ids = list(ds["id"]) if "id" in ds.column_names else [str(i + 1) for i in range(len(texts))]
-        except ValueError as err:
-            if str(err).startswith(f"corpus {path}:"):
-                raise
-            raise _corpus_error(path, fmt, err) from err
-        except Exception as err:  # datasets raises many types for unreadable files
-            raise _corpus_error(path, fmt, err) from err
+        """Read a corpus (``read_corpus``) and check its ids (``from_records``)."""
+        ids, texts = read_corpus(path, corpus_format)
         return cls.from_records(ids, texts, dedupe=dedupe, where=f"corpus {path}")
 
     def __len__(self) -> int:
@@ -272,7 +284,8 @@ def prepare_build(
     cfg_path = directory / BUILD_CONFIG
     if cfg_path.is_file():
         if not resume:
-            raise FileExistsError(f"{directory} already holds a cache (or a partial build); pass resume to continue it")
+            raise FileExistsError(f"{directory} already holds a cache (or a partial build); continue it with --resume "
+                                  "(resume=True) or choose another --output")
         on_disk = CacheBuildConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
         if on_disk != build:
             diff = {k: (v, build.to_dict()[k]) for k, v in on_disk.to_dict().items() if build.to_dict()[k] != v}

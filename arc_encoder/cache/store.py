@@ -29,6 +29,7 @@ from ..checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from ..checkpoint import read_config
 from ..config import dataclass_from_dict, torch_dtype
 from ..model import ARCModel, CompressedContext
+from .names import CorpusFormat, StorageDtype
 from ..storage import (
     PathLike,
     atomic_save_tensors,
@@ -49,8 +50,6 @@ SHARD_DIR = "shards"
 LOCK_NAME = ".build.lock"
 _SHARD_FILE = re.compile(rf"{SHARD_DIR}/shard-(\d+)\.safetensors")
 
-StorageDtype = Literal["float16", "bfloat16", "float32", "int8"]
-CorpusFormat = Literal["auto", "json", "parquet", "text"]
 VerifyMode = Literal["checksum", "size"]
 PoolingMode = Literal["fixed", "adaptive"]
 # The safetensors dtype name of each storage dtype's vectors.

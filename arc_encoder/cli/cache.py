@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import get_args
 
-from ..cache.store import CorpusFormat, StorageDtype
+from ..cache.names import CorpusFormat, StorageDtype
 from .common import (
     add_adaptive_args,
     add_allow_other_decoder_arg,
@@ -128,7 +128,7 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--output", required=True, help="cache directory to create")
     b.add_argument("--dtype", choices=get_args(StorageDtype), default="float16",
                    help="storage: float16/bfloat16/float32, or int8 with one absmax scale per vector")
-    b.add_argument("--docs-per-shard", type=int, default=256)
+    b.add_argument("--docs-per-shard", type=int, default=256, help="documents per shard file (the unit of resuming; default 256)")
     b.add_argument("--batch-size", type=int, default=8, help="documents compressed together")
     b.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
@@ -137,25 +137,25 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_build)
 
     i = cache_sub.add_parser("info", help="sizes: bytes per token vs the decoder's KV cache and raw text")
-    i.add_argument("cache")
+    i.add_argument("cache", help="cache directory (built by `cache build`)")
     i.add_argument("--decoder-path", help="decoder config for the KV-cache comparison (default: recorded path)")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_info)
 
     v = cache_sub.add_parser("verify", help="check every shard against the manifest checksums")
-    v.add_argument("cache")
+    v.add_argument("cache", help="cache directory (built by `cache build`)")
     v.add_argument("--checkpoint", help="also check the cache was built with this checkpoint")
     v.set_defaults(func=cmd_verify)
 
     q = cache_sub.add_parser("query", help="retrieve cached documents (BM25) and answer with the decoder",
                              description="Decoder input: [BOS][doc1 vectors]...[docK vectors][continuation marker][question].")
-    q.add_argument("cache")
-    q.add_argument("question")
+    q.add_argument("cache", help="cache directory (built by `cache build`)")
+    q.add_argument("question", help="the question: BM25 retrieves with it, and the decoder reads it after the documents")
     q.add_argument("--top-k", type=int, default=3, help="documents retrieved with BM25 (default 3)")
     q.add_argument("--doc-id", action="append", help="use these documents instead of retrieval (repeatable)")
     q.add_argument("--checkpoint", help="checkpoint directory (default: the one recorded in the cache)")
     q.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
-    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (greedy; default 64)")
     add_device_arg(q)
     add_allow_other_decoder_arg(q)
     q.set_defaults(func=cmd_query)

@@ -2,7 +2,9 @@
 `--adaptive` group, and the FAIL/OK report. Also used by `arc-encoder-train cache-build`.
 
 This module imports no command (``main``, ``cache``, ``eval``, ``plan``), so any of them, and
-the training package, can use it without import cycles.
+the training package, can use it without import cycles. It imports torch and the adaptive
+module only inside the functions that need them: building the parser (``arc-encoder --help``)
+stays fast.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-import torch
-
-from ..adaptive import AdaptivePooling, Density
 from ..config import DtypeName
 
 if TYPE_CHECKING:
+    from ..adaptive import AdaptivePooling
     from ..config import EncoderConfig
 
 DTYPE_CHOICES = sorted(get_args(DtypeName))
@@ -25,6 +25,8 @@ DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
 
 def resolve_device(name: str) -> str:
     """'auto' -> cuda when available, else cpu; any other name must be a device this machine has."""
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -75,6 +77,8 @@ def int_list(text: str) -> list[int]:
 
 def density_list(text: str) -> list[str]:
     """'zlib' or 'zlib,decoder_nll' -> the chunk scores named (an argparse type)."""
+    from ..adaptive import Density
+
     allowed = get_args(Density)
     values = [x.strip() for x in text.split(",") if x.strip()]
     bad = [v for v in values if v not in allowed]
@@ -102,7 +106,14 @@ def adaptive_policies(args: argparse.Namespace, encoder: EncoderConfig) -> list[
     """One AdaptivePooling per density named by --adaptive (none without it); defaults from ``encoder``."""
     if not args.adaptive:
         return []
+    from ..adaptive import AdaptivePooling
+
     factors = tuple(args.adaptive_factors or encoder.trained_pooling_factors)
+    if len(set(factors)) < 2:  # one factor: every chunk would get it, a silent fixed pooling
+        trained = ", ".join(f"x{f}" for f in encoder.trained_pooling_factors)
+        raise ValueError(f"--adaptive needs a mixed-pooling encoder (several trained factors to choose from), "
+                         f"but this checkpoint was trained at {trained} only (see `arc-encoder info`); train one "
+                         "with `arc-encoder-train pretrain --encoder.pooling_factors '[2,4,8]'`")
     target = args.adaptive_target or float(encoder.pooling_factor)
     return [AdaptivePooling(factors, target, density, args.adaptive_strength) for density in args.adaptive]
 
@@ -113,6 +124,35 @@ def adaptive_policy(args: argparse.Namespace, encoder: EncoderConfig) -> Adaptiv
     if len(policies) > 1:
         raise ValueError(f"--adaptive {','.join(args.adaptive)}: this command takes one density")
     return policies[0] if policies else None
+
+
+def pyplot(flag: str = "--plot"):
+    """matplotlib.pyplot on the Agg backend; a clear error when matplotlib is missing.
+
+    Called before a command does its work, so a run never ends without the plot it was asked for.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ValueError(f"{flag} needs matplotlib, which is not installed here (pip install matplotlib)") from err
+    return plt
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """A whole UTF-8 text file, gzip-compressed when its name ends in .gz."""
+    import gzip
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag} {p}: no such file")
+    data = p.read_bytes()
+    try:
+        return (gzip.decompress(data) if p.name.endswith(".gz") else data).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag} {p}: not a UTF-8 text file{' (gzip)' if p.name.endswith('.gz') else ''} ({err})") from err
 
 
 def report_problems(problems: list[str], ok_message: str) -> int:

@@ -11,9 +11,9 @@ import argparse
 import datetime as dt
 import shlex
 from pathlib import Path
+from typing import get_args
 
-import torch
-
+from ..cache.names import CorpusFormat
 from .common import (
     add_adaptive_args,
     add_allow_other_decoder_arg,
@@ -21,19 +21,26 @@ from .common import (
     adaptive_policies,
     int_list,
     output_file,
+    pyplot,
     resolve_device,
 )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.plot:
+        pyplot()  # fails before any work when matplotlib is missing
+    import torch
     from tqdm.auto import tqdm
 
     from ..adaptive import chunk_scorer, plan_pooling
     from ..cache.build import DocumentStream
     from ..info import InfoEvaluator, chunk_len_override, eval_batches
     from ..model import ARCModel, compute_dtype
+    from ..checkpoint import read_config
     from ..storage import atomic_write_json
 
+    policies = adaptive_policies(args, read_config(args.checkpoint).encoder)  # bad flags fail before any load
+    stream = DocumentStream.from_corpus(args.data, args.format)
     device = resolve_device(args.device)
     for flag in ("output", "plot"):
         if getattr(args, flag) is not None:
@@ -41,7 +48,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     decoder, dec_tok, dec_path = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device),
                                                     allow_other_decoder=args.allow_other_decoder)
-    stream = DocumentStream.from_corpus(args.data, args.format)
     batches = eval_batches(stream.texts, model, args.decoder, dec_tok, args.context_tokens,
                            args.target_tokens, args.max_samples, args.batch_size)
     if not batches:
@@ -53,7 +59,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     pfs = args.pooling_factors or list(trained)
     chunk_lens = args.chunk_lens or [enc.chunk_len]
     jobs: list[tuple[str, object, int]] = [(f"pf{pf}", pf, c) for c in chunk_lens for pf in pfs]
-    jobs += [(f"adaptive-{p.density}", p, c) for c in chunk_lens for p in adaptive_policies(args, enc)]
+    jobs += [(f"adaptive-{p.density}", p, c) for c in chunk_lens for p in policies]
     points = []
     with torch.no_grad():
         for label, what, chunk in tqdm(jobs, desc="eval info", unit="point", disable=args.no_progress):
@@ -108,13 +114,7 @@ def format_table(points: list[dict]) -> str:
 
 def plot_info(result: dict, path: Path) -> str:
     """Rate-distortion (continuation loss vs vectors per token) and bits recovered vs rate."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib not installed: no plot"
+    plt = pyplot()
     pts = result["points"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for chunk in sorted({p["chunk_len"] for p in pts}):
@@ -165,20 +165,20 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
     i.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
     i.add_argument("--data", required=True, help="corpus: JSONL/JSON(.gz), parquet or .txt (field 'text')")
-    i.add_argument("--format", choices=["auto", "json", "parquet", "text"], default="auto")
+    i.add_argument("--format", choices=get_args(CorpusFormat), default="auto", help="corpus format (default: from the suffix)")
     i.add_argument("--pooling-factors", type=int_list, default=None,
                    help="rate-distortion points (default: the factors the encoder was trained with)")
     i.add_argument("--chunk-lens", type=int_list, default=None,
                    help="also vary the chunk length (default: the checkpoint's)")
     i.add_argument("--context-tokens", type=int, default=128, help="decoder tokens per context window")
     i.add_argument("--target-tokens", type=int, default=32, help="continuation tokens scored after it")
-    i.add_argument("--max-samples", type=int, default=256)
-    i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--max-samples", type=int, default=256, help="(context, continuation) windows scored at most (default 256)")
+    i.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
     i.add_argument("--em-k", type=int, default=4, help="EM@k: the first k continuation tokens exactly")
     add_device_arg(i)
     add_allow_other_decoder_arg(i)
     add_adaptive_args(i, several=True)
     i.add_argument("--output", help="JSON file (also the planner's --quality curve)")
     i.add_argument("--plot", help="PNG: rate-distortion and bits recovered vs rate")
-    i.add_argument("--no-progress", action="store_true")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
     i.set_defaults(func=cmd_info)

@@ -10,9 +10,9 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import get_args
 
-import torch
-
+from ..cache.names import CorpusFormat
 from ..config import ArcEncoderWarning, torch_dtype
 from .common import (
     DTYPE_CHOICES,
@@ -21,35 +21,24 @@ from .common import (
     add_device_arg,
     adaptive_policy,
     output_file,
+    read_text_file,
     report_problems,
     resolve_device,
 )
 
 
-def _read_texts(args: argparse.Namespace) -> list[str]:
-    """Texts from --text (repeatable) or --input (.txt: one per line; .jsonl: field 'text')."""
+def _read_texts(args: argparse.Namespace) -> tuple[list[str], int]:
+    """Texts from --text (repeatable) or --input (any corpus file, as `cache build` reads it),
+    and how many empty ones were skipped."""
     if args.text:
-        return list(args.text)
-    path = Path(args.input)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input {path}: no such file")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--input {path}: not UTF-8 text ({err})") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(content.splitlines()):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{i + 1}: expected a JSON object with a 'text' field ({err})") from err
-    else:
-        texts = [line for line in content.splitlines() if line.strip()]
-    if not texts:
-        raise ValueError(f"--input {path}: no text to compress (the file is empty)")
-    return texts
+        return list(args.text), 0
+    from ..cache.build import read_corpus
+
+    _, texts = read_corpus(args.input, args.format)
+    kept = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not kept:
+        raise ValueError(f"--input {args.input}: no text to compress (the file has no non-empty text)")
+    return kept, len(texts) - len(kept)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -57,14 +46,14 @@ def cmd_init(args: argparse.Namespace) -> None:
     from ..model import ARCModel, load_frozen_decoder
     from ..storage import check_model_dir
 
+    if Path(args.output).exists() and not args.overwrite:  # before any model loads
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     cfg = EncoderConfig(
         base_model=args.base_model,
         layers_removed=args.layers_removed,
         pooling_factor=args.pooling_factor,
         chunk_len=args.chunk_len,
     )
-    if Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     decoders = []
     for spec in args.decoder or []:  # every path checked before anything loads
         name, sep, path = spec.partition("=")
@@ -89,9 +78,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     cfg = read_config(args.checkpoint)
     manifest = read_manifest(args.checkpoint)
     enc = cfg.encoder
+    trained = ", ".join(f"x{pf}" for pf in enc.trained_pooling_factors)
     print(f"checkpoint   {args.checkpoint}")
-    print(f"encoder      {enc.base_model} minus {enc.layers_removed} layers, pooling x{enc.pooling_factor} "
-          f"({enc.pooled_query_positions}), chunks of {enc.chunk_len} tokens, up to {enc.max_chunks} chunks")
+    print(f"encoder      {enc.base_model} minus {enc.layers_removed} layers, chunks of {enc.chunk_len} tokens, "
+          f"up to {enc.max_chunks} chunks")
+    print(f"pooling      trained at {trained}; default x{enc.pooling_factor} (queries at {enc.pooled_query_positions})"
+          + ("; mixed pooling: --pooling-factor and --adaptive may use any of these" if enc.pooling_factors else ""))
     print(f"dtype        {manifest['dtype']}")
     for name, p in cfg.projectors.items():
         print(f"projector    {name}: {p.input_dim} -> {p.hidden_dim} -> {p.output_dim} "
@@ -107,26 +99,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..checkpoint import read_config
     from ..model import ARCModel
     from ..storage import atomic_save_tensors
 
+    if args.pooling_factor is not None and args.adaptive:
+        raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
+                         "average factor with --adaptive-target")
+    policy = adaptive_policy(args, read_config(args.checkpoint).encoder)  # bad flags fail before any load
+    texts, skipped = _read_texts(args)
     device = resolve_device(args.device)
     output_file(args.output)
-    texts = _read_texts(args)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     ids = model.tokenize(texts)
     enc = model.encoder.config
     plan = args.pooling_factor
     if plan is not None:
-        if args.adaptive:
-            raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
-                             "average factor with --adaptive-target")
         model.chunk_pooling(ids, plan)  # a factor that cannot apply is an error, before any warning
         try:
             enc.check_trained([plan])
         except ValueError as err:
             print(f"warning: {err}", file=sys.stderr)
-    policy = adaptive_policy(args, enc)
     if policy is not None:
         from ..adaptive import chunk_scorer, plan_pooling
         from ..model import compute_dtype
@@ -144,16 +139,18 @@ def cmd_compress(args: argparse.Namespace) -> None:
     atomic_save_tensors(args.output, {"embeddings": ctx.embeddings, "lengths": ctx.lengths}, meta)
     n_tokens = sum(len(t) for t in ids)
     print(f"compressed {len(texts)} texts, {n_tokens} tokens -> {int(ctx.lengths.sum())} vectors "
-          f"of width {ctx.embeddings.shape[-1]}; wrote {args.output}")
+          f"of width {ctx.embeddings.shape[-1]}; wrote {args.output}"
+          + (f" (skipped {skipped} empty texts)" if skipped else ""))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from ..model import ARCModel
 
+    contexts = [read_text_file(args.context_file, "--context-file")] if args.context_file else [args.context]
+    if not contexts[0].strip():
+        raise ValueError(f"the context is empty ({'--context-file' if args.context_file else '--context'}): "
+                         "give --context TEXT or a non-empty --context-file")
     device = resolve_device(args.device)
-    contexts = [Path(args.context_file).read_text(encoding="utf-8")] if args.context_file else [args.context]
-    if not contexts[0] or not contexts[0].strip():
-        raise ValueError("the context is empty: give --context TEXT or a non-empty --context-file")
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     decoder, tokenizer, _ = model.load_decoder(args.decoder, args.decoder_path, device,
                                                allow_other_decoder=args.allow_other_decoder)
@@ -180,25 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers-removed", type=int, default=2, help="last blocks dropped from the LM (default 2)")
     p.add_argument("--chunk-len", type=int, default=1024, help="tokens per independently compressed chunk")
     p.add_argument("--projector-hidden", type=int, default=2048, help="projector MLP width (default 2048)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of the saved weights (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("info", help="print a checkpoint's config and files")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("info", help="print a checkpoint's config and files",
+                       description="Encoder, trained pooling factors, dtype, one line per projector (decoder), files.")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", help="check every checkpoint file against its manifest checksums")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("verify", help="check every checkpoint file against its manifest checksums",
+                       description="Re-hash every file of the checkpoint against manifest.json: one FAIL line per "
+                       "problem and exit code 1, or OK and exit code 0.")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compress", help="compress texts into a safetensors file of decoder-space vectors",
                        description="Writes 'embeddings' [texts, max_vectors, decoder_dim] and 'lengths' [texts].")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to compress (repeatable)")
-    src.add_argument("--input", help=".txt (one text per line) or .jsonl (field 'text')")
+    src.add_argument("--input", help="file of texts: JSONL/JSON (field 'text'), parquet or .txt (one text per line), "
+                     "optionally .gz")
+    p.add_argument("--format", choices=get_args(CorpusFormat), default="auto",
+                   help="--input's format (default: from the suffix)")
     p.add_argument("--output", required=True, help="safetensors file to write (atomically)")
     add_device_arg(p)
     p.add_argument("--pooling-factor", type=int, default=None,
@@ -211,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("generate", help="answer a prompt from a compressed context with the frozen decoder")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. checkpoints/tiny)")
     p.add_argument("--decoder", required=True, help="projector name")
     p.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
     ctx = p.add_mutually_exclusive_group(required=True)
     ctx.add_argument("--context", help="context text, compressed before decoding")
-    ctx.add_argument("--context-file", help="file whose text is the context")
+    ctx.add_argument("--context-file", help="file whose text is the context (optionally .gz)")
     p.add_argument("--prompt", required=True, help="text that follows the compressed context")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (greedy; default 64)")
     add_device_arg(p)
     add_allow_other_decoder_arg(p)
     p.set_defaults(func=cmd_generate)
@@ -233,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The subcommand as typed ('compress', 'cache build', 'eval info'), for error lines."""
+    sub = getattr(args, "cache_command", None) or getattr(args, "eval_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, ArcEncoderWarning):  # ours: one line, like errors
-            print(f"arc-encoder {args.command}: warning: {message}", file=sys.stderr)
+            print(f"arc-encoder {command_name(args)}: warning: {message}", file=sys.stderr)
         else:
             python_showwarning(message, category, filename, lineno, file, line)
 
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             code = args.func(args)
     except (ValueError, OSError) as err:  # bad input, missing/unwritable files, full disks: one line
         text = " ".join(str(err).split()) or type(err).__name__
-        print(f"arc-encoder {args.command}: error: {text}", file=sys.stderr)
+        print(f"arc-encoder {command_name(args)}: error: {text}", file=sys.stderr)
         return 2
     return int(code or 0)
 

@@ -16,6 +16,7 @@ from typing import get_args
 from ..planner.flops import ModelShape, QueryMode
 from ..planner.plan import METRICS, QUALITY_BENCHMARK, Budget, Candidate, Plan, Query, Shapes, make_plan
 from ..planner.plan import check_speed_model, load_quality_curve, load_speed_curve, summarise_check
+from .common import pyplot
 
 
 def packaged_curves() -> Path:
@@ -168,15 +169,9 @@ def format_plan(plan: Plan, check: dict | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------- plot
-def plot_plan(plan: Plan, path: Path) -> str | None:
-    """Quality vs cost per candidate, the budget line, the choice ringed; a note if it cannot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: plot skipped (pip install 'arc-encoder[plot]')"
+def plot_plan(plan: Plan, path: Path) -> str:
+    """Quality vs cost per candidate, the budget line, the choice ringed."""
+    plt = pyplot()
     b = plan.budget
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for pf in sorted({k.pooling_factor for k in plan.candidates}):
@@ -204,7 +199,7 @@ def plot_plan(plan: Plan, path: Path) -> str | None:
     from ..storage import atomic_save_figure
 
     atomic_save_figure(fig, path)
-    return None
+    return f"wrote {path}"
 
 
 # ---------------------------------------------------------------------------- command
@@ -232,6 +227,8 @@ def parse_budget(text: str) -> Budget:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.plot:
+        pyplot()  # fails before any work when matplotlib is missing
     speed_path = Path(args.speed) if args.speed else default_curve("speed", args.curves_dir)
     quality_path = Path(args.quality) if args.quality else default_curve("quality", args.curves_dir)
     speed = load_speed_curve(speed_path)
@@ -252,8 +249,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, plan.to_dict() | {"speed_model_check": check})
         print(f"wrote {args.json}")
     if args.plot:
-        note = plot_plan(plan, Path(args.plot))
-        print(note or f"wrote {args.plot}")
+        print(plot_plan(plan, Path(args.plot)))
     return 0 if plan.chosen is not None else 1
 
 
@@ -288,5 +284,5 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
                    help="blocks dropped from --encoder-config's LM (default 2)")
     p.add_argument("--decoder-config", help="HF config.json of the decoder, for FLOPs")
     p.add_argument("--json", help="also write the plan (every candidate) to this JSON file")
-    p.add_argument("--plot", help="also draw quality vs cost to this PNG (needs matplotlib)")
+    p.add_argument("--plot", help="also draw quality vs cost to this PNG")
     p.set_defaults(func=cmd_plan)

@@ -282,10 +282,19 @@ def load_quality_curve(path: PathLike) -> QualityCurve:
         raise ValueError(f"{w}: key 'points' has no point with 'adaptive': false")
     return QualityCurve(
         path=w, device=_str(data, "device", w), date=_str(data, "date", w),
-        checkpoint=str(data.get("checkpoint", "?")), decoder=str(data.get("decoder", "?")),
+        checkpoint=_recorded_path(data.get("checkpoint")), decoder=str(data.get("decoder", "?")),
         context_tokens=data.get("context_tokens") if isinstance(data.get("context_tokens"), int) else None,
         points=tuple(points),
     )
+
+
+def _recorded_path(value: object) -> str:
+    """A path a curve recorded: as is when it exists here, else only its name (the packaged
+    curves were measured in a GPU machine's temporary directory)."""
+    if not value:
+        return "?"
+    path = Path(str(value))
+    return str(path) if path.exists() else f"{path.name} (not on this machine)"
 
 
 # ---------------------------------------------------------------------------- interpolation
