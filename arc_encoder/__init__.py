@@ -1,6 +1,6 @@
 """arc-encoder: learned context compression for frozen LLMs (ARC-Encoder, arXiv 2510.20535)."""
 
-from .config import ARCConfig, EncoderConfig, ProjectorConfig
+from .config import ARCConfig, EncoderConfig, ProjectorConfig, ProjectorOptions
 from .encoder import ARCEncoder, EncoderOutput
 from .model import ARCModel, CompressedContext, freeze_decoder
 from .objectives import DecoderInputs
@@ -18,5 +18,6 @@ __all__ = [
     "EncoderOutput",
     "Projector",
     "ProjectorConfig",
+    "ProjectorOptions",
     "freeze_decoder",
 ]

@@ -209,32 +209,26 @@ class EncoderConfig:
 
 
 @dataclass
-class ProjectorConfig:
-    """One decoder's projector: encoder width -> hidden -> decoder width, plus its special tokens.
+class ProjectorOptions:
+    """What a user chooses about a decoder's projector (the rest of ``ProjectorConfig`` comes
+    from the models: widths, the decoder's path and vocabulary).
 
-    Defaults follow the reference (``EmbProjector`` type "mlp"): two linear layers without
-    bias and no activation; the special tokens are encoder-space vectors that go through
-    the same two layers. ``decoder`` records where the frozen decoder lives and
-    ``decoder_vocab_size`` lets loads refuse a projector paired with the wrong decoder.
+    Defaults follow the reference (``EmbProjector`` type "mlp", ``rec_tok``/``cont_tok``):
+    two linear layers without bias and no activation; the special tokens are encoder-space
+    vectors that go through the same two layers. ``special_tokens`` lists the markers the
+    projector has (reference ``cont_tok`` / ``rec_tok``); an empty list puts no special token
+    in the decoder input (the paper's long-context setting). Training configs embed this
+    class per decoder, so every option is settable from YAML and the command line.
     """
 
-    input_dim: int
-    output_dim: int
     hidden_dim: int = 2048
     activation: ProjectorActivation = "none"
     bias: bool = False
     special_token_space: SpecialTokenSpace = "encoder"
-    decoder: str = ""
-    decoder_vocab_size: int | None = None
     special_tokens: tuple[str, ...] = ("continuation", "reconstruction")
 
     def __post_init__(self) -> None:
-        for name in ("input_dim", "output_dim", "hidden_dim"):
-            _check_int(name, getattr(self, name), 1)
-        if self.decoder_vocab_size is not None:
-            _check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
-        if not isinstance(self.decoder, str):
-            raise ValueError(f"decoder must be a path or model id string, got {self.decoder!r}")
+        _check_int("hidden_dim", self.hidden_dim, 1)
         _check_bool("bias", self.bias)
         _check_literal("activation", self.activation, ProjectorActivation)
         _check_literal("special_token_space", self.special_token_space, SpecialTokenSpace)
@@ -245,6 +239,34 @@ class ProjectorConfig:
             raise ValueError(f"special_tokens has duplicates: {self.special_tokens}")
         for tok in self.special_tokens:
             _check_literal("special token", tok, SpecialToken)
+
+    def options(self) -> ProjectorOptions:
+        """Only the chosen options (of a ``ProjectorConfig`` too)."""
+        return ProjectorOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ProjectorOptions)})
+
+
+@dataclass(kw_only=True)
+class ProjectorConfig(ProjectorOptions):
+    """One decoder's projector: ``ProjectorOptions`` plus what the models fix.
+
+    encoder width ``input_dim`` -> ``hidden_dim`` -> decoder width ``output_dim``.
+    ``decoder`` records where the frozen decoder lives and ``decoder_vocab_size`` lets loads
+    refuse a projector paired with the wrong decoder.
+    """
+
+    input_dim: int
+    output_dim: int
+    decoder: str = ""
+    decoder_vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "output_dim"):
+            _check_int(name, getattr(self, name), 1)
+        if self.decoder_vocab_size is not None:
+            _check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
+        if not isinstance(self.decoder, str):
+            raise ValueError(f"decoder must be a path or model id string, got {self.decoder!r}")
+        super().__post_init__()
 
     @property
     def special_token_dim(self) -> int:

@@ -25,7 +25,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from arc_encoder.config import ARCConfig, DtypeName, EncoderConfig, torch_dtype
+from arc_encoder.config import ARCConfig, DtypeName, EncoderConfig, ProjectorOptions, torch_dtype
 from arc_encoder.encoder import ARCEncoder
 from arc_encoder.model import ARCModel
 from arc_encoder.samples import check_tokenizer_pair
@@ -48,13 +48,18 @@ BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder.resources") / "tiny_lm")
 # ---------------------------------------------------------------------------- config dataclasses
 @dataclass
 class DecoderSpec:
-    """A frozen decoder: a local HF causal-LM directory (or builtin:tiny-lm)."""
+    """A frozen decoder: a local HF causal-LM directory (or builtin:tiny-lm), and its projector.
+
+    ``projector`` IS the library's ``ProjectorOptions`` (every option a user chooses: hidden
+    width, activation, bias, special tokens and their space); the widths and the vocabulary
+    come from the encoder and this decoder.
+    """
 
     name: str = "tiny"
     path: str = BUILTIN_TINY
     tokenizer: str = ""  # default: the decoder's own directory
     dtype: DtypeName = "float32"
-    projector_hidden_dim: int = 2048  # paper: 2048
+    projector: ProjectorOptions = field(default_factory=ProjectorOptions)  # paper: hidden_dim 2048
     allow_padded_vocab: bool = False
 
 
@@ -104,13 +109,19 @@ class RunSpec:
     tiny_lm: LMSpec = field(default_factory=LMSpec)  # used when a path is builtin:tiny-lm
 
 
+def tiny_optim(lr: float = 1.0e-3, projector_lr_ratio: float = 5.0) -> OptimSpec:
+    """The CPU defaults: the reference's optimiser and schedule at a CPU-scale learning rate and
+    warm-up (the paper's 1e-5 with 1000 warm-up steps would not move a tiny model in 1000 steps)."""
+    return OptimSpec(lr=lr, projector_lr_ratio=projector_lr_ratio, warmup_steps=20)
+
+
 @dataclass
 class PretrainConfig:
     encoder: EncoderConfig = field(default_factory=tiny_encoder)
     encoder_build: EncoderBuild = field(default_factory=EncoderBuild)
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
     data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=OptimSpec)
+    optim: OptimSpec = field(default_factory=tiny_optim)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     run: RunSpec = field(default_factory=RunSpec)
 
@@ -120,7 +131,8 @@ class AdaptConfig:
     from_checkpoint: str = "checkpoints/tiny"
     decoder: DecoderSpec = field(default_factory=DecoderSpec)
     data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-3))
+    # The projector and its special tokens at one rate (paper, OLMo adaptation: 1e-4 for both).
+    optim: OptimSpec = field(default_factory=lambda: tiny_optim(1e-3, projector_lr_ratio=1.0))
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     run: RunSpec = field(default_factory=lambda: RunSpec(name="adapt"))
 
@@ -130,8 +142,11 @@ class FinetuneConfig:
     from_checkpoint: str = "checkpoints/tiny"
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
     freeze_encoder: bool = False
+    # 0: the checkpoint's pooling factor. Else fine-tune (and export) at this factor: the
+    # paper's ARC4 is pretrained at x8 and fine-tuned at x4 (configs/paper_finetune_arc4.yaml).
+    pooling_factor: int = 0
     data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-4))
+    optim: OptimSpec = field(default_factory=lambda: tiny_optim(1e-4))
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     run: RunSpec = field(default_factory=lambda: RunSpec(name="finetune"))
 
@@ -219,8 +234,7 @@ def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
                          f"has {encoder.backbone.get_input_embeddings().weight.shape[0]} rows: mismatched tokenizer")
     model = ARCModel(ARCConfig(encoder=enc_cfg), encoder, tok)
     for spec in cfg.decoders:
-        model.add_decoder(spec.name, decoders[spec.name], hidden_dim=spec.projector_hidden_dim,
-                          decoder_path=paths[spec.name])
+        model.add_decoder(spec.name, decoders[spec.name], spec.projector, decoder_path=paths[spec.name])
     return model
 
 
@@ -358,7 +372,7 @@ def prepare_adapt(cfg: AdaptConfig) -> tuple[ARCTrainingModule, ARCDataModule, P
     if model.tokenizer is None:
         raise ValueError(f"{cfg.from_checkpoint}: encoder tokenizer missing from the checkpoint")
     name = cfg.decoder.name
-    model.add_decoder(name, decoders[name], hidden_dim=cfg.decoder.projector_hidden_dim, decoder_path=paths[name])
+    model.add_decoder(name, decoders[name], cfg.decoder.projector, decoder_path=paths[name])
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps, train_encoder=False,
                                train_projectors=[name])
     dec_toks = [DecoderTokenizers(name, toks[name], _same_tokenizer(toks[name], model.tokenizer))]
@@ -394,6 +408,8 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataMod
     L.seed_everything(cfg.run.seed, verbose=False)
     decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
     model = _load_checkpoint(cfg.from_checkpoint)
+    if cfg.pooling_factor:
+        model.set_pooling_factor(cfg.pooling_factor)
     for name, d in decoders.items():
         model.check_decoder(name, d)
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps,

@@ -50,6 +50,11 @@ class DataSpec:
     batch_size: int = 8
     val_batches: int = 4  # per decoder
     reconstruction_ratio: float = 0.3  # paper: 20-50% reconstruction works best
+    # Put the decoder's BOS before the compressed context of pretraining windows. The reference
+    # does not ([compressed][special][text]: a window continues its document) and on the bundled
+    # tiny decoder BOS before a window makes every loss worse (README, "Decoder input").
+    # Fine-tuning rows always start with BOS, as the reference's.
+    window_bos: bool = False
     shuffle_buffer: int = 1000
     seed: int = 0
     # Loader processes per rank, overlapping the accelerator's step (0 = in the training
@@ -258,6 +263,12 @@ class DataPosition:
         return cls(int(data["batch"]), None if samples is None else {str(k): int(v) for k, v in samples.items()})
 
 
+def row_bos(spec: DataSpec, dec: DecoderTokenizers, qa: bool) -> int | None:
+    """The token before a row's compressed context: BOS for fine-tuning rows (reference: the
+    prompt's first part is encoded with BOS), none for pretraining windows unless ``window_bos``."""
+    return dec.tokenizer.bos_token_id if qa or spec.window_bos else None
+
+
 class BatchStream(IterableDataset):
     """Endless stream of this rank's `Batch`es, round-robin over decoders, tasks on a fixed schedule.
 
@@ -309,7 +320,7 @@ class BatchStream(IterableDataset):
             if not worker_builds(index, first):
                 continue
             batch = collate([make() for make in self.rank.part(lazy, bs)], dec.name, self.task_of(index),
-                            dec.tokenizer.bos_token_id, index)
+                            row_bos(self.spec, dec, self.qa), index)
             batch.meta.update(offset=self.rank.rank * bs, global_size=size)
             yield batch
 
@@ -331,7 +342,7 @@ def validation_batches(spec: DataSpec, decoders: list[DecoderTokenizers], enc_to
                              f"fewer than the {world} processes")
         for k in range(rank.rank, len(groups) // world * world, world):
             out.append(collate([make() for make in groups[k]], dec.name, "qa" if qa else "continuation",
-                               dec.tokenizer.bos_token_id, len(out)))
+                               row_bos(spec, dec, qa), len(out)))
     return out
 
 
