@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from arc_encoder.cli.main import build_parser, main
 from arc_encoder.planner import flops
@@ -250,11 +251,37 @@ def test_flops_match_the_speed_benchmark():
     assert t.decoder_tokens == 1 + 2 * 8 + 4 + 1 + prompt
     cached = flops.compressed_query_flops(enc_shape, layers, dec_shape, hidden, 2 * c + 13, c, pf, prompt, "cached")
     assert cached.encoder == cached.projector == 0 and cached.decoder == t.decoder
+    # Encoder by hand: H 48, I 71, dq 48, dkv 16. The pooled block projects queries from the
+    # m = 8 pooled inputs, keys and values from all 32 tokens (the reference's block).
+    full = 2 * c * (48 * 48 + 2 * 48 * 16 + 48 * 48 + 3 * 48 * 71) + 4 * c * c * 48
+    pooled = 2 * c * (2 * 48 * 16) + 2 * 8 * (48 * 48 + 48 * 48 + 3 * 48 * 71) + 4 * 8 * c * 48
+    assert speed.encoder_forward_flops(enc_cfg, layers, c, pf, 1) == 2 * full + pooled
     # Decoder by hand: H 40, I 67, dq 40, dkv 8, 3 layers, vocab 311, one logits row.
     n = 17
     per_layer = 2 * n * (40 * 40 + 2 * 40 * 8 + 40 * 40 + 3 * 40 * 67) + 2 * n * n * 40
     assert flops.decoder_forward_flops(dec_shape, n, 1) == 3 * per_layer + 2 * 40 * 311
     assert flops.text_query_flops(dec_shape, 0, 16).decoder == flops.decoder_forward_flops(dec_shape, n, 1)
+
+
+def test_encoder_flops_count_the_matmuls_the_encoder_runs():
+    """torch's FLOP counter over a real ARCEncoder forward: its matmuls (aten.mm; attention
+    kernels are not all counted on CPU) are the formula's projection and MLP terms."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from arc_encoder import ARCEncoder, EncoderConfig
+
+    shape = flops.ModelShape.from_dict(speed.TINY_ENCODER)
+    h, _, dq, _ = flops.attention_dims(shape)
+    for n, pf in ((32, 4), (17, 8)):
+        enc = ARCEncoder.from_base_model(EncoderConfig(base_model="x", layers_removed=1, pooling_factor=pf),
+                                         backbone_config=speed.hf_config(speed.TINY_ENCODER))
+        ids = torch.randint(3, 100, (1, n))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            enc(ids, torch.ones_like(ids, dtype=torch.bool))
+        mm = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+        m = -(-n // pf)
+        attention = 2 * 4 * n * n * dq + 4 * m * n * dq  # 2 full blocks + the pooled one
+        assert mm == flops.encoder_forward_flops(shape, 3, n, pf, 1) - attention, (n, pf)
 
 
 @pytest.fixture(scope="module")

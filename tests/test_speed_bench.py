@@ -58,7 +58,8 @@ def test_tiny_preset_writes_complete_json(tmp_path, capsys):
             assert _positive_finite(v)
             full, mode = c["modes"]["full"]["time"]["median_s"], c["modes"][k]["time"]["median_s"]
             assert v == pytest.approx(full / mode)
-        # Decoder input: BOS + ceil(n / pf) vectors + marker + prompt (5 tokens).
+        # Decoder input at inference (reference: the first prompt part carries BOS):
+        # BOS + ceil(n / pf) vectors + one marker (one document) + prompt (5 tokens).
         assert c["modes"]["cached_x4"]["decoder_tokens"] == 1 + c["context_tokens"] // 4 + 1 + 5
         assert c["modes"]["full"]["decoder_tokens"] == 1 + c["context_tokens"] + 5
         assert all(_positive_finite(v) for v in c["ttft"].values())
