@@ -233,3 +233,31 @@ def test_local_decoder_path_is_recorded_absolute(tmp_path, monkeypatch):
     assert model.projector("d2").config.decoder == str(tmp_path / "dec2")
     model.add_decoder("d3", decoder, hidden_dim=8, decoder_path="org/hub-id")  # not local: kept as given
     assert model.projector("d3").config.decoder == "org/hub-id"
+
+
+def test_cached_documents_get_a_marker_each_as_when_compressed_directly(tmp_path, tokenizer):
+    """A cache query of 2 documents: the same decoder input as compressing both documents now."""
+    import json
+
+    from arc_encoder.cache.build import build_cache
+    from arc_encoder.cache.store import CompressedCache
+
+    model, decoder = make_model(tokenizer=tokenizer, vocab_size=len(tokenizer), dec_vocab=len(tokenizer), chunk_len=16)
+    _distinct_markers(model)
+    texts = ["A list is a mutable sequence.", "Dictionaries map hashable keys to arbitrary values.", "Exceptions."]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    ckpt = model.save_pretrained(tmp_path / "m")
+    build_cache(ckpt, "dec", corpus, tmp_path / "cache", dtype="float32", model=model, progress=False)
+    cache = CompressedCache(tmp_path / "cache")
+    ctx = cache.context([["d1", "d0"], ["d2"]])
+    with torch.no_grad():
+        direct = model.compress_documents([[texts[1], texts[0]], [texts[2]]], "dec")
+    assert ctx.document_lengths() == direct.document_lengths() and len(ctx.document_lengths()[0]) == 2
+    emb = decoder.get_input_embeddings()
+    with torch.no_grad():
+        a = model.build_decoder_inputs(emb, ctx, [[5], [6]], None, "continuation", [[1], [1]])
+        b = model.build_decoder_inputs(emb, direct, [[5], [6]], None, "continuation", [[1], [1]])
+    torch.testing.assert_close(a.inputs_embeds, b.inputs_embeds, atol=1e-5, rtol=1e-5)
+    first = 1 + direct.document_lengths()[0][0]  # BOS, then document 1's vectors: its marker
+    torch.testing.assert_close(a.inputs_embeds[0, first], _marker(model, "continuation"))

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quality_benchmark_tiny_smoke(tmp_path):
     out = tmp_path / "q.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--preset", "tiny", "--work-dir", str(tmp_path / "w"),
-           "--steps", "3", "--lm-steps", "3", "--pooling-factors", "4,8", "--no-progress", "--output", str(out)]
+           "--steps", "3", "--lm-steps", "3", "--test-batches", "2", "--pooling-factors", "4,8", "--no-progress",
+           "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -29,7 +29,8 @@ def test_encoder_flops_formula_by_hand():
     n, pf, layers = 10, 4, 3
     m = 3
     full = 2 * n * (h * dq + 2 * h * dkv + dq * h + 3 * h * i) + 4 * n * n * dq
-    pooled = 2 * n * (h * dq + 2 * h * dkv) + 2 * m * (dq * h + 3 * h * i) + 4 * m * n * dq
+    # The reference's pooled block: queries from the m pooled inputs, keys/values from all n tokens.
+    pooled = 2 * n * (2 * h * dkv) + 2 * m * (h * dq + dq * h + 3 * h * i) + 4 * m * n * dq
     assert speed.encoder_forward_flops(cfg, layers, n, pf, chunks=2) == 2 * (2 * full + pooled)
 
 
