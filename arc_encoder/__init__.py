@@ -16,6 +16,7 @@ _EXPORTS = {
     "ARCConfig": "config",
     "EncoderConfig": "config",
     "ProjectorConfig": "config",
+    "ProjectorOptions": "config",
     "ARCEncoder": "encoder",
     "EncoderOutput": "encoder",
     "ARCModel": "model",
@@ -28,7 +29,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .config import ARCConfig, EncoderConfig, ProjectorConfig
+    from .config import ARCConfig, EncoderConfig, ProjectorConfig, ProjectorOptions
     from .encoder import ARCEncoder, EncoderOutput
     from .model import ARCModel, CompressedContext, freeze_decoder
     from .objectives import DecoderInputs

@@ -264,40 +264,31 @@ class EncoderConfig:
 
 
 @dataclass
-class ProjectorConfig:
-    """One decoder's projector: encoder width -> hidden -> decoder width, plus its special tokens.
+class ProjectorOptions:
+    """What a user chooses about a decoder's projector (the rest of ``ProjectorConfig`` comes
+    from the models: widths, the decoder's path and vocabulary).
 
-    Defaults follow the reference (``EmbProjector`` type "mlp"): two linear layers without
-    bias and no activation; the special tokens are encoder-space vectors that go through
-    the same two layers. ``decoder`` records where the frozen decoder lives and
-    ``decoder_vocab_size`` lets loads refuse a projector paired with the wrong decoder.
+    Defaults follow the reference (``EmbProjector`` type "mlp", ``rec_tok``/``cont_tok``):
+    two linear layers without bias and no activation; the special tokens are encoder-space
+    vectors that go through the same two layers. ``special_tokens`` lists the markers the
+    projector has (reference ``cont_tok`` / ``rec_tok``); an empty list puts no special token
+    in the decoder input (the paper's long-context setting). Training configs embed this
+    class per decoder, so every option is settable from YAML and the command line.
     """
 
-    input_dim: int
-    output_dim: int
     hidden_dim: int = 2048
+    """width of the projector's hidden layer (paper: 2048)"""
     activation: ProjectorActivation = "none"
+    """between the two layers (none: the reference's)"""
     bias: bool = False
+    """biases in the two layers (the reference has none)"""
     special_token_space: SpecialTokenSpace = "encoder"
-    decoder: str = ""
-    decoder_vocab_size: int | None = None
+    """encoder: the reference's ones-initialised vectors, projected like the context; decoder: free vectors"""
     special_tokens: tuple[str, ...] = ("continuation", "reconstruction")
-    # The decoder's path relative to the checkpoint directory, written at save time, so a
-    # project moved as a whole still finds its decoder ("": not local, or not recorded).
-    decoder_relative: str = ""
-    # Identity of the decoder the projector was trained for (``arc_encoder.model.decoder_identity``:
-    # sha256 of its input embeddings); a different decoder of the same shape is refused.
-    # "": checkpoints from before it was recorded (loaded with a warning).
-    decoder_sha256: str = ""
+    """the markers this projector has ([]: no marker in the decoder input, the long-context setting)"""
 
     def __post_init__(self) -> None:
-        for name in ("input_dim", "output_dim", "hidden_dim"):
-            _check_int(name, getattr(self, name), 1)
-        if self.decoder_vocab_size is not None:
-            _check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
-        for name in ("decoder", "decoder_relative", "decoder_sha256"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        _check_int("hidden_dim", self.hidden_dim, 1)
         _check_bool("bias", self.bias)
         _check_literal("activation", self.activation, ProjectorActivation)
         _check_literal("special_token_space", self.special_token_space, SpecialTokenSpace)
@@ -308,6 +299,42 @@ class ProjectorConfig:
             raise ValueError(f"special_tokens has duplicates: {self.special_tokens}")
         for tok in self.special_tokens:
             _check_literal("special token", tok, SpecialToken)
+
+    def options(self) -> ProjectorOptions:
+        """Only the chosen options (of a ``ProjectorConfig`` too)."""
+        return ProjectorOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ProjectorOptions)})
+
+
+@dataclass(kw_only=True)
+class ProjectorConfig(ProjectorOptions):
+    """One decoder's projector: ``ProjectorOptions`` plus what the models fix.
+
+    encoder width ``input_dim`` -> ``hidden_dim`` -> decoder width ``output_dim``.
+    ``decoder`` records where the frozen decoder lives and ``decoder_vocab_size`` lets loads
+    refuse a projector paired with the wrong decoder.
+    """
+
+    input_dim: int
+    output_dim: int
+    decoder: str = ""
+    decoder_vocab_size: int | None = None
+    # The decoder's path relative to the checkpoint directory, written at save time, so a
+    # project moved as a whole still finds its decoder ("": not local, or not recorded).
+    decoder_relative: str = ""
+    # Identity of the decoder the projector was trained for (``arc_encoder.model.decoder_identity``:
+    # sha256 of its input embeddings); a different decoder of the same shape is refused.
+    # "": checkpoints from before it was recorded (loaded with a warning).
+    decoder_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "output_dim"):
+            _check_int(name, getattr(self, name), 1)
+        if self.decoder_vocab_size is not None:
+            _check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
+        for name in ("decoder", "decoder_relative", "decoder_sha256"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        super().__post_init__()
 
     @property
     def special_token_dim(self) -> int:

@@ -122,10 +122,9 @@ class ReferenceBackbone:
 
     @classmethod
     def from_file(cls, path: PathLike) -> ReferenceBackbone:
-        data = read_json_file(path)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_params(data, str(path))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file (the encoder backbone's params.json or config.json)")
+        return cls.from_params(_json_object(Path(path)), str(path))
 
 
 # configs/released_pt_configs/ARC8_Encoder_*.yaml model_args: the Llama-3.2-3B backbone of every
@@ -226,11 +225,18 @@ def _bridges(tensors: dict[str, torch.Tensor], bridge: Mapping[str, Any], where:
     raise _setting(where, "bridge_module.bridge_type", kind, "only 'mlp' and 'multi_module' (two bias-free linear layers) are")
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_reference_checkpoint(src: PathLike) -> ReferenceCheckpoint:
     """Read and validate a reference checkpoint (``params.json`` layout or the Hub layout)."""
     src = Path(src)
     if (src / "params.json").is_file():
-        params = read_json_file(src / "params.json")
+        params = _json_object(src / "params.json")
         where = str(src / "params.json")
         embedder_args, bridge_args = params.get("embedder_params"), params.get("bridge_module")
         for rel in (EMBEDDER_FILE, BRIDGE_FILE):
@@ -240,7 +246,7 @@ def read_reference_checkpoint(src: PathLike) -> ReferenceCheckpoint:
         bridge_tensors = load_tensors(src / BRIDGE_FILE)
         model_args = None
     elif (src / HUB_WEIGHTS).is_file() and (src / "config.json").is_file():
-        params = read_json_file(src / "config.json")
+        params = _json_object(src / "config.json")
         where = str(src / "config.json")
         embedder_args, bridge_args, model_args = (params.get(k) for k in ("embedder_args", "bridge_args", "model_args"))
         tensors = load_tensors(src / HUB_WEIGHTS)
@@ -390,7 +396,11 @@ def reference_to_model(
                                                special_tokens=ckpt.special_tokens)
     tok = None
     if tokenizer is not None:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as err:
+            reason = " ".join(str(err).split())  # one line
+            raise ValueError(f"cannot load a tokenizer from {tokenizer!r} ({reason})") from err
         if len(tok) > shape.vocab_size:
             raise ValueError(f"tokenizer {tokenizer!r} has {len(tok)} tokens; the encoder embeds {shape.vocab_size}")
     model = ARCModel(ARCConfig(encoder=enc_cfg, projectors=projectors), encoder, tok).to(dtype)

@@ -104,8 +104,9 @@ def eval_batches(
                 break
         if len(samples) >= max_samples:
             break
-    bos = decoder_tokenizer.bos_token_id
-    return [collate(samples[i : i + batch_size], decoder_name, "continuation", bos, index=i // batch_size)
+    # No BOS before the compressed context: windows continue their documents (the reference's
+    # pretraining layout, which the training data follows by default).
+    return [collate(samples[i : i + batch_size], decoder_name, "continuation", None, index=i // batch_size)
             for i in range(0, len(samples), batch_size)]
 
 
@@ -128,7 +129,7 @@ class InfoEvaluator:
 
     def _scores(self, batch: Batch, context: str, targets: str) -> RowScores:
         with self._autocast():
-            inputs = self.model.decoder_inputs(self.decoder, batch, context, targets)  # type: ignore[arg-type]
+            inputs = self.model.decoder_inputs(self.decoder, batch, context, targets, comparable=True)  # type: ignore[arg-type]
             return target_scores(self.decoder, inputs, self.em_k)
 
     @staticmethod
@@ -176,7 +177,10 @@ class InfoEvaluator:
             chunk = self.model.encoder.config.chunk_len
         r, c = self._merge(recon), self._merge(cont)
         self.last_rows = {"recon": r, "cont": c}  # per-row scores of this point (paired comparisons)
-        ctx_tokens = sum(base["recon_none"].tokens)
+        # Per original context token. The bits are summed over every context token but each
+        # window's first, which nothing precedes without context (comparable scoring), so they
+        # count that token as recovering nothing: a slight underestimate, never an overestimate.
+        ctx_tokens = sum(len(x) for b in self.batches for x in b.context_ids)
         h0, h1 = sum(base["recon_none"].nll) / LN2, sum(r.nll) / LN2
         cont_tokens = sum(c.tokens)
         loss_none = sum(base["cont_none"].nll) / cont_tokens

@@ -1,9 +1,17 @@
 """ARCModel: the shared encoder plus one projector per frozen decoder.
 
 Data flows one way: text -> encoder tokenizer -> chunks -> ARCEncoder -> pooled states ->
-projector(decoder) -> the decoder's ``inputs_embeds``, laid out per sample as
+projector(decoder) -> the decoder's ``inputs_embeds``, laid out per sample as the reference
+(kyutai-labs/ARC-Encoder, ``augmented_model.py``) lays it out:
 
-    [prefix tokens (e.g. BOS)] [compressed context] [marker] [prompt tokens] [target tokens]
+    [prefix tokens] [document 1][special] [document 2][special] ... [prompt tokens] [target tokens]
+
+The projected special token (``continuation``, or ``reconstruction`` for the reconstruction
+task) follows EVERY compressed document; the chunks of one long document are concatenated
+with no token between them. A projector without that special token (the reference's
+``rec_tok``/``cont_tok`` off, e.g. the paper's long-context setting) gets none. The prefix is
+empty for pretraining windows (reference: ``[compressed][special][text]``) and the decoder's
+BOS for fine-tuning rows and generation (reference: the first prompt part is encoded with BOS).
 
 Only target tokens carry loss (``forward(batch, decoder)``, scored by ``arc_encoder.objectives``).
 The decoder is never modified: callers pass it in, and ``freeze_decoder`` puts it in eval
@@ -13,6 +21,7 @@ directory layout of ``arc_encoder.checkpoint``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -25,7 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import checkpoint
-from .config import ARCConfig, ArcEncoderWarning, EncoderConfig, ProjectorConfig, SpecialToken
+from .config import ARCConfig, ArcEncoderWarning, EncoderConfig, ProjectorConfig, ProjectorOptions, SpecialToken
 from .encoder import ARCEncoder, EncoderOutput
 from .objectives import IGNORE_INDEX, ContextMode, DecoderInputs, Targets, decoder_loss
 from .projector import Projector
@@ -39,18 +48,39 @@ PoolingPlan = Sequence[int | Sequence[int]]
 
 @dataclass
 class CompressedContext:
-    """Compressed contexts in one decoder's embedding space, padded to the longest."""
+    """Compressed contexts in one decoder's embedding space, padded to the longest row.
+
+    A row holds one or several documents (e.g. retrieved passages), concatenated;
+    ``doc_lengths`` records each document's vector count so that the decoder input puts a
+    special token after every document. None: one document per row.
+    """
 
     embeddings: torch.Tensor  # [batch, max_len, decoder_dim]
     lengths: torch.Tensor  # [batch], long: valid vectors per row
     decoder: str
+    doc_lengths: list[list[int]] | None = None  # per row, per document: vectors (host ints)
+
+    def __post_init__(self) -> None:
+        if self.doc_lengths is not None:
+            if len(self.doc_lengths) != self.embeddings.shape[0]:
+                raise ValueError(f"doc_lengths has {len(self.doc_lengths)} rows but the context batch has "
+                                 f"{self.embeddings.shape[0]}")
+            if any(n < 1 for row in self.doc_lengths for n in row):
+                raise ValueError("a compressed document has at least one vector")
 
     def unpad(self) -> list[torch.Tensor]:
         """One [length_b, decoder_dim] tensor per sample."""
-        return [e[: int(n)] for e, n in zip(self.embeddings, self.lengths)]
+        return [e[:n] for e, n in zip(self.embeddings, self.lengths.tolist())]
+
+    def document_lengths(self) -> list[list[int]]:
+        """Per row, the vector count of each document (one host copy of ``lengths`` when not recorded)."""
+        if self.doc_lengths is not None:
+            return [list(row) for row in self.doc_lengths]
+        return [[n] if n else [] for n in self.lengths.tolist()]
 
     @classmethod
     def from_list(cls, items: Sequence[torch.Tensor], decoder: str) -> CompressedContext:
+        """One row per tensor, each row one document."""
         if not items:
             raise ValueError("no compressed contexts given")
         lengths = torch.tensor([t.shape[0] for t in items], dtype=torch.long)
@@ -59,6 +89,17 @@ class CompressedContext:
         else:
             embeddings = nn.utils.rnn.pad_sequence(list(items), batch_first=True)
         return cls(embeddings, lengths, decoder)
+
+    @classmethod
+    def from_documents(cls, rows: Sequence[Sequence[torch.Tensor]], decoder: str) -> CompressedContext:
+        """One row per list of documents ([vectors, decoder_dim] each), concatenated in order."""
+        for i, docs in enumerate(rows):
+            if len(docs) == 0:
+                raise ValueError(f"row {i} has no documents")
+        ctx = cls.from_list([torch.cat(list(docs)) if len(docs) > 1 else docs[0] for docs in rows], decoder)
+        ctx.doc_lengths = [[d.shape[0] for d in docs] for docs in rows]
+        ctx.__post_init__()
+        return ctx
 
 
 def decoder_identity(decoder: PreTrainedModel) -> str:
@@ -157,18 +198,22 @@ class ARCModel(nn.Module):
         self,
         name: str,
         decoder: PreTrainedModel,
-        hidden_dim: int = 2048,
-        activation: str = "none",
+        options: ProjectorOptions | None = None,
         decoder_path: str = "",
+        **option_values,
     ) -> Projector:
-        """Create the projector (+ special tokens) that feeds ``decoder``."""
+        """Create the projector (+ special tokens) that feeds ``decoder``.
+
+        ``options`` (default: the reference's) with any field overridden by ``option_values``
+        (e.g. ``hidden_dim=256``); widths and the decoder's vocabulary come from the models.
+        """
         if name in self.projectors:
             raise ValueError(f"a projector named {name!r} already exists")
+        chosen = dataclasses.replace((options or ProjectorOptions()).options(), **option_values)
         cfg = ProjectorConfig(
+            **dataclasses.asdict(chosen),
             input_dim=self.encoder.hidden_size,
             output_dim=decoder.config.hidden_size,
-            hidden_dim=hidden_dim,
-            activation=activation,  # type: ignore[arg-type]
             decoder=_absolute_if_local(decoder_path or getattr(decoder.config, "_name_or_path", "")),
             decoder_vocab_size=decoder.get_input_embeddings().weight.shape[0],
             decoder_sha256=decoder_identity(decoder),
@@ -226,6 +271,15 @@ class ARCModel(nn.Module):
         cfg.decoder_sha256 = decoder_identity(decoder)
         if path:
             cfg.decoder, cfg.decoder_relative = _absolute_if_local(path), ""
+
+    def set_pooling_factor(self, pooling_factor: int) -> None:
+        """Compress at ``pooling_factor`` from now on, recorded in the config (a save keeps it).
+
+        The pooled block runs at any factor: e.g. fine-tune an encoder pretrained at x8 at x4
+        (the paper's ARC4). A mixed-pooling encoder accepts only one of its trained factors.
+        """
+        cfg = dataclasses.replace(self.config.encoder, pooling_factor=pooling_factor)  # validated
+        self.config.encoder = self.encoder.config = cfg
 
     # ------------------------------------------------------------------ compression
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -307,22 +361,15 @@ class ARCModel(nn.Module):
         input_ids, mask = input_ids.to(param.device), mask.to(param.device)  # one copy each
         return self.encoder(input_ids, mask, row_pf), owner
 
-    def compress(
-        self,
-        contexts: Sequence[str] | Sequence[TokenIds],
-        decoder: str,
-        pooling_factors: int | PoolingPlan | None = None,
-    ) -> CompressedContext:
-        """Texts (or encoder token ids) -> decoder-space vectors, chunks concatenated per text.
-
-        ``pooling_factors`` overrides the config's factor: one int, or per context an int or a
-        per-chunk list (entropy-adaptive plans from ``arc_encoder.adaptive.plan_pooling``).
-        """
+    def _compress_each(
+        self, contexts: Sequence[str] | Sequence[TokenIds], decoder: str, pooling_factors: int | PoolingPlan | None
+    ) -> list[torch.Tensor]:
+        """One [vectors, decoder_dim] tensor per context: its chunks' vectors concatenated."""
         projector = self.projector(decoder)
-        if len(contexts) == 0:
-            raise ValueError("no contexts given")
         if isinstance(contexts, str):
             raise ValueError("contexts must be a list of strings, not one string")
+        if len(contexts) == 0:
+            raise ValueError("no contexts given")
         ids = self.tokenize(contexts) if isinstance(contexts[0], str) else contexts
         out, owner = self.encode_ids(ids, pooling_factors)
         projected = projector(out.hidden_states)  # [chunks, m, decoder_dim]
@@ -330,7 +377,43 @@ class ARCModel(nn.Module):
         per_context: list[list[torch.Tensor]] = [[] for _ in contexts]
         for row, ctx in enumerate(owner):
             per_context[ctx].append(projected[row, : lengths[row]])
-        return CompressedContext.from_list([torch.cat(p) for p in per_context], decoder)
+        return [torch.cat(p) if len(p) > 1 else p[0] for p in per_context]
+
+    def compress(
+        self,
+        contexts: Sequence[str] | Sequence[TokenIds],
+        decoder: str,
+        pooling_factors: int | PoolingPlan | None = None,
+    ) -> CompressedContext:
+        """Texts (or encoder token ids) -> decoder-space vectors, one row (one document) per text.
+
+        A text longer than ``chunk_len`` is compressed chunk by chunk and its chunks'
+        vectors are concatenated (one document: no special token between chunks).
+        ``pooling_factors`` overrides the config's factor: one int, or per context an int or a
+        per-chunk list (entropy-adaptive plans from ``arc_encoder.adaptive.plan_pooling``).
+        """
+        return CompressedContext.from_list(self._compress_each(contexts, decoder, pooling_factors), decoder)
+
+    def compress_documents(
+        self,
+        documents: Sequence[Sequence[str]] | Sequence[Sequence[TokenIds]],
+        decoder: str,
+        pooling_factors: int | PoolingPlan | None = None,
+    ) -> CompressedContext:
+        """Several documents per row (e.g. retrieved passages): each is compressed on its own,
+        the row's vectors are concatenated and the boundaries recorded, so that the decoder
+        input puts a special token after every document, as the reference does.
+
+        ``pooling_factors``: as in ``compress``, one int or one entry per document (rows flattened).
+        """
+        if isinstance(documents, str) or any(isinstance(docs, str) for docs in documents):
+            raise ValueError("documents must be a list of document lists, one list per row")
+        for i, docs in enumerate(documents):
+            if len(docs) == 0:
+                raise ValueError(f"row {i} has no documents")
+        flat = [d for docs in documents for d in docs]
+        parts = iter(self._compress_each(flat, decoder, pooling_factors))
+        return CompressedContext.from_documents([[next(parts) for _ in docs] for docs in documents], decoder)
 
     # ------------------------------------------------------------------ decoder inputs
     def build_decoder_inputs(
@@ -342,14 +425,19 @@ class ARCModel(nn.Module):
         marker: SpecialToken | None = "continuation",
         prefix_ids: Sequence[TokenIds] | None = None,
         padding_side: str = "right",
+        skip_first_target: Sequence[bool] | None = None,
     ) -> DecoderInputs:
-        """Lay out [prefix][context][marker][prompt][target] per sample, padded.
+        """Lay out [prefix][doc 1][marker][doc 2][marker]...[prompt][target] per sample, padded.
 
-        Right padding for training, left padding for ``generate``. Labels are the target
-        ids (IGNORE_INDEX elsewhere) and are None when no targets are given.
+        ``marker`` follows every document of ``context`` (its ``document_lengths``); None, or
+        a projector that has no such special token, puts none. Right padding for training,
+        left padding for ``generate``. Labels are the target ids (IGNORE_INDEX elsewhere) and
+        are None when no targets are given; ``skip_first_target[b]`` leaves row b's first
+        target token unlabelled (see ``decoder_inputs``).
         """
         batch = context.embeddings.shape[0]
-        for name, seqs in (("prompt_ids", prompt_ids), ("target_ids", target_ids), ("prefix_ids", prefix_ids)):
+        for name, seqs in (("prompt_ids", prompt_ids), ("target_ids", target_ids), ("prefix_ids", prefix_ids),
+                           ("skip_first_target", skip_first_target)):
             if seqs is not None and len(seqs) != batch:
                 raise ValueError(f"{name} has {len(seqs)} rows but the context batch has {batch}")
         if padding_side not in ("left", "right"):
@@ -358,10 +446,14 @@ class ARCModel(nn.Module):
         weight = decoder_embeddings.weight
         device, dtype = weight.device, weight.dtype
         vocab = weight.shape[0]
-        # Everything is laid out on the host from Python lists (one device sync, for the
-        # context lengths), then moved once: per-row device work would stall the GPU queue.
+        # Everything is laid out on the host from Python lists (at most one device sync, for
+        # the context lengths), then moved once: per-row device work would stall the GPU queue.
         ctx_len = context.lengths.tolist()
-        has_marker = int(marker is not None)
+        docs = context.document_lengths()
+        for b, (row, n) in enumerate(zip(docs, ctx_len)):
+            if sum(row) != n:
+                raise ValueError(f"row {b}: documents of {row} vectors do not add up to its {n} vectors")
+        has_marker = int(marker is not None and marker in projector.config.special_tokens)
         rows = []
         for b in range(batch):
             prefix = list(prefix_ids[b]) if prefix_ids is not None else []
@@ -371,29 +463,35 @@ class ARCModel(nn.Module):
             if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
                 raise ValueError(f"row {b}: token id out of the decoder's vocabulary [0, {vocab})")
             rows.append((prefix, prompt, target))
-        totals = [len(p) + ctx_len[b] + has_marker + len(q) + len(t) for b, (p, q, t) in enumerate(rows)]
+        totals = [len(p) + ctx_len[b] + has_marker * len(docs[b]) + len(q) + len(t)
+                  for b, (p, q, t) in enumerate(rows)]
         longest = max(totals)
         ids = torch.zeros(batch, longest, dtype=torch.long)
         mask = torch.zeros(batch, longest, dtype=torch.long)
         labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
-        ctx_rows, ctx_pos, ctx_src, marker_pos = [], [], [], []
+        ctx_rows, ctx_pos, ctx_src, marker_rows, marker_pos = [], [], [], [], []
         for b, (prefix, prompt, target) in enumerate(rows):
             start = 0 if padding_side == "right" else longest - totals[b]
             mask[b, start : start + totals[b]] = 1
             pos = start
             ids[b, pos : pos + len(prefix)] = torch.tensor(prefix, dtype=torch.long)
             pos += len(prefix)
-            ctx_rows += [b] * ctx_len[b]
-            ctx_pos += range(pos, pos + ctx_len[b])
-            ctx_src += range(ctx_len[b])
-            pos += ctx_len[b]
-            if has_marker:
-                marker_pos.append((b, pos))
-                pos += 1
+            src = 0
+            for n in docs[b]:  # each document's vectors, then its marker
+                ctx_rows += [b] * n
+                ctx_pos += range(pos, pos + n)
+                ctx_src += range(src, src + n)
+                pos, src = pos + n, src + n
+                if has_marker:
+                    marker_rows.append(b)
+                    marker_pos.append(pos)
+                    pos += 1
             tail = prompt + target
             ids[b, pos : pos + len(tail)] = torch.tensor(tail, dtype=torch.long)
             if target:
-                labels[b, pos + len(prompt) : pos + len(tail)] = torch.tensor(target, dtype=torch.long)
+                skip = int(skip_first_target is not None and bool(skip_first_target[b]))
+                first = pos + len(prompt) + skip
+                labels[b, first : pos + len(tail)] = torch.tensor(target[skip:], dtype=torch.long)
         embeds = decoder_embeddings(ids.to(device))  # [batch, longest, dim]; pads/ctx slots overwritten
         if ctx_rows:
             cdev = context.embeddings.device  # cached contexts may live elsewhere (e.g. CPU mmap)
@@ -403,9 +501,10 @@ class ARCModel(nn.Module):
                 src.to(device=device, dtype=dtype),
             )
         if marker_pos:
-            mb, mp = (torch.tensor(x, device=device) for x in zip(*marker_pos))
             special = projector.special_embedding(marker).to(dtype).expand(len(marker_pos), -1)
-            embeds = embeds.index_put((mb, mp), special)
+            embeds = embeds.index_put(
+                (torch.tensor(marker_rows, device=device), torch.tensor(marker_pos, device=device)), special
+            )
         embeds = embeds * mask.to(device=device, dtype=dtype)[..., None]  # zero padding slots
         mask, labels = mask.to(device), labels.to(device)
         return DecoderInputs(embeds, mask, labels if target_ids is not None else None)
@@ -416,12 +515,18 @@ class ARCModel(nn.Module):
         batch: Batch,
         context: ContextMode = "compressed",
         targets: Targets = "task",
+        comparable: bool = False,
     ) -> DecoderInputs:
         """The decoder input for ``batch`` with the chosen context and targets.
 
         ``context``: "compressed" (this model's vectors), "none" (no context) or "full" (the
         context's decoder tokens in place of the vectors). ``targets``: the batch's task, or
         the continuation / the context itself (reconstruction) whatever the task.
+
+        ``comparable``: score the same tokens in all three context modes. A row with no prefix
+        and no prompt (a pretraining window: no BOS, as in the reference) has nothing before
+        its target without context, so no mode scores that row's first target token. The
+        validation metrics use this; the training loss scores every target token.
         """
         emb = decoder.get_input_embeddings()
         if targets == "task":
@@ -430,9 +535,11 @@ class ARCModel(nn.Module):
             target_ids, marker = batch.context_ids, "reconstruction"
         else:
             target_ids, marker = batch.continuation_ids, "continuation"
+        skip = [not p and not q for p, q in zip(batch.prefix_ids, batch.prompt_ids)] if comparable else None
         if context == "compressed":
             ctx = self.compress(batch.encoder_ids, batch.decoder, batch.pooling_factors)
-            return self.build_decoder_inputs(emb, ctx, batch.prompt_ids, target_ids, marker, batch.prefix_ids)
+            return self.build_decoder_inputs(emb, ctx, batch.prompt_ids, target_ids, marker, batch.prefix_ids,
+                                             skip_first_target=skip)
         if context not in ("none", "full"):
             raise ValueError(f"context must be 'compressed', 'none' or 'full', got {context!r}")
         weight = emb.weight
@@ -441,7 +548,8 @@ class ARCModel(nn.Module):
         prefix = batch.prefix_ids
         if context == "full":
             prefix = [p + c for p, c in zip(batch.prefix_ids, batch.context_ids)]
-        return self.build_decoder_inputs(emb, empty, batch.prompt_ids, target_ids, None, prefix)
+        return self.build_decoder_inputs(emb, empty, batch.prompt_ids, target_ids, None, prefix,
+                                         skip_first_target=skip)
 
     # ------------------------------------------------------------------ loss and generation
     def forward(self, batch: Batch, decoder: PreTrainedModel) -> torch.Tensor:
@@ -454,18 +562,26 @@ class ARCModel(nn.Module):
         decoder: PreTrainedModel,
         decoder_tokenizer: PreTrainedTokenizerBase,
         decoder_name: str,
-        contexts: Sequence[str] | CompressedContext,
+        contexts: Sequence[str] | Sequence[Sequence[str]] | CompressedContext,
         prompts: Sequence[str],
         max_new_tokens: int = 32,
-        marker: SpecialToken = "continuation",
+        marker: SpecialToken | None = "continuation",
         **generate_kwargs,
     ) -> list[str]:
-        """Answer each prompt from its compressed context with the frozen decoder."""
+        """Answer each prompt from its compressed context with the frozen decoder.
+
+        ``contexts``: one text (or encoder token-id list) per prompt, a list of documents per
+        prompt (each compressed on its own and followed by ``marker``), or an already
+        compressed context. The input is
+        [BOS][doc 1][marker]...[prompt], as the reference's inference lays it out.
+        """
         self.check_decoder(decoder_name, decoder)
         if isinstance(contexts, CompressedContext):
             context = contexts
+        elif len(contexts) and isinstance(contexts[0], (list, tuple)) and not isinstance(contexts[0][0], int):
+            context = self.compress_documents(contexts, decoder_name)  # type: ignore[arg-type]
         else:
-            context = self.compress(contexts, decoder_name)
+            context = self.compress(contexts, decoder_name)  # type: ignore[arg-type]
         if len(prompts) != context.embeddings.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {context.embeddings.shape[0]} contexts")
         prompt_ids = decoder_tokenizer(list(prompts), add_special_tokens=False)["input_ids"]

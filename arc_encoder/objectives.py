@@ -7,7 +7,9 @@ training) and shifts logits against labels; ``mean_loss`` / ``token_nll`` / ``ta
 turn them into a loss, per-token NLL, or per-row sums. Only labelled tokens count
 (``IGNORE_INDEX`` elsewhere).
 
-Validation metrics on a ``Batch``:
+Validation metrics on a ``Batch`` score the same tokens whatever the context
+(``decoder_inputs(..., comparable=True)``: a pretraining window has no BOS, so without context
+nothing precedes its first target token, which no mode then scores):
 
 * ``continuation_loss`` with ``context`` = "compressed" (our vectors), "none" (closed-book
   lower bound) or "full" (the context's decoder tokens; the open-book upper bound);
@@ -127,7 +129,7 @@ def continuation_loss(
     model: ARCModel, decoder: PreTrainedModel, batch: Batch, context: ContextMode = "compressed"
 ) -> float:
     """Continuation (or QA answer) loss with compressed, no, or full-text context."""
-    return float(decoder_loss(decoder, model.decoder_inputs(decoder, batch, context, targets="continuation")))
+    return float(decoder_loss(decoder, model.decoder_inputs(decoder, batch, context, "continuation", comparable=True)))
 
 
 @dataclass
@@ -140,7 +142,7 @@ class ReconstructionScore:
 @torch.no_grad()
 def reconstruction_accuracy(model: ARCModel, decoder: PreTrainedModel, batch: Batch) -> ReconstructionScore:
     """How well the decoder reads the context back out of its compressed form."""
-    inputs = model.decoder_inputs(decoder, batch, "compressed", targets="reconstruction")
+    inputs = model.decoder_inputs(decoder, batch, "compressed", "reconstruction", comparable=True)
     logits, labels = predict(decoder, inputs)
     on = labels != IGNORE_INDEX
     right = (logits.argmax(-1) == labels) & on

@@ -32,7 +32,7 @@ import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from arc_encoder.config import ARCConfig, ArcEncoderWarning, DtypeName, EncoderConfig, torch_dtype
+from arc_encoder.config import ARCConfig, ArcEncoderWarning, DtypeName, EncoderConfig, ProjectorOptions, torch_dtype
 from arc_encoder.encoder import ARCEncoder
 from arc_encoder.loading import load_pretrained
 from arc_encoder.model import ARCModel
@@ -57,7 +57,12 @@ BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder.resources") / "tiny_lm")
 # ---------------------------------------------------------------------------- config dataclasses
 @dataclass
 class DecoderSpec:
-    """A frozen decoder: a local HF causal-LM directory (or builtin:tiny-lm)."""
+    """A frozen decoder: a local HF causal-LM directory (or builtin:tiny-lm), and its projector.
+
+    ``projector`` IS the library's ``ProjectorOptions`` (every option a user chooses: hidden
+    width, activation, bias, special tokens and their space); the widths and the vocabulary
+    come from the encoder and this decoder.
+    """
 
     name: str = "tiny"
     """the projector's name (what --decoder NAME selects in `arc-encoder` commands)"""
@@ -67,8 +72,9 @@ class DecoderSpec:
     """its tokenizer's directory (default: path)"""
     dtype: DtypeName = "float32"
     """dtype the frozen decoder is held in"""
-    projector_hidden_dim: int = 2048
-    """projector MLP width (paper: 2048)"""
+    projector: ProjectorOptions = field(default_factory=ProjectorOptions)
+    """the projector's options (the library's ProjectorOptions: hidden_dim (paper 2048), activation, bias,
+    special_token_space, special_tokens); its widths come from the models"""
     allow_padded_vocab: bool = False
     """accept an embedding table larger than the tokenizer (models that round their vocabulary up)"""
     allow_other_decoder: bool = False
@@ -173,6 +179,12 @@ class RunSpec:
                 raise ValueError(f"run.{name} must be a directory path, got {getattr(self, name)!r}")
 
 
+def tiny_optim(lr: float = 1.0e-3, projector_lr_ratio: float = 5.0) -> OptimSpec:
+    """The CPU defaults: the reference's optimiser and schedule at a CPU-scale learning rate and
+    warm-up (the paper's 1e-5 with 1000 warm-up steps would not move a tiny model in 1000 steps)."""
+    return OptimSpec(lr=lr, projector_lr_ratio=projector_lr_ratio, warmup_steps=20)
+
+
 @dataclass
 class PretrainConfig:
     """The pretrain job: encoder + one projector per decoder on raw text."""
@@ -182,7 +194,7 @@ class PretrainConfig:
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
     """frozen decoders, one projector each (a YAML list; its keys: --decoders.help DecoderSpec)"""
     data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=OptimSpec)
+    optim: OptimSpec = field(default_factory=tiny_optim)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     run: RunSpec = field(default_factory=RunSpec)
 
@@ -195,7 +207,8 @@ class AdaptConfig:
     """the trained checkpoint to add a projector to (it stays untouched; the export is a copy)"""
     decoder: DecoderSpec = field(default_factory=DecoderSpec)
     data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-3))
+    # The projector and its special tokens at one rate (paper, OLMo adaptation: 1e-4 for both).
+    optim: OptimSpec = field(default_factory=lambda: tiny_optim(1e-3, projector_lr_ratio=1.0))
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     run: RunSpec = field(default_factory=lambda: RunSpec(name="adapt"))
 
@@ -210,8 +223,11 @@ class FinetuneConfig:
     """the decoders to fine-tune for (each must have a projector in from_checkpoint)"""
     freeze_encoder: bool = False
     """train the projectors only"""
+    pooling_factor: int = 0
+    """0: the checkpoint's pooling factor; else fine-tune and export at this factor (the paper's ARC4 is
+    pretrained at x8 and fine-tuned at x4: configs/paper_finetune_arc4.yaml)"""
     data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-4))
+    optim: OptimSpec = field(default_factory=lambda: tiny_optim(1e-4))
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     run: RunSpec = field(default_factory=lambda: RunSpec(name="finetune"))
 
@@ -298,8 +314,7 @@ def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
                          what="encoder")
     model = ARCModel(ARCConfig(encoder=enc_cfg), encoder, tok)
     for spec in cfg.decoders:
-        model.add_decoder(spec.name, decoders[spec.name], hidden_dim=spec.projector_hidden_dim,
-                          decoder_path=paths[spec.name])
+        model.add_decoder(spec.name, decoders[spec.name], spec.projector, decoder_path=paths[spec.name])
     return model
 
 
@@ -352,8 +367,15 @@ def resume_changes(run_dir: Path, job: str, cfg) -> dict[str, list]:
     except (yaml.YAMLError, AttributeError) as err:
         raise ValueError(f"{path}: cannot read the run's recorded config ({err})") from err
     now = _flat(config_dict(job, cfg))
-    return {k: [recorded[k], v] for k, v in now.items()
-            if k in recorded and k not in RESUMABLE_KEYS and recorded[k] != v}
+    changes = {k: [recorded[k], v] for k, v in now.items()
+               if k in recorded and k not in RESUMABLE_KEYS and recorded[k] != v}
+    # With optim.total_steps 0 the one-cycle schedule spans trainer.max_steps: a resume with another
+    # max_steps would leave the restored schedule's cycle (torch refuses to step past its end).
+    key = "trainer.max_steps"
+    if recorded.get("optim.total_steps", 1) == 0 and key in recorded and recorded[key] != now.get(key):
+        changes[f"{key} (the one-cycle length while optim.total_steps is 0; to extend a run later, "
+                "start it with optim.total_steps set)"] = [recorded[key], now.get(key)]
+    return changes
 
 
 def _overlap(a: Path, b: Path) -> bool:
@@ -606,7 +628,7 @@ def prepare_adapt(cfg: AdaptConfig) -> tuple[ARCTrainingModule, ARCDataModule, P
     if model.tokenizer is None:
         raise ValueError(f"{cfg.from_checkpoint}: encoder tokenizer missing from the checkpoint")
     name = cfg.decoder.name
-    model.add_decoder(name, decoders[name], hidden_dim=cfg.decoder.projector_hidden_dim, decoder_path=paths[name])
+    model.add_decoder(name, decoders[name], cfg.decoder.projector, decoder_path=paths[name])
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps, train_encoder=False,
                                train_projectors=[name])
     dec_toks = [DecoderTokenizers(name, toks[name], _same_tokenizer(toks[name], model.tokenizer))]
@@ -638,6 +660,8 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataMod
     L.seed_everything(cfg.run.seed, verbose=False)
     decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
     model = _load_checkpoint(cfg.from_checkpoint)
+    if cfg.pooling_factor:
+        model.set_pooling_factor(cfg.pooling_factor)
     for spec in cfg.decoders:
         model.check_decoder(spec.name, decoders[spec.name], spec.allow_other_decoder)
         if spec.allow_other_decoder:  # the export is trained for this decoder from now on
@@ -705,9 +729,27 @@ def add_job_arguments(parser, cls: type, skip: set[str]) -> None:
     groups = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
     top_skip = {k for k in skip if "." not in k}
     parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, skip=set(groups) | top_skip)
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)}
     for name in groups:
         inner = {k.split(".", 1)[1] for k in skip if k.startswith(name + ".")}
         parser.add_class_arguments(hints[name], nested_key=name, fail_untyped=True, skip=inner)
+        if factories[name] is not dataclasses.MISSING:  # the job's default section (e.g. the tiny encoder),
+            default = factories[name]()  # so a YAML that leaves a section out gets it, not "required" errors
+            parser.set_defaults(_dotted(default, name, inner))
+
+
+def _dotted(obj, prefix: str, skip: set[str]) -> dict:
+    """A dataclass's values as {"prefix.field": value}, nested dataclasses flattened too."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_dotted(value, f"{prefix}.{f.name}", {k.split(".", 1)[1] for k in skip if k.startswith(f.name + ".")}))
+        else:
+            out[f"{prefix}.{f.name}"] = value
+    return out
 
 
 def _help_formatter():

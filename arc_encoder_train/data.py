@@ -59,6 +59,10 @@ class DataSpec:
     """validation batches per decoder and device"""
     reconstruction_ratio: float = 0.3
     """share of reconstruction batches, the rest continue (paper: 0.2-0.5 works best)"""
+    window_bos: bool = False
+    """put the decoder's BOS before the compressed context of pretraining windows (the reference does
+    not: a window continues its document; on the bundled tiny decoder BOS makes every loss worse);
+    fine-tuning rows always start with BOS"""
     shuffle_buffer: int = 1000
     """documents in the streaming shuffle buffer"""
     seed: int = 0
@@ -275,6 +279,12 @@ class DataPosition:
         return cls(int(data["batch"]), None if samples is None else {str(k): int(v) for k, v in samples.items()})
 
 
+def row_bos(spec: DataSpec, dec: DecoderTokenizers, qa: bool) -> int | None:
+    """The token before a row's compressed context: BOS for fine-tuning rows (reference: the
+    prompt's first part is encoded with BOS), none for pretraining windows unless ``window_bos``."""
+    return dec.tokenizer.bos_token_id if qa or spec.window_bos else None
+
+
 class BatchStream(IterableDataset):
     """Endless stream of this rank's `Batch`es, round-robin over decoders, tasks on a fixed schedule.
 
@@ -326,7 +336,7 @@ class BatchStream(IterableDataset):
             if not worker_builds(index, first):
                 continue
             batch = collate([make() for make in self.rank.part(lazy, bs)], dec.name, self.task_of(index),
-                            dec.tokenizer.bos_token_id, index)
+                            row_bos(self.spec, dec, self.qa), index)
             batch.meta.update(offset=self.rank.rank * bs, global_size=size)
             yield batch
 
@@ -348,7 +358,7 @@ def validation_batches(spec: DataSpec, decoders: list[DecoderTokenizers], enc_to
                              f"fewer than the {world} processes")
         for k in range(rank.rank, len(groups) // world * world, world):
             out.append(collate([make() for make in groups[k]], dec.name, "qa" if qa else "continuation",
-                               dec.tokenizer.bos_token_id, len(out)))
+                               row_bos(spec, dec, qa), len(out)))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,6 @@ from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
 from .data import _CACHE, DataRank, DataSpec, iter_texts, worker_builds
 from .distributed import RankAgreement, all_reduce_sum, launched_as_rank_zero, stop_launched_ranks
-from .module import cosine_with_warmup
 from .progress import TrainProgress, quiet_lightning
 
 
@@ -105,6 +105,13 @@ class _TokenBlocks(IterableDataset):
                         rows, index = [], index + 1
 
 
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The LM's LR multiplier at ``step``: a cosine from 1 at step 0 to ``min_ratio`` at ``total``,
+    scaled by a linear warm-up over ``warmup`` steps."""
+    progress = min(1.0, step / total)
+    return min(1.0, (step + 1) / warmup) * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 class CausalLMModule(L.LightningModule):
     def __init__(self, model, spec: LMSpec, data: DataSpec, tokenizer) -> None:
         super().__init__()
@@ -130,7 +137,7 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.spec.lr, weight_decay=0.01)
         total = self.spec.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, 20, total, 0.05, overlap=True))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, 20, total, 0.05))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -738,7 +738,8 @@ def make_train_batch(preset: Preset, device: torch.device, seed: int = 11) -> Tr
     b = preset.train_batch
     ids = random_ids(preset.encoder["vocab_size"], (b, preset.train_context), device, seed)
     targets = random_ids(preset.decoder["vocab_size"], (b, preset.train_target), torch.device("cpu"), seed + 1).tolist()
-    return TrainBatch(ids, torch.ones_like(ids, dtype=torch.bool), targets, [[preset.decoder["bos_token_id"]]] * b)
+    # A pretraining window: [vectors][marker][targets], no BOS (the reference's layout).
+    return TrainBatch(ids, torch.ones_like(ids, dtype=torch.bool), targets, [[] for _ in range(b)])
 
 
 def train_step_fn(model: ARCModel, decoder, batch: TrainBatch, opt: torch.optim.Optimizer,

@@ -55,7 +55,7 @@ def test_invalid_projector_and_names():
     with pytest.raises(ValueError, match="special token"):
         ProjectorConfig(input_dim=4, output_dim=4, special_tokens=("cont",))
     with pytest.raises(ValueError, match="projector name"):
-        ARCConfig(encoder=EncoderConfig(base_model="m"), projectors={"a/b": ProjectorConfig(4, 4)})
+        ARCConfig(encoder=EncoderConfig(base_model="m"), projectors={"a/b": ProjectorConfig(input_dim=4, output_dim=4)})
 
 
 def test_bad_json_is_value_error(tmp_path):

@@ -177,3 +177,54 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"point at one of its checkpoints/checkpoint_NNNNNN"):
         (tmp_path / "run" / "checkpoints").mkdir(parents=True)
         reference_to_model(tmp_path / "run", [ReferenceDecoder("a")])
+
+
+def test_convert_reference_command(tmp_path, tokenizer, capsys):
+    """`arc-encoder convert-reference`: the synthetic two-decoder checkpoint converts to the same vectors."""
+    from arc_encoder.cli.main import main
+
+    ckpt, params, emb, bridge = _write_reference(tmp_path)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"vocab_size": 128256, "hidden_size": 22}))
+    dst = tmp_path / "arc"
+    argv = ["convert-reference", str(ckpt), str(dst), "--decoder", f"llama8b={tmp_path / 'llama'}",
+            "--decoder", "mistral7b", "--backbone", str(params), "--tokenizer", str(tmp_path / "tok")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {dst}") and "pooling x4" in out and "llama8b" in out and "mistral7b" in out
+    model = ARCModel.from_pretrained(dst).eval()
+    cfg = model.config.projectors["llama8b"]
+    assert (cfg.decoder, cfg.decoder_vocab_size) == (str(tmp_path / "llama"), 128256)
+    assert model.config.projectors["mistral7b"].decoder == ""
+    row = tokenizer(["A list is a mutable sequence."], add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        got = model.compress([row], "mistral7b").embeddings[0]
+    expect = _expected(emb, bridge["1.layer1.weight"], bridge["1.layer2.weight"], row)
+    assert (got.double() - expect).abs().max() <= TOL
+    # Without --decoder the projectors take the reference's llm_number names.
+    assert main(["convert-reference", str(ckpt), str(tmp_path / "plain"), "--backbone", str(params)]) == 0
+    assert sorted(ARCModel.from_pretrained(tmp_path / "plain").projectors.keys()) == ["llm0", "llm1"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}", "{dst}"], "not a reference ARC-Encoder checkpoint"),
+    (["{ckpt}", "{dst}", "--decoder", "a"], "holds 2 decoder(s)"),
+    (["{ckpt}", "{dst}", "--decoder", "=x", "--decoder", "b"], "expected NAME or NAME=PATH"),
+    (["{ckpt}", "{dst}", "--decoder", "a={missing}", "--decoder", "b"], "is not a local model directory"),
+    (["{ckpt}", "{dst}", "--decoder", "a", "--decoder", "b"], "do not fit the released ARC encoders"),
+    (["{ckpt}", "{dst}", "--backbone", "{missing}"], "no such file"),
+    (["{ckpt}", "{dst}", "--backbone", "{params}", "--tokenizer", "{ckpt}"], "cannot load a tokenizer"),
+    (["{ckpt}", "{ckpt}", "--backbone", "{params}"], "exists"),
+    (["{ckpt}", "{dst}", "--backbone", "{params}", "--decoder", "a/b", "--decoder", "b"], "projector name 'a/b'"),
+])
+def test_convert_reference_command_errors(tmp_path, capsys, args, message):
+    from arc_encoder.cli.main import main
+
+    ckpt, params, _, _ = _write_reference(tmp_path)
+    names = {"ckpt": ckpt, "dst": tmp_path / "out", "missing": tmp_path / "missing", "params": params}
+    assert main(["convert-reference", *(a.format(**names) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("arc-encoder convert-reference: error: ") and message in err
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arc_encoder import ARCModel
+from arc_encoder import ARCModel, ProjectorOptions
 from arc_encoder_train import cli
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
 
@@ -94,8 +94,15 @@ def test_run_and_export_directories_must_not_overlap(setup, tmp_path):
 # ---------------------------------------------------------------------------- item 5: resume with changed settings
 def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_recorded(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path, steps=2, name="r")
+    cfg = replace(cfg, optim=replace(cfg.optim, total_steps=3))  # a cycle of 3 steps, stopped after 2
     cli.pretrain(cfg)
     resume = replace(cfg, trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, resume=True))
+    # Without optim.total_steps the cycle is max_steps long: a longer resume would leave it.
+    whole = pretrain_cfg(setup, tmp_path, steps=2, name="w")
+    cli.pretrain(whole)
+    with pytest.raises(ValueError, match=r"trainer\.max_steps \(the one-cycle length"):
+        cli.prepare_pretrain(replace(whole, trainer=replace(whole.trainer, max_steps=3),
+                                     run=replace(whole.run, resume=True)))
     for changed, key in ((replace(resume, encoder=replace(resume.encoder, pooling_factor=3)), "encoder.pooling_factor"),
                          (replace(resume, optim=replace(resume.optim, lr=1e-2)), "optim.lr"),
                          (replace(resume, data=replace(resume.data, shuffle_buffer=9)), "data.shuffle_buffer"),
@@ -264,8 +271,8 @@ def test_finetune_refuses_another_decoder_unless_allowed_and_then_records_it(set
     cli.pretrain(cfg)
     other = save_decoder(tmp_path / "other", tok, seed=9)  # decoder a's shape, other weights
     qa = replace(cfg.data, train_files=[str(root / "qa.jsonl")], validation_files=[str(root / "qa.jsonl")])
-    ft = cli.FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), data=qa, trainer=cfg.trainer,
-                            decoders=[cli.DecoderSpec(name="a", path=other, projector_hidden_dim=16)],
+    ft = cli.FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), data=qa, trainer=cfg.trainer, optim=cfg.optim,
+                            decoders=[cli.DecoderSpec(name="a", path=other, projector=ProjectorOptions(hidden_dim=16))],
                             run=replace(cfg.run, name="ft"))
     with pytest.raises(ValueError, match="is not the decoder its projector was trained for"):
         cli.prepare_finetune(ft)

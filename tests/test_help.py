@@ -86,11 +86,11 @@ def test_pretrain_help_shows_the_defaults_it_runs_with(capsys):
         cli.main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"optimizer steps to train (type: int, default: {tiny['trainer']['max_steps']})" in text
-    assert f"'projector_hidden_dim': {tiny['decoders'][0]['projector_hidden_dim']}" in text
+    assert f"'hidden_dim': {tiny['decoders'][0]['projector']['hidden_dim']}" in text
     assert cli.PretrainConfig().trainer.max_steps != tiny["trainer"]["max_steps"]  # so the check means something
     _, cfg = cli.parse(["pretrain"])
     assert cfg.trainer.max_steps == tiny["trainer"]["max_steps"]
-    assert cfg.decoders[0].projector_hidden_dim == tiny["decoders"][0]["projector_hidden_dim"]
+    assert cfg.decoders[0].projector.hidden_dim == tiny["decoders"][0]["projector"]["hidden_dim"]
 
 
 def test_every_arc_encoder_option_has_help():

@@ -35,8 +35,19 @@ def test_compress_text_and_errors(tokenizer):
         model.compress([[]], "dec")
 
 
-def test_decoder_inputs_layout():
+def _marker(model, name):
+    return model.projector("dec").special_embedding(name)
+
+
+def _distinct_markers(model):
+    """Both special tokens start as ones (reference init); make them differ so a swap shows."""
+    with torch.no_grad():
+        model.projector("dec").special_tokens.normal_()
+
+
+def test_decoder_inputs_layout_one_document_per_row():
     model, decoder = make_model()
+    _distinct_markers(model)
     ctx = CompressedContext.from_list([torch.randn(3, 24), torch.randn(1, 24)], "dec")
     emb = decoder.get_input_embeddings()
     inp = model.build_decoder_inputs(emb, ctx, [[7, 8], [9]], [[10, 11, 12], [13]], "reconstruction", [[1], [1]])
@@ -46,14 +57,110 @@ def test_decoder_inputs_layout():
     assert inp.labels[0].tolist() == [IGNORE_INDEX] * 7 + [10, 11, 12]
     assert inp.labels[1, :5].tolist() == [IGNORE_INDEX] * 4 + [13]
     torch.testing.assert_close(inp.inputs_embeds[0, 1:4], ctx.embeddings[0])
-    torch.testing.assert_close(inp.inputs_embeds[0, 4], model.projector("dec").special_embedding("reconstruction"))
+    torch.testing.assert_close(inp.inputs_embeds[0, 4], _marker(model, "reconstruction"))
+    torch.testing.assert_close(inp.inputs_embeds[1, 2], _marker(model, "reconstruction"))
     torch.testing.assert_close(inp.inputs_embeds[0, 7], emb.weight[10])
+    # The continuation marker is another vector at the same place.
+    cont = model.build_decoder_inputs(emb, ctx, [[7, 8], [9]], [[10, 11, 12], [13]], "continuation", [[1], [1]])
+    torch.testing.assert_close(cont.inputs_embeds[0, 4], _marker(model, "continuation"))
+    assert not torch.allclose(_marker(model, "continuation"), _marker(model, "reconstruction"))
     left = model.build_decoder_inputs(emb, ctx, [[7, 8], [9]], None, padding_side="left")
     assert left.labels is None and left.attention_mask[1].tolist() == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="out of the decoder's vocabulary"):
         model.build_decoder_inputs(emb, ctx, [[500], [9]])
     with pytest.raises(ValueError, match="prompt_ids has 1 rows"):
         model.build_decoder_inputs(emb, ctx, [[5]])
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_marker_follows_every_document(padding_side):
+    """Reference layout [doc 1][special][doc 2][special][doc 3][special][prompt]: 3 documents in
+    row 0, 1 in row 1; positions and values of every slot, either padding side."""
+    model, decoder = make_model()
+    _distinct_markers(model)
+    emb = decoder.get_input_embeddings()
+    docs = [[torch.randn(2, 24), torch.randn(3, 24), torch.randn(1, 24)], [torch.randn(4, 24)]]
+    ctx = CompressedContext.from_documents(docs, "dec")
+    assert ctx.lengths.tolist() == [6, 4] and ctx.document_lengths() == [[2, 3, 1], [4]]
+    inp = model.build_decoder_inputs(emb, ctx, [[7, 8], [9]], [[10], [11, 12]], "continuation", [[1], []],
+                                     padding_side)
+    totals = [1 + 6 + 3 + 2 + 1, 0 + 4 + 1 + 1 + 2]  # prefix + vectors + one marker per doc + prompt + target
+    width = max(totals)
+    assert inp.inputs_embeds.shape == (2, width, 24) and inp.attention_mask.sum(-1).tolist() == totals
+    cont = _marker(model, "continuation")
+    for b, (row_docs, prefix, prompt, target) in enumerate(zip(docs, [[1], []], [[7, 8], [9]], [[10], [11, 12]])):
+        pos = 0 if padding_side == "right" else width - totals[b]
+        assert inp.attention_mask[b, pos:].tolist()[: totals[b]] == [1] * totals[b]
+        for tok in prefix:
+            torch.testing.assert_close(inp.inputs_embeds[b, pos], emb.weight[tok])
+            pos += 1
+        for doc in row_docs:
+            torch.testing.assert_close(inp.inputs_embeds[b, pos : pos + doc.shape[0]], doc)
+            pos += doc.shape[0]
+            torch.testing.assert_close(inp.inputs_embeds[b, pos], cont)  # the marker after EVERY document
+            pos += 1
+        for tok in prompt + target:
+            torch.testing.assert_close(inp.inputs_embeds[b, pos], emb.weight[tok])
+            pos += 1
+        assert inp.labels[b].tolist()[pos - len(target) : pos] == target
+        assert (inp.labels[b] != IGNORE_INDEX).sum() == len(target)
+    pads = inp.attention_mask == 0
+    assert (inp.inputs_embeds[pads] == 0).all()
+
+
+def test_long_context_chunks_form_one_document_and_a_projector_without_markers_gets_none():
+    """A long text is chunked and its chunks concatenated: one document, so one marker after
+    its last chunk (none between chunks); a projector without special tokens (the paper's
+    long-context setting, reference rec_tok/cont_tok off) gets no marker at all."""
+    model, decoder = make_model(pooling_factor=4, chunk_len=8)
+    emb = decoder.get_input_embeddings()
+    with torch.no_grad():
+        ctx = model.compress([list(range(3, 27))], "dec")  # 24 tokens: 3 chunks of 8 -> 2 + 2 + 2 vectors
+        assert ctx.document_lengths() == [[6]]
+        inp = model.build_decoder_inputs(emb, ctx, [[9]], None, "continuation")
+        assert inp.attention_mask.sum().item() == 6 + 1 + 1
+        torch.testing.assert_close(inp.inputs_embeds[0, :6], ctx.embeddings[0])
+        torch.testing.assert_close(inp.inputs_embeds[0, 6], _marker(model, "continuation"))
+        model.add_decoder("long", decoder, hidden_dim=16, special_tokens=())
+        bare = model.compress([list(range(3, 27))], "long")
+        inp = model.build_decoder_inputs(emb, bare, [[9]], None, "continuation")
+        assert inp.attention_mask.sum().item() == 6 + 1  # vectors, then the prompt
+        torch.testing.assert_close(inp.inputs_embeds[0, :6], bare.embeddings[0])
+        torch.testing.assert_close(inp.inputs_embeds[0, 6], emb.weight[9])
+        none = model.build_decoder_inputs(emb, ctx, [[9]], None, None)  # marker=None: the same without markers
+        assert none.attention_mask.sum().item() == 6 + 1
+
+
+def test_compress_documents_equals_compressing_each_document():
+    model, _ = make_model(pooling_factor=4, chunk_len=8)
+    docs = [[list(range(3, 12)), list(range(20, 25))], [list(range(30, 37))]]
+    with torch.no_grad():
+        ctx = model.compress_documents(docs, "dec")
+        alone = [model.compress([d], "dec").embeddings[0] for row in docs for d in row]
+    assert ctx.document_lengths() == [[3, 2], [2]]  # 9 tokens: chunks 8 + 1 -> 2 + 1 vectors
+    torch.testing.assert_close(ctx.embeddings[0, :5], torch.cat(alone[:2]))
+    torch.testing.assert_close(ctx.embeddings[1, :2], alone[2])
+    with pytest.raises(ValueError, match="row 1 has no documents"):
+        model.compress_documents([[[5, 6]], []], "dec")
+    with pytest.raises(ValueError, match="add up"):
+        model.build_decoder_inputs(decoder_embeddings=torch.nn.Embedding(101, 24), context=CompressedContext(
+            ctx.embeddings, ctx.lengths, "dec", [[3, 1], [2]]), prompt_ids=[[5], [5]])
+
+
+def test_comparable_scoring_skips_the_first_target_of_rows_without_prefix_or_prompt():
+    from arc_encoder.samples import collate, text_sample
+
+    model, decoder = make_model()
+    samples = [text_sample([5, 6, 7, 8, 9], [12, 13, 14], None, None, same_tokenizer=True)]
+    batch = collate(samples, "dec", "continuation", None)  # a pretraining window: no BOS
+    for mode in ("compressed", "none", "full"):
+        plain = model.decoder_inputs(decoder, batch, mode)
+        same = model.decoder_inputs(decoder, batch, mode, comparable=True)
+        assert [t for t in plain.labels[0].tolist() if t != IGNORE_INDEX] == [12, 13, 14]
+        assert [t for t in same.labels[0].tolist() if t != IGNORE_INDEX] == [13, 14], mode
+    with_bos = collate(samples, "dec", "continuation", 1)
+    labels = model.decoder_inputs(decoder, with_bos, "none", comparable=True).labels[0].tolist()
+    assert [t for t in labels if t != IGNORE_INDEX] == [12, 13, 14]  # BOS precedes: every token scored
 
 
 def test_training_step_trains_encoder_and_projector_never_decoder():
@@ -126,3 +233,31 @@ def test_local_decoder_path_is_recorded_absolute(tmp_path, monkeypatch):
     assert model.projector("d2").config.decoder == str(tmp_path / "dec2")
     model.add_decoder("d3", decoder, hidden_dim=8, decoder_path="org/hub-id")  # not local: kept as given
     assert model.projector("d3").config.decoder == "org/hub-id"
+
+
+def test_cached_documents_get_a_marker_each_as_when_compressed_directly(tmp_path, tokenizer):
+    """A cache query of 2 documents: the same decoder input as compressing both documents now."""
+    import json
+
+    from arc_encoder.cache.build import build_cache
+    from arc_encoder.cache.store import CompressedCache
+
+    model, decoder = make_model(tokenizer=tokenizer, vocab_size=len(tokenizer), dec_vocab=len(tokenizer), chunk_len=16)
+    _distinct_markers(model)
+    texts = ["A list is a mutable sequence.", "Dictionaries map hashable keys to arbitrary values.", "Exceptions."]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    ckpt = model.save_pretrained(tmp_path / "m")
+    build_cache(ckpt, "dec", corpus, tmp_path / "cache", dtype="float32", model=model, progress=False)
+    cache = CompressedCache(tmp_path / "cache")
+    ctx = cache.context([["d1", "d0"], ["d2"]])
+    with torch.no_grad():
+        direct = model.compress_documents([[texts[1], texts[0]], [texts[2]]], "dec")
+    assert ctx.document_lengths() == direct.document_lengths() and len(ctx.document_lengths()[0]) == 2
+    emb = decoder.get_input_embeddings()
+    with torch.no_grad():
+        a = model.build_decoder_inputs(emb, ctx, [[5], [6]], None, "continuation", [[1], [1]])
+        b = model.build_decoder_inputs(emb, direct, [[5], [6]], None, "continuation", [[1], [1]])
+    torch.testing.assert_close(a.inputs_embeds, b.inputs_embeds, atol=1e-5, rtol=1e-5)
+    first = 1 + direct.document_lengths()[0][0]  # BOS, then document 1's vectors: its marker
+    torch.testing.assert_close(a.inputs_embeds[0, first], _marker(model, "continuation"))

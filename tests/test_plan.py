@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from arc_encoder.cli.main import build_parser, main
 from arc_encoder.planner import flops
@@ -255,6 +256,27 @@ def test_flops_match_the_speed_benchmark():
     per_layer = 2 * n * (40 * 40 + 2 * 40 * 8 + 40 * 40 + 3 * 40 * 67) + 2 * n * n * 40
     assert flops.decoder_forward_flops(dec_shape, n, 1) == 3 * per_layer + 2 * 40 * 311
     assert flops.text_query_flops(dec_shape, 0, 16).decoder == flops.decoder_forward_flops(dec_shape, n, 1)
+
+
+def test_encoder_flops_count_the_matmuls_the_encoder_runs():
+    """torch's FLOP counter over a real ARCEncoder forward: its matmuls (aten.mm; attention
+    kernels are not all counted on CPU) are the formula's projection and MLP terms."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from arc_encoder import ARCEncoder, EncoderConfig
+
+    shape = flops.ModelShape.from_dict(speed.TINY_ENCODER)
+    h, _, dq, _ = flops.attention_dims(shape)
+    for n, pf in ((32, 4), (17, 8)):
+        enc = ARCEncoder.from_base_model(EncoderConfig(base_model="x", layers_removed=1, pooling_factor=pf),
+                                         backbone_config=speed.hf_config(speed.TINY_ENCODER))
+        ids = torch.randint(3, 100, (1, n))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            enc(ids, torch.ones_like(ids, dtype=torch.bool))
+        mm = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+        m = -(-n // pf)
+        attention = 2 * 4 * n * n * dq + 4 * m * n * dq  # 2 full blocks + the pooled one
+        assert mm == flops.encoder_forward_flops(shape, 3, n, pf, 1) - attention, (n, pf)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,8 @@ def test_encoder_flops_formula_by_hand():
     n, pf, layers = 10, 4, 3
     m = 3
     full = 2 * n * (h * dq + 2 * h * dkv + dq * h + 3 * h * i) + 4 * n * n * dq
-    pooled = 2 * n * (h * dq + 2 * h * dkv) + 2 * m * (dq * h + 3 * h * i) + 4 * m * n * dq
+    # The reference's pooled block: queries from the m pooled inputs, keys/values from all n tokens.
+    pooled = 2 * n * (2 * h * dkv) + 2 * m * (h * dq + dq * h + 3 * h * i) + 4 * m * n * dq
     assert speed.encoder_forward_flops(cfg, layers, n, pf, chunks=2) == 2 * (2 * full + pooled)
 
 
@@ -75,7 +76,8 @@ def test_tiny_preset_writes_complete_json(tmp_path, capsys):
         for k, v in c["speedup_vs_full"].items():
             full, mode = c["modes"]["full"]["time"]["median_s"], c["modes"][k]["time"]["median_s"]
             assert v == pytest.approx(full / mode)
-        # Decoder input: BOS + ceil(n / pf) vectors + marker + prompt (5 tokens).
+        # Decoder input at inference (reference: the first prompt part carries BOS):
+        # BOS + ceil(n / pf) vectors + one marker (one document) + prompt (5 tokens).
         assert c["modes"]["cached_x4"]["decoder_tokens"] == 1 + c["context_tokens"] // 4 + 1 + 5
         assert c["modes"]["full"]["decoder_tokens"] == 1 + c["context_tokens"] + 5
         assert all(_positive_finite(v) for k, v in c["ttft"].items() if k != "repeats")

@@ -137,6 +137,44 @@ def test_every_encoder_config_field_is_settable_from_yaml_and_cli(tmp_path):
         cli.parse(["pretrain", "--encoder.pooling_factor", "4", "--encoder.pooling_factors", "[2, 8]"])
 
 
+# A non-default, valid value for every ProjectorOptions field (what a user chooses per decoder).
+PROJECTOR_VALUES = dict(hidden_dim=64, activation="gelu", bias=True, special_token_space="decoder",
+                        special_tokens=("reconstruction",))
+# The ProjectorConfig fields the models fix: never settable, derived when the projector is made.
+PROJECTOR_DERIVED = {"input_dim", "output_dim", "decoder", "decoder_vocab_size", "decoder_relative", "decoder_sha256"}
+
+
+def test_every_projector_option_is_settable_from_yaml_and_cli(tmp_path):
+    from arc_encoder.config import ProjectorConfig, ProjectorOptions
+    from arc_encoder_train import cli
+
+    options = [f.name for f in dataclasses.fields(ProjectorOptions)]
+    assert sorted(PROJECTOR_VALUES) == sorted(options)
+    # ProjectorConfig is the options plus what the models fix: a new field must be one or the other.
+    assert {f.name for f in dataclasses.fields(ProjectorConfig)} == set(options) | PROJECTOR_DERIVED
+    assert all(getattr(ProjectorOptions(), k) != v for k, v in PROJECTOR_VALUES.items())
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in PROJECTOR_VALUES.items()}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"decoders": [{"name": "a", "projector": plain},
+                                                 {"name": "b", "projector": {"hidden_dim": 32}}]}))
+    _, cfg = cli.parse(["pretrain", "--config", str(path)])
+    assert dataclasses.asdict(cfg.decoders[0].projector) == PROJECTOR_VALUES
+    assert cfg.decoders[1].projector == ProjectorOptions(hidden_dim=32)
+    argv = ["adapt"]
+    for k, v in PROJECTOR_VALUES.items():
+        argv += [f"--decoder.projector.{k}", str(list(v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)]
+    _, cfg = cli.parse(argv)
+    assert dataclasses.asdict(cfg.decoder.projector) == PROJECTOR_VALUES
+    with pytest.raises(Exception, match="activation"):  # validated by ProjectorOptions itself
+        cli.parse(["adapt", "--decoder.projector.activation", "relu6"])
+    # The chosen options reach the projector; the widths come from the models.
+    model, decoder = make_model()
+    model.add_decoder("chosen", decoder, cfg.decoder.projector)
+    made = model.projector("chosen").config
+    assert made.options() == cfg.decoder.projector and (made.input_dim, made.output_dim) == (32, 24)
+    assert model.projector("chosen").net[0].bias is not None and model.projector("chosen").special_tokens.shape == (1, 24)
+
+
 def test_tiny_default_encoder_is_kept():
     from arc_encoder_train import cli
 
@@ -227,14 +265,12 @@ def test_one_trained_factor_check():
         cfg.check_trained([2, 8], "adaptive ")
 
 
-def test_one_cosine_schedule_for_both_jobs():
-    from arc_encoder_train.module import cosine_with_warmup
+def test_lm_schedule():
+    from arc_encoder_train.lm import cosine_with_warmup
 
-    for step in range(0, 140, 7):  # the lm job's former inline schedule, and the ARC jobs'
-        lm = min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / 100))))
-        assert cosine_with_warmup(step, 20, 100, 0.05, overlap=True) == lm
-    assert cosine_with_warmup(4, 10, 100, 0.1) == 0.5
-    assert cosine_with_warmup(10, 10, 100, 0.1) == 1.0 and cosine_with_warmup(100, 10, 100, 0.1) == pytest.approx(0.1)
+    for step in range(0, 140, 7):  # warm-up scales a cosine that runs from step 0
+        expect = min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / 100))))
+        assert cosine_with_warmup(step, 20, 100, 0.05) == expect
 
 
 def test_one_adaptive_argument_group():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arc_encoder.config import EncoderConfig
+from arc_encoder.config import EncoderConfig, ProjectorOptions
 from arc_encoder.samples import is_reconstruction
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 from arc_encoder_train import cli
@@ -52,7 +52,7 @@ def pretrain_cfg(setup, tmp_path, decoders=("a",), steps=6, ratio=0.5, name="t")
     root, enc, decs, _ = setup
     return cli.PretrainConfig(
         encoder=EncoderConfig(base_model=enc, layers_removed=1, pooling_factor=2),
-        decoders=[cli.DecoderSpec(name=n, path=decs[n], projector_hidden_dim=16) for n in decoders],
+        decoders=[cli.DecoderSpec(name=n, path=decs[n], projector=ProjectorOptions(hidden_dim=16)) for n in decoders],
         data=DataSpec(train_files=[str(root / "train.jsonl.gz")], validation_files=[str(root / "validation.jsonl.gz")],
                       context_tokens=12, target_tokens=6, batch_size=3, val_batches=1, reconstruction_ratio=ratio,
                       shuffle_buffer=4),
@@ -121,7 +121,7 @@ def test_adapt_trains_only_the_new_projector(setup, tmp_path):
     line = cli.pretrain(cfg)
     assert line.startswith("pretrain done: 3 steps")
     ckpt = tmp_path / "ckpt" / "t"
-    acfg = cli.AdaptConfig(from_checkpoint=str(ckpt), decoder=cli.DecoderSpec(name="b", path=decs["b"], projector_hidden_dim=16),
+    acfg = cli.AdaptConfig(from_checkpoint=str(ckpt), decoder=cli.DecoderSpec(name="b", path=decs["b"], projector=ProjectorOptions(hidden_dim=16)),
                            data=cfg.data, optim=cli.OptimSpec(lr=3e-3, warmup_steps=0),
                            trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, name="adapt"))
     module, dm, _, _ = cli.prepare_adapt(acfg)
@@ -197,29 +197,100 @@ def test_bad_configs_fail_before_training(setup, tmp_path):
     assert cli.main(["pretrain", "--config", cli.default_config(), "--data.no_such_key", "1"]) != 0
 
 
-def test_paper_config_builds_with_tiny_stand_ins(setup, tmp_path):
+def _paper_config(setup, tmp_path, name: str, extra=()) -> Path:
+    """A packaged paper config with its placeholders pointed at the tiny stand-ins."""
     import yaml
     root, enc, decs, _ = setup
-    path = Path(cli.__file__).parent / "configs" / "paper_fsdp.yaml"
-    text = path.read_text()
+    text = (Path(cli.__file__).parent / "configs" / name).read_text()
     for placeholder, real in (("/models/Llama-3.2-3B", enc), ("/models/Llama-3.1-8B", decs["a"]),
-                              ("/models/Mistral-7B-v0.1", decs["b"]),
-                              ("/data/pretrain/train.jsonl", str(root / "train.jsonl.gz")),
-                              ("/data/pretrain/validation.jsonl", str(root / "validation.jsonl.gz"))):
-        assert placeholder in text
+                              ("/models/Mistral-7B-v0.3", decs["b"]), *extra):
+        assert placeholder in text or placeholder == "/models/Llama-3.2-3B"  # the encoder: pretrain only
         text = text.replace(placeholder, real)
     data = yaml.safe_load(text)
-    data["encoder"]["layers_removed"] = 1
     data["run"]["runs_dir"] = str(tmp_path / "runs")
-    patched = tmp_path / "paper.yaml"
+    data["run"]["checkpoints_dir"] = str(tmp_path / "ckpt")
+    patched = tmp_path / name
     patched.write_text(yaml.safe_dump(data))
-    job, cfg = cli.parse(["pretrain", "--config", str(patched)])
+    return patched
+
+
+def test_paper_configs_build_with_tiny_stand_ins(setup, tmp_path):
+    """paper_fsdp.yaml (pretrain at x8) and paper_finetune_arc4.yaml (fine-tune at x4: ARC4)."""
+    root = setup[0]
+    patched = _paper_config(setup, tmp_path, "paper_fsdp.yaml", (
+        ("/data/pretrain/train.jsonl", str(root / "train.jsonl.gz")),
+        ("/data/pretrain/validation.jsonl", str(root / "validation.jsonl.gz"))))
+    job, cfg = cli.parse(["pretrain", "--config", str(patched), "--encoder.layers_removed", "1"])
     assert cfg.trainer.strategy == "fsdp" and cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 8
     assert [d.name for d in cfg.decoders] == ["llama3_8b", "mistral_7b"]
+    # Table 10 and the reference's pretraining config
+    o, d = cfg.optim, cfg.data
+    assert (o.lr, o.max_projector_lr, o.weight_decay, o.warmup_steps, o.initial_lr, o.final_lr, o.anneal) == (
+        1e-5, pytest.approx(5e-5), 0.1, 1000, 1e-20, 1e-10, "cos")
+    assert (d.context_tokens, d.target_tokens, d.batch_size, d.reconstruction_ratio, d.window_bos) == (256, 256, 16, 0.2, False)
+    assert (cfg.encoder.pooling_factor, cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (8, 80000, 1.0)
     module, dm, _, _ = cli.prepare_pretrain(cfg)
     assert set(module.model.projectors.keys()) == {"llama3_8b", "mistral_7b"}
     assert module.decoders["llama3_8b"].dtype == torch.bfloat16
     assert module.model.projector("mistral_7b").config.hidden_dim == 2048
+    # Stage 2: the pretrain export fine-tuned at x4.
+    small = replace(cfg, trainer=replace(cfg.trainer, max_steps=1, accelerator="cpu", devices=1, strategy="auto",
+                                         precision="32-true", progress_bar=False), optim=replace(cfg.optim, warmup_steps=0),
+                    data=replace(cfg.data, context_tokens=12, target_tokens=6, batch_size=2, val_batches=1))
+    small.decoders = [replace(x, dtype="float32", projector=replace(x.projector, hidden_dim=16)) for x in cfg.decoders]
+    cli.pretrain(small)
+    ft = _paper_config(setup, tmp_path, "paper_finetune_arc4.yaml", (
+        ("/data/finetune/train.jsonl", str(root / "qa.jsonl")), ("/data/finetune/validation.jsonl", str(root / "qa.jsonl")),
+        ("checkpoints/paper-fsdp", str(tmp_path / "ckpt" / "paper-fsdp"))))
+    _, fcfg = cli.parse(["finetune", "--config", str(ft)])
+    o = fcfg.optim
+    assert (fcfg.pooling_factor, o.lr, o.max_projector_lr, o.weight_decay, o.warmup_steps, o.final_lr) == (
+        4, 2e-6, 3e-5, 0.05, 50, 1e-8)
+    assert (fcfg.trainer.max_steps, fcfg.data.batch_size, fcfg.data.max_context_tokens) == (8000, 8, 2048)
+    module, _, _, _ = cli.prepare_finetune(fcfg)
+    assert module.model.config.encoder.pooling_factor == 4 and module.model.encoder.config.pooling_factor == 4
+    assert module.model.compress([list(range(5, 21))], "llama3_8b").lengths.tolist() == [4]  # 16 tokens at x4
+
+
+def test_optimizer_follows_the_reference(setup, tmp_path):
+    """AdamW groups (encoder + special tokens at lr, projectors at 5x), weight decay on every
+    trained tensor, and torch's OneCycleLR with the reference's arguments, against the
+    one-cycle formula written out here."""
+    import math
+
+    cfg = pretrain_cfg(setup, tmp_path, decoders=("a", "b"), steps=40)
+    cfg.optim = cli.OptimSpec(lr=2e-3, warmup_steps=10, initial_lr=1e-6, final_lr=1e-5)
+    module, _, _, _ = cli.prepare_pretrain(cfg)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    enc, proj = opt.param_groups
+    model = module.model
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    specials = ids(p.special_tokens for p in model.projectors.values())
+    assert ids(enc["params"]) == ids(model.encoder.parameters()) | specials
+    assert ids(proj["params"]) == ids(model.projectors.parameters()) - specials
+    assert enc["weight_decay"] == proj["weight_decay"] == 0.1 and enc["eps"] == 1e-8 and enc["betas"][1] == 0.95
+
+    def one_cycle(step, top, total=40, warm=10):
+        start, low = top / (2e-3 / 1e-6), top / (2e-3 / 1e-6) / (2e-3 / 1e-5)
+        anneal = lambda a, b, pct: b + (a - b) / 2 * (1 + math.cos(math.pi * pct))  # noqa: E731
+        end_warm = warm - 1
+        if step <= end_warm:
+            return anneal(start, top, step / end_warm)
+        return anneal(top, low, (step - end_warm) / (total - 1 - end_warm))
+
+    for step in range(40):
+        assert enc["lr"] == pytest.approx(one_cycle(step, 2e-3), rel=1e-9), step
+        assert proj["lr"] == pytest.approx(one_cycle(step, 1e-2), rel=1e-9), step
+        if step in (0, 9, 39):  # torch's momentum cycle, which the reference keeps: beta1 0.95 -> 0.85 -> 0.95
+            assert enc["betas"][0] == pytest.approx({0: 0.95, 9: 0.85, 39: 0.95}[step])
+        opt.step()
+        sched.step()
+    with pytest.raises(ValueError, match="optim.total_steps=20 is shorter than trainer.max_steps=40"):
+        cli.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, total_steps=20)))
+    with pytest.raises(ValueError, match="warmup_steps=40 must be < the schedule's 40 steps"):
+        cli.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, warmup_steps=40)))
+    assert cli.OptimSpec(lr=1e-4, projector_lr=7e-4).max_projector_lr == 7e-4
 
 
 def test_token_cache_returns_tokenizer_ids_and_respects_its_bound():

@@ -509,13 +509,13 @@ class CompressedCache:
         return CompressedContext.from_list([self.get(i, dtype) for i in doc_ids], self.decoder)
 
     def context(self, doc_ids_per_query: Sequence[Sequence[str]], dtype: torch.dtype = torch.float32) -> CompressedContext:
-        """One row per query: its documents' vectors concatenated in the given order."""
-        rows = []
+        """One row per query: its documents' vectors concatenated in the given order, with the
+        document boundaries recorded (each document gets its own special token)."""
         for q, ids in enumerate(doc_ids_per_query):
             if not ids:
                 raise ValueError(f"query {q} has no documents")
-            rows.append(torch.cat([self.get(i, dtype) for i in ids]))
-        return CompressedContext.from_list(rows, self.decoder)
+        return CompressedContext.from_documents([[self.get(i, dtype) for i in ids] for ids in doc_ids_per_query],
+                                                self.decoder)
 
     def texts(self) -> dict[str, str]:
         """Source texts by id (verified against the manifest and the index hashes)."""
@@ -539,7 +539,7 @@ class CompressedCache:
         max_new_tokens: int = 32,
         **generate_kwargs,
     ) -> list[str]:
-        """[BOS][doc1 vectors][doc2 vectors]...[continuation marker][question] -> answer."""
+        """[BOS][doc1 vectors][marker][doc2 vectors][marker]...[question] -> answer (continuation marker)."""
         if len(questions) != len(doc_ids_per_question):
             raise ValueError(f"{len(questions)} questions for {len(doc_ids_per_question)} document lists")
         dtype = decoder_model.get_input_embeddings().weight.dtype

@@ -148,7 +148,8 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=cmd_verify)
 
     q = cache_sub.add_parser("query", help="retrieve cached documents (BM25) and answer with the decoder",
-                             description="Decoder input: [BOS][doc1 vectors]...[docK vectors][continuation marker][question].")
+                             description="Decoder input: [BOS][doc1 vectors][marker]...[docK vectors][marker][question] "
+                             "(the continuation marker after every document, as the reference).")
     q.add_argument("cache", help="cache directory (built by `cache build`)")
     q.add_argument("question", help="the question: BM25 retrieves with it, and the decoder reads it after the documents")
     q.add_argument("--top-k", type=int, default=3, help="documents retrieved with BM25 (default 3)")

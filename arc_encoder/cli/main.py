@@ -227,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from .cache import add_cache_commands
+    from .convert import add_convert_command
     from .eval import add_eval_commands
     from .plan import add_plan_command
 
     add_cache_commands(sub)
     add_plan_command(sub)
     add_eval_commands(sub)
+    add_convert_command(sub)
     return parser
 
 

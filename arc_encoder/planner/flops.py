@@ -7,7 +7,10 @@ m = ceil(n / pf) vectors:
 
   per token, matmuls of one block: P_qkv = H*dq + 2*H*dkv, P_o = dq*H, P_mlp = 3*H*I
   encoder block (bidirectional):  2*n*(P_qkv + P_o + P_mlp) + 4*n^2*dq   (QK^T and AV)
-  pooled last block:              2*n*P_qkv + 2*m*(P_o + P_mlp) + 4*m*n*dq (m query rows)
+  pooled last block:              2*n*P_kv + 2*m*(P_q + P_o + P_mlp) + 4*m*n*dq, with
+                                  P_q = H*dq, P_kv = 2*H*dkv: as the reference, the queries
+                                  are projected from the m pooled inputs, keys and values
+                                  from all n tokens (m query rows)
   decoder forward over T tokens:  2*T*(blocks' params + lm_head rows kept) + 2*T^2*dq per
                                   layer (causal: half of the 4*T^2*dq square)
   projector:                      2*vectors*(in*hidden + hidden*out)
@@ -87,10 +90,10 @@ def block_params(cfg: ConfigLike) -> tuple[int, int, int]:
 def encoder_forward_flops(cfg: ConfigLike, layers: int, n: int, pf: int, chunks: int) -> float:
     """Model FLOPs of one encoder forward over ``chunks`` full chunks of n tokens (docstring)."""
     p_qkv, p_o, p_mlp = block_params(cfg)
-    dq = attention_dims(cfg)[2]
+    h, _, dq, dkv = attention_dims(cfg)
     m = -(-n // pf)
     full = 2 * n * (p_qkv + p_o + p_mlp) + 4 * n * n * dq
-    pooled = 2 * n * p_qkv + 2 * m * (p_o + p_mlp) + 4 * m * n * dq
+    pooled = 2 * n * (2 * h * dkv) + 2 * m * (h * dq + p_o + p_mlp) + 4 * m * n * dq
     return float(chunks * ((layers - 1) * full + pooled))
 
 
@@ -122,10 +125,10 @@ def compressed_len(context_tokens: int, chunk_len: int, pf: int) -> int:
 
 def decoder_tokens(context: Literal["compressed", "full", "none"], prompt_tokens: int,
                    context_tokens: int = 0, chunk_len: int = 1, pf: int = 1) -> int:
-    """Decoder input length of one query, as ``ARCModel.build_decoder_inputs`` lays it out.
+    """Decoder input length of one query, as ``ARCModel.generate`` lays it out.
 
-    compressed: [BOS][vectors][marker][prompt]; full text: [BOS][context][prompt];
-    none (closed book): [BOS][prompt].
+    compressed (one document, however many chunks): [BOS][vectors][marker][prompt]; full
+    text: [BOS][context][prompt]; none (closed book): [BOS][prompt].
     """
     if context == "compressed":
         return 1 + compressed_len(context_tokens, chunk_len, pf) + 1 + prompt_tokens

@@ -1,0 +1,83 @@
+"""`arc-encoder convert-reference`: a checkpoint of the reference code -> a `from_pretrained` checkpoint.
+
+The conversion itself is ``arc_encoder.convert_reference``; this module parses the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import torch_dtype
+from .common import DTYPE_CHOICES
+
+
+def decoder_specs(values: list[str] | None) -> list:
+    """``--decoder NAME[=PATH]`` values -> ``ReferenceDecoder``s; a given PATH must be a local
+    model directory, whose config.json gives the vocabulary size recorded for load-time checks."""
+    from ..convert_reference import ReferenceDecoder
+    from ..storage import read_json_file
+
+    specs = []
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not name or (sep and not path):
+            raise ValueError(f"--decoder {value!r}: expected NAME or NAME=PATH")
+        vocab = None
+        if path:
+            config = Path(path) / "config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"--decoder {value!r}: {path} is not a local model directory (no config.json)")
+            data = read_json_file(config)
+            vocab = data.get("vocab_size") if isinstance(data, dict) else None
+            if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+                raise ValueError(f"{config}: no integer vocab_size")
+            path = str(Path(path).resolve())
+        specs.append(ReferenceDecoder(name, path, vocab))
+    return specs
+
+
+def cmd_convert_reference(args: argparse.Namespace) -> None:
+    from ..convert_reference import read_reference_checkpoint, reference_to_model
+
+    src = Path(args.src)
+    decoders = decoder_specs(args.decoder)
+    if not decoders:  # default names: the reference's llm_number order
+        count = read_reference_checkpoint(src).num_decoders
+        decoders = decoder_specs([f"llm{j}" for j in range(count)])
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such directory")
+    model = reference_to_model(src, decoders, backbone=args.backbone, tokenizer=args.tokenizer,
+                               chunk_len=args.chunk_len, max_chunks=args.max_chunks,
+                               dtype=torch_dtype(args.dtype) if args.dtype else None)
+    out = model.save_pretrained(args.dst, overwrite=args.overwrite)
+    enc = model.config.encoder
+    names = ", ".join(f"{d.name} ({d.path or 'no decoder path'})" for d in decoders)
+    tokenizer = "" if model.tokenizer is not None else "; no encoder tokenizer (pass --tokenizer to compress text)"
+    print(f"wrote {out}: encoder of {sum(p.numel() for p in model.encoder.parameters()):,} parameters, "
+          f"pooling x{enc.pooling_factor}, {enc.layers_removed} layers removed; projectors {names}{tokenizer}")
+
+
+def add_convert_command(sub: argparse._SubParsersAction) -> None:
+    """Register `convert-reference` on the `arc-encoder` parser."""
+    p = sub.add_parser(
+        "convert-reference", help="convert a checkpoint of the reference ARC-Encoder code (e.g. the released ARC8 encoders)",
+        description="Read a checkpoint written by the reference code (kyutai-labs/ARC-Encoder): params.json + "
+        "embedder/consolidated.safetensors + bridge_module/consolidated.safetensors, or the Hugging Face "
+        "release (config.json + model.safetensors), and write an arc-encoder checkpoint that computes the "
+        "same vectors. Unsupported reference settings are refused, naming the setting.")
+    p.add_argument("src", help="reference checkpoint directory")
+    p.add_argument("dst", help="arc-encoder checkpoint directory to create")
+    p.add_argument("--decoder", action="append", metavar="NAME[=PATH]",
+                   help="name (and local HF directory) of each decoder the checkpoint was trained for, in the "
+                   "reference's llm_number order (repeatable; default names llm0, llm1, ...). ARC8_Encoder_multi: "
+                   "Llama-3.1-8B first, then Mistral-7B")
+    p.add_argument("--backbone", help="the encoder backbone's params.json or HF config.json (default: from the "
+                   "checkpoint, else Llama-3.2-3B when the tensors fit it)")
+    p.add_argument("--tokenizer", help="directory with the encoder's HF tokenizer (Llama 3's for the released "
+                   "encoders, e.g. a local Llama-3.2-3B or Llama-3.1-8B); saved with the checkpoint")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--chunk-len", type=int, default=1024, help="tokens per independently compressed chunk (default 1024)")
+    p.add_argument("--max-chunks", type=int, default=32, help="chunks per context (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=cmd_convert_reference)
