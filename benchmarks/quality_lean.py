@@ -253,18 +253,21 @@ class VariantSpec:
     batch_size: int = 64
     max_steps: int = 1_000_000
     time_budget: float = 240.0  # seconds of training steps; the step count is fixed from the measured step time
-    eval_every: int = 250
+    eval_every: int = 0  # 0: about 12 points over the run
     eval_batch: int = 128
     projector_hidden: int = 2048
     projector_activation: str = "none"
     adapt_from: str = ""  # variant name(s) "X|Y": adapt the one with the lowest validation compressed loss
     greedy_windows: int = 512
     seed: int = 0
+    stop_at: float = 0.0  # wall-clock time (time.time()) after which no training step starts; 0: none
+    group: str = ""  # variants of one phase with the same group train equal steps
+    train_decoder: bool = False  # diagnostic only: the decoder trains too (ARC keeps it frozen)
     note: str = ""
 
     def __post_init__(self) -> None:
         for k in ("pooling_factor", "batch_size", "max_steps", "eval_every", "eval_batch", "projector_hidden"):
-            if getattr(self, k) < 1:
+            if getattr(self, k) < (0 if k == "eval_every" else 1):
                 raise ValueError(f"variant {self.name}: {k} must be >= 1")
         if not 0.0 <= self.reconstruction_ratio <= 1.0:
             raise ValueError(f"variant {self.name}: reconstruction_ratio must be in [0, 1]")
@@ -286,7 +289,10 @@ def build_variant(spec: VariantSpec, decoders: dict[str, str], runs: Path, devic
     from arc_encoder.model import compute_dtype, load_frozen_decoder
 
     options = ProjectorOptions(hidden_dim=spec.projector_hidden, activation=spec.projector_activation)
-    decoder, _ = load_frozen_decoder(decoders[spec.decoder], device, compute_dtype(device))
+    dtype = torch.float32 if spec.train_decoder else compute_dtype(device)  # fp32 weights for AdamW
+    decoder, _ = load_frozen_decoder(decoders[spec.decoder], device, dtype)
+    if spec.train_decoder:
+        decoder.requires_grad_(True)
     info: dict = {}
     if spec.adapt_from:
         source = spec.adapt_from
@@ -295,6 +301,10 @@ def build_variant(spec: VariantSpec, decoders: dict[str, str], runs: Path, devic
         model.encoder.requires_grad_(False)
         for p in model.projectors.values():
             p.requires_grad_(False)
+        if spec.decoder in model.projectors:  # control: a fresh projector for the pretraining decoder itself
+            info["replaced_pretrained_projector"] = spec.decoder
+            del model.projectors[spec.decoder]
+            del model.config.projectors[spec.decoder]
         model.add_decoder(spec.decoder, decoder, options, decoder_path=decoders[spec.decoder])
         model.encoder.eval()
     else:
@@ -482,6 +492,8 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
 
     optim = OptimSpec(lr=spec.lr, projector_lr_ratio=spec.projector_lr_ratio, warmup_steps=2)
     groups = param_groups(model, optim)
+    if spec.train_decoder:
+        groups.append({"params": list(decoder.parameters()), "lr": spec.lr, "name": "decoder"})
     trainable = [p for g in groups for p in g["params"]]
 
     def step_loss(step: int):
@@ -492,7 +504,7 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
 
     # Step time, measured on real batches (forward + backward, no update), fixes the step count.
     times = []
-    for i in range(min(6, spec.max_steps + 1)):
+    for i in range(min(10, spec.max_steps + 1)):
         _sync(dev)
         t = time.perf_counter()
         _, loss = step_loss(i)
@@ -502,21 +514,45 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
     for p in trainable:
         p.grad = None
     stream = Stream(train, spec.batch_size, spec.seed)  # the calibration batches are seen again
-    t_step = float(np.median(times[1:])) * 1.1 + 0.002  # + optimizer step (the first call warms up)
+    t_step = float(np.median(times[len(times) // 2 :])) * 1.1 + 0.002  # + optimizer step (early calls warm up)
     afford = max(10, int(spec.time_budget / t_step))
     total = min(spec.max_steps, _group_steps(spec, afford, group_dir, group_size))
+    every = spec.eval_every or max(1, total // 12)
     warmup = min(spec.warmup_steps, total // 10)
     optim = dataclasses.replace(optim, warmup_steps=warmup if warmup >= 2 else 0)
     opt, sched = build_optimizer(groups, optim, total)
-    log.update(steps_planned=total, steps_affordable=afford, step_seconds_measured=round(t_step, 4),
+    log.update(steps_planned=total, steps_affordable=afford, eval_every=every, step_seconds_measured=round(t_step, 4),
                warmup_steps=optim.warmup_steps, optimizer={"lr": spec.lr, "projector_lr": optim.max_projector_lr,
                                                            "weight_decay": optim.weight_decay, "schedule": "OneCycleLR"})
     baseline = None
     losses: dict[str, list] = {"reconstruction": [], "continuation": []}
-    hard_deadline = t_start + spec.time_budget * 1.6 + 60
-    t_train, eval_seconds, step = time.time(), 0.0, 0
+    hard_deadline = min(t_start + spec.time_budget * 1.6 + 60, spec.stop_at or math.inf)
+    t_train, eval_seconds, step, evals = time.time(), 0.0, 0, 0
+    # The step time measured above runs before the other variants of a phase compete for the GPU;
+    # the step count is fixed again from the time of steps 10..`replan` of real training, group-wide.
+    # Twice: new sequence shapes make the first steps slow (e.g. B's windows vary in encoder length).
+    first = max(20, min(100, total // 10))
+    replans, marks = ([first, 3 * first] if spec.stop_at else []), {}
     while True:
-        if step % spec.eval_every == 0 or step == total:
+        marks[step] = time.time() - t_train - eval_seconds
+        if step in replans and step < total:
+            since = 10 if step == replans[0] else replans[0]
+            rate = (marks[step] - marks[since]) / (step - since)
+            evals_left = max(0, (total - step) // every + 1) * eval_seconds / max(1, evals)
+            fits = step + int((spec.stop_at - time.time() - evals_left) / (rate * 1.03))
+            tag = f"{group_dir}-replan{replans.index(step)}" if group_dir else ""
+            new = max(step + 1, min(spec.max_steps, _group_steps(spec, fits, tag, group_size)))
+            log.setdefault("steps_replanned", []).append({"at_step": step, "from": total, "to": new,
+                                                          "step_seconds_concurrent": round(rate, 4)})
+            if new != total:
+                total = new
+                every = spec.eval_every or max(1, total // 12)
+                optim = dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, max(0, total // 10)))
+                sched = optim.scheduler(opt, total)  # the same one-cycle shape over the new length
+                for _ in range(step):
+                    sched.step()
+            print(f"[{spec.name}] {rate:.3f} s/step with the others running: {total} steps", flush=True)
+        if step % every == 0 or step == total:
             te = time.time()
             point = eval_curve_point(model, decoder, val_batches, dev, baseline)
             baseline = baseline or {"loss_none": point["loss_none"], "loss_full": point["loss_full"]}
@@ -534,6 +570,7 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
                   f"continuation none {point['loss_none']:.3f} / comp {point['loss_compressed']:.3f} / full "
                   f"{point['loss_full']:.3f}, gap closed {gap}", flush=True)
             eval_seconds += time.time() - te
+            evals += 1
         if step >= total:
             break
         if time.time() > hard_deadline:
@@ -584,18 +621,51 @@ def cmd_train(args) -> int:
 
 
 # ----------------------------------------------------------------------------- plans and the run
-def _phase1(budget: float, **common) -> list[VariantSpec]:
-    return [VariantSpec(name="A-x4", pooling_factor=4, time_budget=budget, **common),
-            VariantSpec(name="A-x4-lr3e-4", pooling_factor=4, lr=3e-4, time_budget=budget, **common),
-            VariantSpec(name="A-x8", pooling_factor=8, time_budget=budget, **common),
-            VariantSpec(name="A-x1", pooling_factor=1, time_budget=budget, **common,
+def _phase1(budget: float) -> list[VariantSpec]:
+    return [VariantSpec(name="A-x4", pooling_factor=4, time_budget=budget),
+            VariantSpec(name="A-x4-lr3e-4", pooling_factor=4, lr=3e-4, time_budget=budget),
+            VariantSpec(name="A-x8", pooling_factor=8, time_budget=budget),
+            VariantSpec(name="A-x2", pooling_factor=2, time_budget=budget),
+            VariantSpec(name="A-x1", pooling_factor=1, time_budget=budget,
                         note="control: no pooling (the decoder reads one vector per token)")]
 
 
 PLANS = {
-    # One GPU call: four pretraining variants at once (equal steps), then B adapted from the better x4.
-    "main": {"phase1": lambda b: _phase1(b), "phase2": lambda b: [
+    # One GPU call: five pretraining variants at once (equal steps), then B adapted from the better x4.
+    "main": {"phase1": _phase1, "phase2": lambda b: [
         VariantSpec(name="B-adapt", decoder="B", adapt_from="A-x4|A-x4-lr3e-4", time_budget=b)]},
+    # Second GPU call: why does x4 stop near 0.8? Data per step (batch 256 vs 64 at equal steps), the
+    # objective mix (reconstruction only), projector capacity (GELU between its layers), x8 at batch 256;
+    # then B adapted, next to A's own projector re-trained on the same frozen encoder (the control that
+    # separates "another decoder" from "projector-only training").
+    "decisive": {"phase1": lambda b: [
+        VariantSpec(name="A-x4", pooling_factor=4, time_budget=b, group="b64"),
+        VariantSpec(name="A-x4-rec-only", pooling_factor=4, reconstruction_ratio=1.0, time_budget=b, group="b64",
+                    note="reconstruction steps only"),
+        VariantSpec(name="A-x4-gelu", pooling_factor=4, projector_activation="gelu", time_budget=b, group="b64",
+                    note="projector with GELU between its layers"),
+        VariantSpec(name="A-x4-b256", pooling_factor=4, batch_size=256, time_budget=b, group="b256"),
+        VariantSpec(name="A-x8-b256", pooling_factor=8, batch_size=256, time_budget=b, group="b256")],
+        "phase2": lambda b: [
+        VariantSpec(name="B-adapt", decoder="B", adapt_from="A-x4-b256|A-x4", time_budget=b, group="adapt"),
+        VariantSpec(name="A-readapt", decoder="A", adapt_from="A-x4-b256|A-x4", time_budget=b, group="adapt",
+                    note="control: A's projector re-trained from scratch on the frozen encoder")]},
+    # Third GPU call: what limits x4? The frozen decoder's unpacking (decoder trained too), encoder depth
+    # (all 6 layers), the objective mix (20% reconstruction), and B's own ability (B pretrained directly);
+    # then B adapted next to A's re-adapted control, both with time enough to plateau.
+    "limits": {"phase1": lambda b: [
+        VariantSpec(name="A-x4", pooling_factor=4, time_budget=b),
+        VariantSpec(name="A-x4-decoder-trained", pooling_factor=4, train_decoder=True, time_budget=b,
+                    note="diagnostic: decoder A trains too"),
+        VariantSpec(name="A-x4-6-layers", pooling_factor=4, layers_removed=0, time_budget=b,
+                    note="encoder keeps all 6 layers of A"),
+        VariantSpec(name="A-x4-rec0.2", pooling_factor=4, reconstruction_ratio=0.2, time_budget=b),
+        VariantSpec(name="B-x4", decoder="B", pooling_factor=4, time_budget=b,
+                    note="encoder from A's weights pretrained against B directly")],
+        "phase2": lambda b: [
+        VariantSpec(name="B-adapt", decoder="B", adapt_from="A-x4", time_budget=b),
+        VariantSpec(name="A-readapt", decoder="A", adapt_from="A-x4", time_budget=b,
+                    note="control: A's projector re-trained from scratch on the frozen encoder")]},
     # CPU pipeline check (tests): a few steps, tiny batches.
     "smoke": {"phase1": lambda b: [
         VariantSpec(name="A-x4", pooling_factor=4, max_steps=3, batch_size=2, eval_every=2, eval_batch=4,
@@ -632,8 +702,10 @@ def run_phase(specs: list[VariantSpec], args, runs: Path, inline: bool) -> list[
         return failed
     procs = []
     for s in specs:
+        members = [x for x in specs if x.group == s.group]
         cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--spec", json.dumps(dataclasses.asdict(s)),
-               "--data", args.data, "--runs", str(runs), "--group-dir", str(group), "--group-size", str(len(specs))]
+               "--data", args.data, "--runs", str(runs), "--group-dir", f"{group}{s.group}",
+               "--group-size", str(len(members))]
         cmd += sum((["--decoder", d] for d in args.decoder), [])
         if args.device:
             cmd += ["--device", args.device]
@@ -672,7 +744,8 @@ def cmd_run(args) -> int:
     def pack():
         while not stop.wait(20):
             try:
-                _tar_logs(runs, [Path(args.data) / "stats.json", runs / "probe.json"], out / "logs.tar.gz")
+                _tar_logs(runs, [Path(args.data) / "stats.json", runs / "probe.json", Path(args.corpus) / "PROVENANCE.json"],
+                          out / "logs.tar.gz")
             except OSError:
                 pass
 
@@ -699,21 +772,24 @@ def cmd_run(args) -> int:
         return 1
     plan = PLANS[args.plan]
     inline = args.parallel == 0
-    phase2_seconds = args.phase2_seconds
-    # Phase 1 trains until the time left minus phase 2 and the scoring after each phase.
-    b1 = max(5.0, deadline - time.time() - phase2_seconds - 2 * args.score_seconds - 30)
+    p2, score, start = args.phase2_seconds, args.score_seconds, args.startup_seconds
+    # Phase 1 trains until the time left minus phase 2, each phase's start-up and scoring.
+    stop1 = deadline - p2 - 2 * score - start
+    b1 = max(5.0, stop1 - time.time() - start)
     t = time.time()
-    failed = run_phase(plan["phase1"](b1), args, runs, inline)
+    failed = run_phase([dataclasses.replace(s, stop_at=stop1) for s in plan["phase1"](b1)], args, runs, inline)
     times["phase1"] = time.time() - t
-    b2 = max(5.0, min(phase2_seconds, deadline - time.time() - args.score_seconds - 20))
+    stop2 = deadline - score
+    b2 = max(5.0, min(p2, stop2 - time.time() - start))
     t = time.time()
-    failed += run_phase(plan["phase2"](b2), args, runs, inline)
+    failed += run_phase([dataclasses.replace(s, stop_at=stop2) for s in plan["phase2"](b2)], args, runs, inline)
     times["phase2"] = time.time() - t
     stop.set()
     times["total"] = time.time() - t0
     report = make_report(runs, Path(args.data), probes, gates, times, args)
     atomic_write_json(out / args.name, report)
-    _tar_logs(runs, [Path(args.data) / "stats.json", runs / "probe.json"], out / "logs.tar.gz")
+    _tar_logs(runs, [Path(args.data) / "stats.json", runs / "probe.json", Path(args.corpus) / "PROVENANCE.json"],
+                          out / "logs.tar.gz")
     print(plot_report(report, out / Path(args.name).with_suffix(".png").name), flush=True)
     print(format_report(report), flush=True)
     return 1 if failed else 0
@@ -727,7 +803,8 @@ def make_report(runs: Path, data: Path, probes: dict, gates: dict, times: dict, 
     by = {v["name"]: v for v in variants}
     a4 = next((v for v in variants if v.get("status") == "done" and v["spec"]["decoder"] == "A"
                and v["spec"]["pooling_factor"] == 4 and v["name"] == _adapt_source(by)), None)
-    b = next((v for v in variants if v.get("status") == "done" and v["spec"]["decoder"] == "B"), None)
+    b = next((v for v in variants if v.get("status") == "done" and v["spec"]["decoder"] == "B"
+              and v["spec"].get("adapt_from")), None)
     targets = {}
     if a4:
         t = a4["test"]
@@ -741,6 +818,14 @@ def make_report(runs: Path, data: Path, probes: dict, gates: dict, times: dict, 
             targets["B_within_5_points_of_A"] = {"recon_acc_points": round(100 * d_recon, 2),
                                                  "gap_closed_points": None if d_gap is None else round(100 * d_gap, 2),
                                                  "met": d_recon <= 0.05 and d_gap is not None and d_gap <= 0.05}
+    ra = next((v for v in variants if v.get("status") == "done" and v.get("replaced_pretrained_projector")), None)
+    if b and ra:  # B against A's own projector trained the same way (adaptation only, same frozen encoder)
+        tb, tr = b["test"], ra["test"]
+        d_recon = abs(tb["recon_acc"] - tr["recon_acc"])
+        d_gap = abs(tb["gap_closed"] - tr["gap_closed"]) if None not in (tb["gap_closed"], tr["gap_closed"]) else None
+        targets["B_within_5_points_of_A_readapted"] = {
+            "recon_acc_points": round(100 * d_recon, 2), "gap_closed_points": None if d_gap is None else round(100 * d_gap, 2),
+            "met": d_recon <= 0.05 and d_gap is not None and d_gap <= 0.05, "control": ra["name"]}
     stats = json.loads((data / "stats.json").read_text()) if (data / "stats.json").is_file() else {}
     return {
         "benchmark": "quality_lean",
@@ -879,6 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     r.add_argument("--phase2-seconds", type=float, default=100, help="training seconds of phase 2 (adaptation)")
     r.add_argument("--score-seconds", type=float, default=40, help="seconds kept for scoring after each phase")
+    r.add_argument("--startup-seconds", type=float, default=25, help="seconds a phase's processes take to start")
     r.add_argument("--parallel", type=int, default=1, help="0: variants one after the other in this process")
     r.add_argument("--allow-failed-gates", action="store_true", help="run with decoders that miss issue 12's gates")
     r.add_argument("--device", default=None)

@@ -98,3 +98,28 @@ def test_group_steps_take_the_smallest(tmp_path):
     (tmp_path / "g" / "other.json").write_text(json.dumps({"steps": 70}))
     assert _group_steps(VariantSpec(name="me"), 100, str(tmp_path / "g"), 2) == 70
     assert _group_steps(VariantSpec(name="solo"), 100, "", 1) == 100
+
+
+def test_step_count_is_replanned_to_end_by_the_deadline_and_a_control_readapts_A(setup, tmp_path):
+    """The step count measured before the other variants start is re-fixed from real training steps,
+    so a variant ends (schedule complete) by its phase's deadline instead of being cut mid-schedule;
+    the re-adaptation control trains a fresh projector for A on the frozen encoder."""
+    import time
+
+    from quality_lean import VariantSpec, main, train_variant
+
+    data = tmp_path / "data"
+    assert main(["data", "--corpus", str(setup / "corpus"), "--decoder", f"A={setup / 'A'}", "--decoder",
+                 f"B={setup / 'B'}", "--out", str(data), "--context", "16", "--target", "8", "--val-windows", "4",
+                 "--test-windows", "4", "--workers", "1"]) == 0
+    decoders = {"A": str(setup / "A"), "B": str(setup / "B")}
+    kw = dict(batch_size=2, eval_batch=4, projector_hidden=16, greedy_windows=2, warmup_steps=0)
+    stop = time.time() + 6
+    log = train_variant(VariantSpec(name="A-x4", time_budget=60, stop_at=stop, **kw), data, decoders, tmp_path, "cpu")
+    r = log["steps_replanned"][0]
+    assert r["from"] > r["to"] and log["steps_replanned"][-1]["to"] == log["steps_done"]  # 60 s of steps did not fit in 6 s: fewer, all done
+    assert "stopped_early" not in log and log["curve"][-1]["step"] == log["steps_done"]
+    assert time.time() < stop + 5  # the steps ended near the deadline (scoring comes after)
+    log = train_variant(VariantSpec(name="A-readapt", decoder="A", adapt_from="A-x4", max_steps=3, time_budget=60, **kw),
+                        data, decoders, tmp_path, "cpu")
+    assert log["replaced_pretrained_projector"] == "A" and log["trainable_parameters"] == log["projector_parameters"]
