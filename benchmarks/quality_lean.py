@@ -543,14 +543,17 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
             tag = f"{group_dir}-replan{replans.index(step)}" if group_dir else ""
             new = max(step + 1, min(spec.max_steps, _group_steps(spec, fits, tag, group_size)))
             log.setdefault("steps_replanned", []).append({"at_step": step, "from": total, "to": new,
-                                                          "step_seconds_concurrent": round(rate, 4)})
+                                                          "step_seconds_concurrent": round(rate, 4), "peak_lr": None})
             if new != total:
                 total = new
                 every = spec.eval_every or max(1, total // 12)
                 optim = dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, max(0, total // 10)))
+                for g in opt.param_groups:  # the new schedule takes its peak from each group's "lr"
+                    g["lr"] = g["max_lr"]
                 sched = optim.scheduler(opt, total)  # the same one-cycle shape over the new length
                 for _ in range(step):
                     sched.step()
+            log["steps_replanned"][-1]["peak_lr"] = [g["max_lr"] for g in opt.param_groups]
             print(f"[{spec.name}] {rate:.3f} s/step with the others running: {total} steps", flush=True)
         if step % every == 0 or step == total:
             te = time.time()
@@ -666,6 +669,11 @@ PLANS = {
         VariantSpec(name="B-adapt", decoder="B", adapt_from="A-x4", time_budget=b),
         VariantSpec(name="A-readapt", decoder="A", adapt_from="A-x4", time_budget=b,
                     note="control: A's projector re-trained from scratch on the frozen encoder")]},
+    # Fourth GPU call: the longest x4 and x8 pretraining one call affords (two processes), then B adapted:
+    # where the curves saturate.
+    "long": {"phase1": lambda b: [VariantSpec(name="A-x4", pooling_factor=4, time_budget=b),
+                                  VariantSpec(name="A-x8", pooling_factor=8, time_budget=b)],
+             "phase2": lambda b: [VariantSpec(name="B-adapt", decoder="B", adapt_from="A-x4", time_budget=b)]},
     # CPU pipeline check (tests): a few steps, tiny batches.
     "smoke": {"phase1": lambda b: [
         VariantSpec(name="A-x4", pooling_factor=4, max_steps=3, batch_size=2, eval_every=2, eval_batch=4,
@@ -735,6 +743,8 @@ def cmd_run(args) -> int:
     t0 = time.time()
     deadline = t0 + args.deadline
     runs, out = Path(args.work) / "runs", Path(args.out)
+    if runs.is_dir() and any(runs.iterdir()):  # stale logs, checkpoints and step-agreement files would mix in
+        raise ValueError(f"{runs} holds an earlier run: give a new --work folder")
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     decoders = _decoders(args.decoder)

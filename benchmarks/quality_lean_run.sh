@@ -27,6 +27,5 @@ fi
 LEFT=$(( TOTAL - ($(date +%s) - T0) - 15 ))
 stamp "quality run, deadline ${LEFT} s"
 $PY "$HERE/quality_lean.py" run --corpus "$W/corpus" --decoder A="$DEC/A" --decoder B="$DEC/B" --data "$W/data" \
-  --work "$W" --out "$OUT" --plan "$PLAN" --deadline "$LEFT" ${RUN_ARGS:-} 2>&1 | tee "$OUT/run.log"
-cp "$W/corpus/PROVENANCE.json" "$W/runs/corpus_PROVENANCE.json" 2>/dev/null
+  --work "$W/run-$(date +%s)" --out "$OUT" --plan "$PLAN" --deadline "$LEFT" ${RUN_ARGS:-} 2>&1 | tee "$OUT/run.log"
 stamp "end"

@@ -47,11 +47,11 @@ def setup(tmp_path_factory):
     return d
 
 
-def _run(d: Path, *extra) -> int:
+def _run(d: Path, *extra, work: str = "work") -> int:
     from quality_lean import main
 
     return main(["run", "--corpus", str(d / "corpus"), "--decoder", f"A={d / 'A'}", "--decoder", f"B={d / 'B'}",
-                 "--data", str(d / "data"), "--work", str(d / "work"), "--out", str(d / "out"), "--plan", "smoke",
+                 "--data", str(d / "data"), "--work", str(d / work), "--out", str(d / "out"), "--plan", "smoke",
                  "--parallel", "0", "--context", "16", "--target", "8", "--val-windows", "4", "--test-windows", "6",
                  "--workers", "1", "--device", "cpu", "--deadline", "3600", *extra])
 
@@ -64,7 +64,8 @@ def test_refuses_decoders_that_miss_the_gates(setup, capsys):
 
 
 def test_smoke_run_end_to_end(setup):
-    assert _run(setup, "--allow-failed-gates") == 0
+    assert _run(setup, "--allow-failed-gates") == 2  # the refused run's folder is not reused
+    assert _run(setup, "--allow-failed-gates", work="work2") == 0
     rep = json.loads((setup / "out" / "quality_lean.json").read_text())
     assert rep["gates"]["allow_failed_gates"] is True and rep["gates"]["passed"] is False
     assert set(rep["decoders"]) == {"A", "B"} and "induction_second" in rep["decoders"]["A"]
@@ -119,6 +120,7 @@ def test_step_count_is_replanned_to_end_by_the_deadline_and_a_control_readapts_A
     r = log["steps_replanned"][0]
     assert r["from"] > r["to"] and log["steps_replanned"][-1]["to"] == log["steps_done"]  # 60 s of steps did not fit in 6 s: fewer, all done
     assert "stopped_early" not in log and log["curve"][-1]["step"] == log["steps_done"]
+    assert log["steps_replanned"][0]["peak_lr"] == pytest.approx([1e-3, 5e-3])  # the schedule's peak is kept
     assert time.time() < stop + 5  # the steps ended near the deadline (scoring comes after)
     log = train_variant(VariantSpec(name="A-readapt", decoder="A", adapt_from="A-x4", max_steps=3, time_budget=60, **kw),
                         data, decoders, tmp_path, "cpu")
