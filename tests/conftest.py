@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One CPU thread per process (inherited by the processes tests launch): the models are tiny, and
+# on a 2-core CI machine several processes with 2 threads each contend, doubling the suite's time.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
