@@ -70,7 +70,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def add_probe_command(sub) -> None:
-    from ..probe import ProbeConfig
+    from ..config import ProbeConfig
 
     d = ProbeConfig()
     p = sub.add_parser(
