@@ -444,3 +444,29 @@ class ARCConfig:
             return cls.from_json(path.read_text())
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Sizes of the three measurements and their gates (defaults: issue 12's gates)."""
+
+    induction_len: int = 64
+    induction_rows: int = 64
+    copy_len: int = 256
+    context_len: int = 256
+    continuation_len: int = 64
+    batch_size: int = 16
+    seed: int = 0
+    induction_max: float = 1.0
+    copy_max: float = 0.5
+    gain_min: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("induction_len", "induction_rows", "copy_len", "context_len", "continuation_len", "batch_size"):
+            if getattr(self, name) < (2 if name.endswith("_len") else 1):
+                raise ValueError(f"probe.{name} must be >= {2 if name.endswith('_len') else 1}, got {getattr(self, name)}")
+
+    @property
+    def window_len(self) -> int:
+        """Tokens each held-out passage must have (copy and open-book rows share passages)."""
+        return max(self.copy_len, self.context_len + self.continuation_len)

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from .model import ARCModel
 
 IGNORE_INDEX = -100
+# Under this open-book gain (nats/token: closed-book minus open-book loss) a decoder barely uses its
+# context, and the share of that gap a compressed context closes says nothing (issue 12).
+MIN_GAIN_FOR_GAP = 0.2
 ContextMode = Literal["compressed", "none", "full"]
 Targets = Literal["task", "continuation", "reconstruction"]
 
@@ -152,6 +155,17 @@ def reconstruction_accuracy(model: ARCModel, decoder: PreTrainedModel, batch: Ba
         exact_match=float(rows_exact),
         loss=float(mean_loss(logits, labels)),
     )
+
+
+def gap_closed(loss_none: float, loss_full: float, loss_compressed: float,
+               min_gain: float = MIN_GAIN_FOR_GAP) -> float | None:
+    """Share of the closed- to open-book loss gap that the compressed context closes,
+    (none - compressed) / (none - full); None when the open-book gain (none - full) is under
+    ``min_gain`` nats/token: report the absolute losses then, not a ratio of noise."""
+    gain = loss_none - loss_full
+    if not gain >= min_gain:  # also NaN
+        return None
+    return (loss_none - loss_compressed) / gain
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ encoder, so stand-in decoders are measured, and refused, with:
   ``context_len`` tokens in context vs with none; the drop in mean NLL must be
   >= ``gain_min``. Every continuation token counts in both.
 
-Each row starts with the decoder's BOS token (as ARC's decoder inputs do). All rows have one
+Each row starts with the decoder's BOS token (its EOS when it has no BOS). All rows have one
 length, so no padding or attention mask is involved. Losses are natural-log NLL per token.
+``probe_texts`` runs all three on raw held-out texts (`arc-encoder probe`, benchmarks/quality.py).
 """
 
 from __future__ import annotations
@@ -28,33 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ProbeConfig  # noqa: F401 - defined torch-free so that the CLI parser needs no torch
+
 GATES = ("induction", "copy", "open_book_gain")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Sizes of the three measurements and their gates (defaults: issue 12's gates)."""
-
-    induction_len: int = 64
-    induction_rows: int = 64
-    copy_len: int = 256
-    context_len: int = 256
-    continuation_len: int = 64
-    batch_size: int = 16
-    seed: int = 0
-    induction_max: float = 1.0
-    copy_max: float = 0.5
-    gain_min: float = 0.3
-
-    def __post_init__(self) -> None:
-        for name in ("induction_len", "induction_rows", "copy_len", "context_len", "continuation_len", "batch_size"):
-            if getattr(self, name) < (2 if name.endswith("_len") else 1):
-                raise ValueError(f"probe.{name} must be >= {2 if name.endswith('_len') else 1}, got {getattr(self, name)}")
-
-    @property
-    def window_len(self) -> int:
-        """Tokens each held-out passage must have (copy and open-book rows share passages)."""
-        return max(self.copy_len, self.context_len + self.continuation_len)
 
 
 @dataclass
@@ -202,3 +179,34 @@ def probe_decoder(
     opened = float(token_nll(model, torch.cat([bos, passages[:, : c + t]], 1), bs)[:, c:].mean())
     return ProbeResult(ind_first, ind_second, copy_first, copy_second, closed, opened, closed - opened,
                        induction_rows=config.induction_rows, passages=n, config=config)
+
+
+def decoder_bos(tokenizer) -> int:
+    """The id that starts every probe row: BOS, else EOS (GPT-2-style tokenizers); neither is an error."""
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the decoder's tokenizer has neither a BOS nor an EOS token to start probe rows with")
+
+
+def text_windows(tokenizer, texts: Sequence[str], config: ProbeConfig, count: int = 64) -> torch.Tensor:
+    """Held-out passages for the probe: one window of ``config.window_len`` decoder tokens per text long
+    enough (`heldout_windows`), up to ``count``; the error says how long a text must be."""
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise ValueError("no text to probe with")
+    longest = max(len(d) for d in docs)
+    if longest < config.window_len:
+        raise ValueError(f"no text has the {config.window_len} decoder tokens a probe passage needs (the longest has "
+                         f"{longest}); give longer held-out texts")
+    return heldout_windows(docs, config.window_len, count, seed=config.seed)
+
+
+def probe_texts(model: nn.Module, tokenizer, texts: Sequence[str], config: ProbeConfig | None = None,
+                count: int = 64) -> ProbeResult:
+    """The three measurements on raw held-out ``texts`` with ``model``'s own ``tokenizer``."""
+    config = config or ProbeConfig()
+    windows = text_windows(tokenizer, texts, config, count)
+    vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+    return probe_decoder(model, windows, decoder_bos(tokenizer), vocab, tokenizer.all_special_ids, config)

@@ -120,6 +120,29 @@ class OptimSpec:
         )
 
 
+def param_groups(model: ARCModel, optim: OptimSpec) -> list[dict]:
+    """The reference's AdamW groups over ``model``'s trainable parameters: the encoder and every
+    projector's special tokens at ``optim.lr``, the projector MLPs at the projector rate (empty
+    groups left out). Shared by the Lightning module and lean loops (benchmarks/quality_lean.py)."""
+    special = {id(p.special_tokens) for p in model.projectors.values()}
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    encoder += [p.special_tokens for p in model.projectors.values() if p.special_tokens.requires_grad]
+    projector = [p for p in model.projectors.parameters() if p.requires_grad and id(p) not in special]
+    groups = [{"params": encoder, "lr": optim.lr, "name": "encoder"},
+              {"params": projector, "lr": optim.max_projector_lr, "name": "projector"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], optim: OptimSpec,
+                    max_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW over ``groups`` (`param_groups`) with the reference's betas, eps and weight decay, and its
+    one-cycle schedule over ``max_steps`` (step the scheduler once per optimizer step)."""
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    opt = torch.optim.AdamW(groups, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
+    return opt, optim.scheduler(opt, max_steps)
+
+
 @torch.no_grad()
 def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter without optimizer state its initial state (zero moments, step 0).
@@ -275,27 +298,15 @@ class ARCTrainingModule(L.LightningModule):
             self.log(name, value / count, prog_bar=name == "val/loss_compressed", sync_dist=True)
 
     def param_groups(self) -> list[dict]:
-        """The reference's AdamW groups over trainable parameters: encoder + special tokens at
-        ``optim.lr``, projector MLPs at the projector rate (empty groups left out)."""
-        o = self.optim
-        special = {id(p.special_tokens) for p in self.model.projectors.values()}
-        encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
-        encoder += [p.special_tokens for p in self.model.projectors.values() if p.special_tokens.requires_grad]
-        projector = [p for p in self.model.projectors.parameters() if p.requires_grad and id(p) not in special]
-        groups = [{"params": encoder, "lr": o.lr, "name": "encoder"},
-                  {"params": projector, "lr": o.max_projector_lr, "name": "projector"}]
+        """The reference's AdamW groups over trainable parameters (`param_groups`)."""
+        groups = param_groups(self.model, self.optim)
         trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
         if sum(p.numel() for g in groups for p in g["params"]) != trained:
             raise ValueError("a trainable parameter is neither in the encoder nor in a projector")
-        return [g for g in groups if g["params"]]
+        return groups
 
     def configure_optimizers(self):
-        groups = self.param_groups()
-        if not groups:
-            raise ValueError("nothing to train: every parameter is frozen")
-        o = self.optim
-        opt = torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-        sched = o.scheduler(opt, self.max_steps)
+        opt, sched = build_optimizer(self.param_groups(), self.optim, self.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

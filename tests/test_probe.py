@@ -135,3 +135,63 @@ def test_bad_inputs():
         ProbeConfig(copy_len=1)
     with pytest.raises(ValueError, match="passages must be"):
         probe_decoder(CopyOracle(), torch.zeros(2, 5, dtype=torch.long), BOS, VOCAB)
+
+
+# ------------------------------------------------------------------ `arc-encoder probe` (CLI)
+@pytest.fixture(scope="module")
+def saved_decoder(tmp_path_factory):
+    """A tiny random Llama saved with its own small BPE tokenizer, and held-out texts for it."""
+    import json
+
+    from arc_encoder.tiny import train_tokenizer
+    from conftest import TEXT
+
+    d = tmp_path_factory.mktemp("probe")
+    tok = train_tokenizer([TEXT], vocab_size=300)
+    model = tiny_causal_lm(tiny_config("llama", vocab_size=len(tok), hidden_size=24, num_heads=3, num_kv_heads=1,
+                                       num_layers=2))
+    model.save_pretrained(d / "dec")
+    tok.save_pretrained(d / "dec")
+    texts = [" ".join([TEXT] * 6), " ".join([TEXT] * 5), "short text"]
+    (d / "heldout.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    (d / "short.jsonl").write_text(json.dumps({"id": "0", "text": "too short to probe"}) + "\n")
+    return d, model, tok, texts
+
+
+def test_probe_command_gates_exit_codes_and_json(saved_decoder, capsys):
+    import json
+
+    from arc_encoder.cli.main import main
+    from arc_encoder.probe import probe_texts
+
+    d, model, tok, texts = saved_decoder
+    argv = ["probe", str(d / "dec"), "--data", str(d / "heldout.jsonl"), "--device", "cpu", "--passages", "2",
+            "--json", str(d / "p.json")]
+    assert main(argv) == 1  # a random model copies nothing
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arc-encoder probe: gate missed:") and "induction" in err[0]
+    rec = json.loads((d / "p.json").read_text())
+    direct = probe_texts(model.eval(), tok, texts, count=2)
+    assert rec["passages"] == 2 and rec["passed"] is False and rec["gates"] == direct.gates()
+    for key in ("induction_second", "copy_second", "open_book_gain"):
+        assert rec[key] == pytest.approx(getattr(direct, key), rel=1e-4)
+    loose = argv + ["--induction-max", "100", "--copy-max", "100", "--gain-min", "-100"]
+    assert main(loose) == 0
+    assert json.loads((d / "p.json").read_text())["passed"] is True
+
+
+def test_probe_command_bad_input_is_one_error_line(saved_decoder, capsys, tmp_path):
+    from arc_encoder.cli.main import main
+
+    d = saved_decoder[0]
+    for argv, message in (
+        (["probe", str(tmp_path / "nope"), "--data", str(d / "heldout.jsonl")], "does not exist"),
+        (["probe", str(d / "dec"), "--data", str(d / "short.jsonl"), "--device", "cpu"], "320 decoder tokens"),
+        (["probe", str(d / "dec"), "--data", str(tmp_path / "none.jsonl"), "--device", "cpu"], "no such file"),
+    ):
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("arc-encoder probe: error:") and message in err[0], err
+    with pytest.raises(SystemExit) as exc:
+        main(["probe", str(d / "dec"), "--data", str(d / "heldout.jsonl"), "--passages", "0"])
+    assert exc.value.code == 2

@@ -230,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import add_convert_command
     from .eval import add_eval_commands
     from .plan import add_plan_command
+    from .probe import add_probe_command
 
     add_cache_commands(sub)
     add_plan_command(sub)
     add_eval_commands(sub)
     add_convert_command(sub)
+    add_probe_command(sub)
     return parser
 
 
