@@ -115,10 +115,10 @@ def test_step_count_is_replanned_to_end_by_the_deadline_and_a_control_readapts_A
                  "--test-windows", "4", "--workers", "1"]) == 0
     decoders = {"A": str(setup / "A"), "B": str(setup / "B")}
     kw = dict(batch_size=2, eval_batch=4, projector_hidden=16, greedy_windows=2, warmup_steps=0)
-    stop = time.time() + 12  # seconds: room for 20 steps of a tiny model on a loaded CPU before the re-plan
+    stop = time.time() + 8  # seconds: room for 20 steps of a tiny model on a loaded CPU before the re-plan
     log = train_variant(VariantSpec(name="A-x4", time_budget=600, stop_at=stop, **kw), data, decoders, tmp_path, "cpu")
     r = log["steps_replanned"][0]
-    assert r["from"] > r["to"] and log["steps_replanned"][-1]["to"] == log["steps_done"]  # 600 s of steps did not fit in 12 s: fewer, all done
+    assert r["from"] > r["to"] and log["steps_replanned"][-1]["to"] == log["steps_done"]  # 600 s of steps did not fit in 8 s: fewer, all done
     assert "stopped_early" not in log and log["curve"][-1]["step"] == log["steps_done"]
     assert log["steps_replanned"][0]["peak_lr"] == pytest.approx([1e-3, 5e-3])  # the schedule's peak is kept
     assert time.time() < stop + 10  # the steps ended near the deadline (scoring comes after)
