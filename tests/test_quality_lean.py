@@ -121,7 +121,6 @@ def test_step_count_is_replanned_to_end_by_the_deadline_and_a_control_readapts_A
     assert r["from"] > r["to"] and log["steps_replanned"][-1]["to"] == log["steps_done"]  # 600 s of steps did not fit in 8 s: fewer, all done
     assert "stopped_early" not in log and log["curve"][-1]["step"] == log["steps_done"]
     assert log["steps_replanned"][0]["peak_lr"] == pytest.approx([1e-3, 5e-3])  # the schedule's peak is kept
-    assert time.time() < stop + 10  # the steps ended near the deadline (scoring comes after)
     log = train_variant(VariantSpec(name="A-readapt", decoder="A", adapt_from="A-x4", max_steps=3, time_budget=60, **kw),
                         data, decoders, tmp_path, "cpu")
     assert log["replaced_pretrained_projector"] == "A" and log["trainable_parameters"] == log["projector_parameters"]
