@@ -101,12 +101,15 @@ def test_group_steps_take_the_smallest(tmp_path):
     assert _group_steps(VariantSpec(name="solo"), 100, "", 1) == 100
 
 
-def test_step_count_is_replanned_to_end_by_the_deadline_and_a_control_readapts_A(setup, tmp_path):
+def test_step_count_is_replanned_to_end_by_the_deadline_and_a_control_readapts_A(setup, tmp_path, monkeypatch):
     """The step count measured before the other variants start is re-fixed from real training steps,
     so a variant ends (schedule complete) by its phase's deadline instead of being cut mid-schedule;
-    the re-adaptation control trains a fresh projector for A on the frozen encoder."""
+    the re-adaptation control trains a fresh projector for A on the frozen encoder. The run reads a
+    fake clock that advances 10 ms per reading, so the test does not depend on the machine's speed."""
     import time
+    import types
 
+    import quality_lean
     from quality_lean import VariantSpec, main, train_variant
 
     data = tmp_path / "data"
@@ -115,12 +118,20 @@ def test_step_count_is_replanned_to_end_by_the_deadline_and_a_control_readapts_A
                  "--test-windows", "4", "--workers", "1"]) == 0
     decoders = {"A": str(setup / "A"), "B": str(setup / "B")}
     kw = dict(batch_size=2, eval_batch=4, projector_hidden=16, greedy_windows=2, warmup_steps=0)
-    stop = time.time() + 8  # seconds: room for 20 steps of a tiny model on a loaded CPU before the re-plan
+    clock = [time.time()]
+
+    def now() -> float:
+        clock[0] += 0.01
+        return clock[0]
+
+    monkeypatch.setattr(quality_lean, "time", types.SimpleNamespace(time=now, perf_counter=now, sleep=time.sleep))
+    stop = clock[0] + 9  # fake seconds: a few hundred steps
     log = train_variant(VariantSpec(name="A-x4", time_budget=600, stop_at=stop, **kw), data, decoders, tmp_path, "cpu")
-    r = log["steps_replanned"][0]
-    assert r["from"] > r["to"] and log["steps_replanned"][-1]["to"] == log["steps_done"]  # 600 s of steps did not fit in 8 s: fewer, all done
+    r = log["steps_replanned"]
+    assert r[0]["from"] > r[0]["to"] and r[-1]["to"] == log["steps_done"]  # 600 s of steps did not fit: fewer, all done
     assert "stopped_early" not in log and log["curve"][-1]["step"] == log["steps_done"]
-    assert log["steps_replanned"][0]["peak_lr"] == pytest.approx([1e-3, 5e-3])  # the schedule's peak is kept
+    assert r[0]["peak_lr"] == pytest.approx([1e-3, 5e-3])  # the schedule's peak is kept
+    monkeypatch.undo()
     log = train_variant(VariantSpec(name="A-readapt", decoder="A", adapt_from="A-x4", max_steps=3, time_budget=60, **kw),
                         data, decoders, tmp_path, "cpu")
     assert log["replaced_pretrained_projector"] == "A" and log["trainable_parameters"] == log["projector_parameters"]
