@@ -203,27 +203,27 @@ def read_texts(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def probe_decoder_dir(path: str, texts: list[str], overrides: dict) -> dict:
+def probe_decoder_dir(path: str, texts: list[str], overrides: dict | None = None, device: str | None = None) -> dict:
     """Issue 12's gates for one saved decoder on held-out texts (``overrides``: probe lengths)."""
     from arc_encoder.model import compute_dtype, load_frozen_decoder
     from arc_encoder.probe import ProbeConfig, probe_texts
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_frozen_decoder(path, device, compute_dtype(device))
-    result = probe_texts(model, tok, texts, ProbeConfig(**overrides))
-    return {**result.to_dict(), "failures": result.failures(), "summary": result.summary()}
+    result = probe_texts(model, tok, texts, ProbeConfig(**(overrides or {})))
+    return {**result.to_dict(), "failures": result.failures(), "summary": result.summary(),
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def check_gates(args, preset: dict, probes: dict[str, dict]) -> tuple[dict, str]:
-    """How the gates were applied (recorded in the JSON) and an error line when the run must stop."""
+def check_gates(probes: dict[str, dict], *, enforce: bool, allow_failed: bool, label: str = "") -> tuple[dict, str]:
+    """How the gates were applied (recorded in the JSON) and an error line when the run must stop
+    (``label`` names a smoke-test preset whose gates are reported only). Shared with quality_lean.py."""
     missed = {name: p["failures"] for name, p in probes.items() if not p["passed"]}
-    record = {"enforced": preset["enforce_gates"], "allow_failed_gates": args.allow_failed_gates,
-              "passed": not missed, "missed": missed}
-    if not preset["enforce_gates"]:
-        record["note"] = (f"preset {args.preset!r} is a pipeline smoke test: gates reported at its own probe "
-                          "lengths, not enforced")
+    record = {"enforced": enforce, "allow_failed_gates": allow_failed, "passed": not missed, "missed": missed}
+    if not enforce:
+        record["note"] = f"preset {label!r} is a pipeline smoke test: gates reported at its own probe lengths, not enforced"
     error = ""
-    if missed and preset["enforce_gates"] and not args.allow_failed_gates:
+    if missed and enforce and not allow_failed:
         error = ("decoders that do not read their context: " + "; ".join(f"{n}: {', '.join(f)}" for n, f in missed.items())
                  + " (pass --allow-failed-gates to run anyway; the JSON records it)")
     return record, error
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     test_texts = read_texts(Path(args.data_dir) / "test.jsonl.gz")
     probes = {name: probe_decoder_dir(path, test_texts, preset["probe"]) for name, path in (("A", dec_a), ("B", dec_b))}
     times["probe"] = time.time() - t0
-    gates, error = check_gates(args, preset, probes)
+    gates, error = check_gates(probes, enforce=preset["enforce_gates"], allow_failed=args.allow_failed_gates,
+                               label=args.preset)
     for name, pr in probes.items():
         print(f"decoder {name}: {pr['summary']}", flush=True)
     if error:

@@ -534,7 +534,8 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
     first = max(20, min(100, total // 10))
     replans, marks = ([first, 3 * first] if spec.stop_at else []), {}
     while True:
-        marks[step] = time.time() - t_train - eval_seconds
+        if step == 10 or step in replans:  # training seconds so far, at the steps the re-plans measure from
+            marks[step] = time.time() - t_train - eval_seconds
         if step in replans and step < total:
             since = 10 if step == replans[0] else replans[0]
             rate = (marks[step] - marks[since]) / (step - since)
@@ -542,8 +543,7 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
             fits = step + int((spec.stop_at - time.time() - evals_left) / (rate * 1.03))
             tag = f"{group_dir}-replan{replans.index(step)}" if group_dir else ""
             new = max(step + 1, min(spec.max_steps, _group_steps(spec, fits, tag, group_size)))
-            log.setdefault("steps_replanned", []).append({"at_step": step, "from": total, "to": new,
-                                                          "step_seconds_concurrent": round(rate, 4), "peak_lr": None})
+            entry = {"at_step": step, "from": total, "to": new, "step_seconds_concurrent": round(rate, 4)}
             if new != total:
                 total = new
                 every = spec.eval_every or max(1, total // 12)
@@ -553,7 +553,7 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
                 sched = optim.scheduler(opt, total)  # the same one-cycle shape over the new length
                 for _ in range(step):
                     sched.step()
-            log["steps_replanned"][-1]["peak_lr"] = [g["max_lr"] for g in opt.param_groups]
+            log.setdefault("steps_replanned", []).append({**entry, "peak_lr": [g["max_lr"] for g in opt.param_groups]})
             print(f"[{spec.name}] {rate:.3f} s/step with the others running: {total} steps", flush=True)
         if step % every == 0 or step == total:
             te = time.time()
@@ -724,18 +724,13 @@ def run_phase(specs: list[VariantSpec], args, runs: Path, inline: bool) -> list[
 
 
 def probe_decoders(decoders: dict[str, str], texts: list[str], device: str | None) -> dict:
-    from arc_encoder.model import compute_dtype, load_frozen_decoder
-    from arc_encoder.probe import probe_texts
+    """Issue 12's gates for every decoder at their own lengths (quality.py's probe)."""
+    from quality import probe_decoder_dir
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for name, path in decoders.items():
-        model, tok = load_frozen_decoder(path, dev, compute_dtype(dev))
-        res = probe_texts(model, tok, texts)
-        out[name] = {**res.to_dict(), "failures": res.failures(), "summary": res.summary(),
-                     "parameters": sum(p.numel() for p in model.parameters())}
-        print(f"decoder {name}: {res.summary()}", flush=True)
-        del model
+        out[name] = probe_decoder_dir(path, texts, device=device)
+        print(f"decoder {name}: {out[name]['summary']}", flush=True)
     return out
 
 
@@ -772,12 +767,11 @@ def cmd_run(args) -> int:
     probes = probe_decoders(decoders, split_texts(Path(args.corpus), "test"), args.device)
     atomic_write_json(runs / "probe.json", probes)
     times["probe"] = time.time() - t
-    missed = {n: p["failures"] for n, p in probes.items() if not p["passed"]}
-    gates = {"enforced": True, "allow_failed_gates": args.allow_failed_gates, "passed": not missed, "missed": missed}
-    if missed and not args.allow_failed_gates:
-        print("quality_lean.py: error: decoders that do not read their context: "
-              + "; ".join(f"{n}: {', '.join(f)}" for n, f in missed.items())
-              + " (pass --allow-failed-gates to run anyway)", file=sys.stderr)
+    from quality import check_gates
+
+    gates, error = check_gates(probes, enforce=True, allow_failed=args.allow_failed_gates)
+    if error:
+        print(f"quality_lean.py: error: {error}", file=sys.stderr)
         stop.set()
         return 1
     plan = PLANS[args.plan]

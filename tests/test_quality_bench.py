@@ -46,18 +46,14 @@ def test_quality_benchmark_tiny_smoke(tmp_path):
 
 
 def test_gpu_preset_refuses_decoders_that_miss_a_gate():
-    import argparse
-
     sys.path.insert(0, str(REPO / "benchmarks"))
     from quality import PRESETS, check_gates
 
     probes = {"A": {"passed": True, "failures": []},
               "B": {"passed": False, "failures": ["copy: second-copy loss 0.900 > 0.5 nats/token"]}}
-    args = argparse.Namespace(preset="gpu", allow_failed_gates=False)
-    record, error = check_gates(args, PRESETS["gpu"], probes)
+    record, error = check_gates(probes, enforce=PRESETS["gpu"]["enforce_gates"], allow_failed=False, label="gpu")
     assert "B: copy: second-copy loss 0.900" in error and "--allow-failed-gates" in error
     assert record["enforced"] and not record["passed"] and record["missed"] == {"B": probes["B"]["failures"]}
-    args.allow_failed_gates = True
-    record, error = check_gates(args, PRESETS["gpu"], probes)
+    record, error = check_gates(probes, enforce=PRESETS["gpu"]["enforce_gates"], allow_failed=True, label="gpu")
     assert error == "" and record["allow_failed_gates"] is True and not record["passed"]
-    assert check_gates(argparse.Namespace(preset="tiny", allow_failed_gates=False), PRESETS["tiny"], probes)[1] == ""
+    assert check_gates(probes, enforce=PRESETS["tiny"]["enforce_gates"], allow_failed=False, label="tiny")[1] == ""
