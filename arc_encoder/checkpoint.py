@@ -5,7 +5,8 @@ Layout of a checkpoint directory (see checkpoints/README.md):
     arc_config.json              ARCConfig: encoder + every projector's config
     manifest.json                format version, dtype, sha256 and size of every file below
     encoder/config.json          the truncated HF backbone config (no base model needed to load)
-    encoder/model.safetensors    encoder weights
+    encoder/model.safetensors    encoder weights, or encoder/delta.safetensors: only the trained tensors of
+                                 a "lora" encoder (adapters + last blocks), applied to its base model at load
     encoder/tokenizer*.json ...  the encoder's tokenizer
     projectors/<name>.safetensors  one small file per decoder (adding a decoder adds one file)
 
@@ -46,7 +47,14 @@ from .storage import (
 MANIFEST_NAME = "manifest.json"
 ENCODER_DIR = "encoder"
 ENCODER_WEIGHTS = "encoder/model.safetensors"
+# An encoder trained with tuning "lora" stores only its trained tensors, applied to its base model.
+ENCODER_DELTA = "encoder/delta.safetensors"
 PROJECTOR_DIR = "projectors"
+
+
+def encoder_weights_file(config: ARCConfig) -> str:
+    """The encoder's weights file: the whole encoder, or the delta of a "lora" encoder."""
+    return ENCODER_DELTA if config.encoder.tuning == "lora" else ENCODER_WEIGHTS
 
 
 def projector_file(name: str) -> str:
@@ -124,7 +132,8 @@ def save_checkpoint(
     try:
         atomic_write_json(tmp / CONFIG_NAME, config.to_dict())
         backbone_config.save_pretrained(tmp / ENCODER_DIR)
-        atomic_save_tensors(tmp / ENCODER_WEIGHTS, encoder_state, {"format": "pt", "kind": "encoder"})
+        kind = "encoder_delta" if config.encoder.tuning == "lora" else "encoder"
+        atomic_save_tensors(tmp / encoder_weights_file(config), encoder_state, {"format": "pt", "kind": kind})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / ENCODER_DIR)
         for name, state in projector_states.items():
@@ -239,9 +248,12 @@ def check_before_load(directory: PathLike, manifest: dict, verify: bool = True) 
     match the manifest (sha256 when ``verify``, else sizes), and nothing unlisted was added.
     Weight files are hashed as they are read (`load_checked_state`)."""
     directory = Path(directory)
-    for required in (CONFIG_NAME, "encoder/config.json", ENCODER_WEIGHTS):
+    for required in (CONFIG_NAME, "encoder/config.json"):
         if required not in manifest["files"]:
             raise ValueError(f"{directory / required}: not listed in {MANIFEST_NAME}; the checkpoint is incomplete")
+    if ENCODER_WEIGHTS not in manifest["files"] and ENCODER_DELTA not in manifest["files"]:
+        raise ValueError(f"{directory / ENCODER_WEIGHTS}: not listed in {MANIFEST_NAME} (nor a delta, "
+                         f"{ENCODER_DELTA}); the checkpoint is incomplete")
     small = {rel: entry for rel, entry in manifest["files"].items()
              if _decides_output(rel) and not rel.endswith(".safetensors")}
     problems = check_files(directory, small, hash=verify) + unlisted_files(directory, manifest)

@@ -30,13 +30,36 @@ PooledQueryInput = Literal["pooled_hidden", "pooled_queries"]
 #   "fixed_tail": groups of pf tokens and a shorter tail (17 at pf 8 -> 8, 8, 1): format-1 behaviour.
 PoolingGroups = Literal["balanced", "fixed_tail"]
 ProjectorActivation = Literal["none", "gelu", "silu"]
+# How a new projector's weights start.
+#   "reference":     torch's default Linear init (the reference's).
+#   "match_decoder": the output layer rescaled so that the projection of the encoder's states
+#                    (on a fixed random token batch) has the median norm of the decoder's input
+#                    embeddings: compressed context then starts at the scale the decoder reads.
+ProjectorInit = Literal["reference", "match_decoder"]
 # Where the special tokens live.
 #   "encoder": one vector per token in ENCODER space, mapped by the projector (reference:
 #              ``rec_tok`` / ``cont_tok`` embeddings of the encoder width, initialised to ones).
 #   "decoder": free vectors in the decoder's embedding space: format-1 behaviour.
 SpecialTokenSpace = Literal["encoder", "decoder"]
 SpecialToken = Literal["continuation", "reconstruction"]
+# Whether the decoder's BOS token starts its input (before the compressed context).
+#   "reference": before fine-tuning rows and generation, not before pretraining windows (the
+#                reference's layout: a window continues its document).
+#   "always":    before every input, windows too: decoders that need it (Gemma 3: 6.00 -> 3.85
+#                nats/token on held-out text with its BOS; benchmarks/results/bos_real_cpu.json).
+#   "never":     no BOS anywhere.
+#   "auto" (an option, resolved when the projector is created): "always" when the decoder's
+#                tokenizer starts every text with BOS by itself, else "reference".
+DecoderBos = Literal["reference", "always", "never"]
+DecoderBosOption = Literal["auto", "reference", "always", "never"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+# What of the encoder trains, and so what a checkpoint stores.
+#   "full": every encoder weight; the checkpoint holds them all.
+#   "lora": the base model's weights stay frozen; low-rank adapters on the blocks' linear layers
+#           and the last ``full_blocks`` blocks train; the checkpoint holds only those (a small
+#           delta applied to the base model at load time, checked against ``base_sha256``).
+EncoderTuning = Literal["full", "lora"]
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
 
@@ -190,10 +213,34 @@ class EncoderConfig:
     """attention kernel of the regular blocks (auto: flash-attn 2 on a GPU when installed, else SDPA)"""
     pooling_factors: tuple[int, ...] = ()
     """mixed-pooling training: each sample draws its factor from these, e.g. [2, 4, 8]; empty: pooling_factor only"""
+    tuning: EncoderTuning = "full"
+    """full: every encoder weight trains and is saved; lora: base weights frozen, low-rank adapters + the last
+    full_blocks blocks train, and checkpoints hold only those (a small delta on the base model)"""
+    lora_rank: int = 16
+    """tuning lora: rank of the adapters"""
+    lora_alpha: float = 32.0
+    """tuning lora: adapters scale by lora_alpha / lora_rank"""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """tuning lora: attribute names of the blocks' linear layers that get adapters"""
+    full_blocks: int = 1
+    """tuning lora: the last blocks trained in full, without adapters (1: the pooled block)"""
+    base_sha256: str = ""
+    """tuning lora: identity of the base model's weights (set when the encoder is built; a delta loads on no other)"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model:
             raise ValueError("base_model must be a non-empty path or model id")
+        _check_literal("tuning", self.tuning, EncoderTuning)
+        _check_int("lora_rank", self.lora_rank, 1)
+        _check_int("full_blocks", self.full_blocks, 0)
+        _check_number("lora_alpha", self.lora_alpha)
+        if isinstance(self.lora_targets, (str, bytes)) or not isinstance(self.lora_targets, (list, tuple)) or not all(
+                isinstance(t, str) and t for t in self.lora_targets) or not self.lora_targets:
+            raise ValueError(f"lora_targets must be a non-empty list of layer names, got {self.lora_targets!r}")
+        self.lora_targets = tuple(self.lora_targets)
+        if not isinstance(self.base_sha256, str) or (self.base_sha256 and not (
+                len(self.base_sha256) == 64 and all(c in "0123456789abcdef" for c in self.base_sha256))):
+            raise ValueError(f"base_sha256 must be empty or 64 lowercase hex digits, got {self.base_sha256!r}")
         _check_int("pooling_factor", self.pooling_factor, 1)
         _check_int("layers_removed", self.layers_removed, 0)
         _check_int("chunk_len", self.chunk_len, 1)
@@ -286,9 +333,18 @@ class ProjectorOptions:
     """encoder: the reference's ones-initialised vectors, projected like the context; decoder: free vectors"""
     special_tokens: tuple[str, ...] = ("continuation", "reconstruction")
     """the markers this projector has ([]: no marker in the decoder input, the long-context setting)"""
+    init: ProjectorInit = "match_decoder"
+    """reference: torch's default init; match_decoder: the output layer rescaled so that projected encoder states
+    start at the norm of the decoder's own input embeddings (a real LM's final states are ~85x larger)"""
+    bos: DecoderBosOption = "auto"
+    """the decoder's BOS before its input: reference (fine-tuning rows and generation, not pretraining windows),
+    always, never, or auto (always when the decoder's tokenizer adds BOS to every text itself, e.g. Gemma 3; else
+    reference)"""
 
     def __post_init__(self) -> None:
         _check_int("hidden_dim", self.hidden_dim, 1)
+        _check_literal("bos", self.bos, DecoderBosOption)
+        _check_literal("init", self.init, ProjectorInit)
         _check_bool("bias", self.bias)
         _check_literal("activation", self.activation, ProjectorActivation)
         _check_literal("special_token_space", self.special_token_space, SpecialTokenSpace)
@@ -325,8 +381,15 @@ class ProjectorConfig(ProjectorOptions):
     # sha256 of its input embeddings); a different decoder of the same shape is refused.
     # "": checkpoints from before it was recorded (loaded with a warning).
     decoder_sha256: str = ""
+    # Resolved when the projector is created (never "auto" once recorded). Checkpoints written
+    # before it was recorded had the reference's layout, which is this default.
+    bos: DecoderBos = "reference"
+    # How the projector started (informational once created); checkpoints from before it was recorded
+    # were created with torch's default init.
+    init: ProjectorInit = "reference"
 
     def __post_init__(self) -> None:
+        _check_literal("bos", self.bos, DecoderBos)
         for name in ("input_dim", "output_dim"):
             _check_int(name, getattr(self, name), 1)
         if self.decoder_vocab_size is not None:

@@ -26,6 +26,7 @@ Three backbone families share that one pooled block through the adapters in ``AD
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .config import EncoderConfig, PoolingGroups
+from .lora import add_lora, is_lora_parameter
 from .storage import check_model_dir
 
 
@@ -452,6 +454,11 @@ class ARCEncoder(nn.Module):
         # Every attention module must run non-causally (read by HF's SDPA/flash paths).
         for block in blocks:
             self.adapter.self_attention(block).is_causal = False
+        if config.tuning == "lora":
+            if config.full_blocks > len(blocks):
+                raise ValueError(f"full_blocks={config.full_blocks} but the encoder has {len(blocks)} blocks")
+            add_lora(list(blocks)[: len(blocks) - config.full_blocks], config.lora_targets, config.lora_rank,
+                     config.lora_alpha)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -480,7 +487,38 @@ class ARCEncoder(nn.Module):
             )
         keep = config.check_backbone(backbone.config.num_hidden_layers)
         truncate_backbone(backbone, keep)
+        if config.tuning == "lora" and backbone_config is None:  # a delta names the weights it applies to
+            from .gguf import weights_identity
+
+            identity = weights_identity(source)
+            if config.base_sha256 and config.base_sha256 != identity:
+                raise ValueError(f"base model {source}: its weights (sha256 {identity[:12]}...) are not the base "
+                                 f"this encoder was trained on ({config.base_sha256[:12]}...)")
+            config = dataclasses.replace(config, base_sha256=identity)
         return cls(config, backbone)
+
+    def set_trainable(self, enabled: bool) -> None:
+        """Gradients on what ``config.tuning`` trains (everything, or the adapters and the last
+        ``full_blocks`` blocks) when ``enabled``; off everywhere otherwise."""
+        self.requires_grad_(False)
+        if not enabled:
+            return
+        if self.config.tuning == "full":
+            self.requires_grad_(True)
+            return
+        for name, param in self.named_parameters():
+            if is_lora_parameter(name):
+                param.requires_grad_(True)
+        for block in list(self.blocks)[len(self.blocks) - self.config.full_blocks:]:
+            block.requires_grad_(True)
+
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a "lora" encoder's checkpoint stores: the adapters and the fully trained last blocks."""
+        if self.config.tuning != "lora":
+            raise ValueError("only an encoder with tuning='lora' has a delta")
+        full = {id(p) for block in list(self.blocks)[len(self.blocks) - self.config.full_blocks:]
+                for p in block.parameters()}
+        return {name: p.detach() for name, p in self.named_parameters() if is_lora_parameter(name) or id(p) in full}
 
     @classmethod
     def from_backbone_config(

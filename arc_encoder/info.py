@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from .model import ARCModel, PoolingPlan
 from .objectives import RowScores, target_scores
-from .samples import Batch, collate, split_windows, text_sample
+from .samples import Batch, collate, decoder_prefix, split_windows, text_sample
 
 LN2 = math.log(2.0)
 
@@ -104,9 +104,10 @@ def eval_batches(
                 break
         if len(samples) >= max_samples:
             break
-    # No BOS before the compressed context: windows continue their documents (the reference's
-    # pretraining layout, which the training data follows by default).
-    return [collate(samples[i : i + batch_size], decoder_name, "continuation", None, index=i // batch_size)
+    # The pretraining layout: BOS before a window only when the decoder's policy is "always"
+    # (windows continue their documents, as in the reference; Gemma 3 needs its BOS first).
+    prefix = decoder_prefix(model.projector(decoder_name).config.bos, decoder_tokenizer.bos_token_id, "continuation")
+    return [collate(samples[i : i + batch_size], decoder_name, "continuation", prefix, index=i // batch_size)
             for i in range(0, len(samples), batch_size)]
 
 

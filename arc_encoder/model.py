@@ -38,7 +38,7 @@ from .config import ARCConfig, ArcEncoderWarning, EncoderConfig, ProjectorConfig
 from .encoder import ARCEncoder, EncoderOutput
 from .objectives import IGNORE_INDEX, ContextMode, DecoderInputs, Targets, decoder_loss
 from .projector import Projector
-from .samples import Batch
+from .samples import Batch, decoder_prefix, resolve_bos
 from .storage import PathLike, check_model_dir, read_consistently
 
 TokenIds = Sequence[int]
@@ -191,7 +191,7 @@ class ARCModel(nn.Module):
         encoder = ARCEncoder.from_base_model(encoder_config, torch_dtype, backbone_config)
         if tokenizer is None and backbone_config is None:
             tokenizer = AutoTokenizer.from_pretrained(encoder_config.base_model)
-        return cls(ARCConfig(encoder=encoder_config), encoder, tokenizer)
+        return cls(ARCConfig(encoder=encoder.config), encoder, tokenizer)
 
     # ------------------------------------------------------------------ projectors
     def add_decoder(
@@ -200,16 +200,19 @@ class ARCModel(nn.Module):
         decoder: PreTrainedModel,
         options: ProjectorOptions | None = None,
         decoder_path: str = "",
+        tokenizer: PreTrainedTokenizerBase | None = None,
         **option_values,
     ) -> Projector:
         """Create the projector (+ special tokens) that feeds ``decoder``.
 
         ``options`` (default: the reference's) with any field overridden by ``option_values``
         (e.g. ``hidden_dim=256``); widths and the decoder's vocabulary come from the models.
+        ``tokenizer`` (the decoder's) resolves ``bos="auto"`` (`samples.resolve_bos`).
         """
         if name in self.projectors:
             raise ValueError(f"a projector named {name!r} already exists")
         chosen = dataclasses.replace((options or ProjectorOptions()).options(), **option_values)
+        chosen.bos = resolve_bos(chosen.bos, tokenizer)
         cfg = ProjectorConfig(
             **dataclasses.asdict(chosen),
             input_dim=self.encoder.hidden_size,
@@ -223,8 +226,39 @@ class ARCModel(nn.Module):
         projector = Projector(cfg)
         projector.match_decoder_embeddings(decoder.get_input_embeddings().weight)
         param = next(self.encoder.parameters())
-        self.projectors[name] = projector.to(device=param.device)
+        self.projectors[name] = projector = projector.to(device=param.device)
+        if cfg.init == "match_decoder":
+            self._match_projector_scale(projector, decoder)
         return projector
+
+    @torch.no_grad()
+    def _match_projector_scale(self, projector: Projector, decoder: PreTrainedModel, rows: int = 4) -> float:
+        """Rescale ``projector``'s output layer so projected encoder states have the median norm of the
+        decoder's input embeddings (measured on seeded random tokens: no data needed); returns the factor.
+
+        The embeddings are taken as the decoder's embedding module returns them, so a decoder that
+        scales them (Gemma: by sqrt(hidden)) is matched at the scale its blocks read.
+        """
+        generator = torch.Generator().manual_seed(0)
+        param = next(self.encoder.parameters())
+        vocab = self.encoder.backbone.get_input_embeddings().weight.shape[0]
+        n = min(64, self.encoder.config.chunk_len)
+        ids = torch.randint(0, vocab, (rows, n), generator=generator).to(param.device)
+        was_training = self.encoder.training
+        self.encoder.eval()
+        states = self.encoder(ids).hidden_states  # [rows, m, enc]
+        self.encoder.train(was_training)
+        projected = projector(states.reshape(-1, states.shape[-1]).to(projector.net[0].weight.dtype))
+        emb = decoder.get_input_embeddings()
+        dec_vocab = emb.weight.shape[0]
+        dec_ids = torch.randint(0, dec_vocab, (1024,), generator=generator).to(emb.weight.device)
+        target = emb(dec_ids).float().norm(dim=-1).median()
+        current = projected.float().norm(dim=-1).median()
+        factor = float(target / current.clamp(min=1e-12))
+        projector.net[-1].weight.mul_(factor)
+        if projector.net[-1].bias is not None:
+            projector.net[-1].bias.mul_(factor)
+        return factor
 
     def projector(self, name: str) -> Projector:
         if name not in self.projectors:
@@ -573,7 +607,8 @@ class ARCModel(nn.Module):
         ``contexts``: one text (or encoder token-id list) per prompt, a list of documents per
         prompt (each compressed on its own and followed by ``marker``), or an already
         compressed context. The input is
-        [BOS][doc 1][marker]...[prompt], as the reference's inference lays it out.
+        [BOS][doc 1][marker]...[prompt], as the reference's inference lays it out (no BOS when the
+        projector's ``bos`` policy is "never").
         """
         self.check_decoder(decoder_name, decoder)
         if isinstance(contexts, CompressedContext):
@@ -585,8 +620,8 @@ class ARCModel(nn.Module):
         if len(prompts) != context.embeddings.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {context.embeddings.shape[0]} contexts")
         prompt_ids = decoder_tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        bos = decoder_tokenizer.bos_token_id
-        prefix = [[bos] if bos is not None else [] for _ in prompts]
+        prefix = [decoder_prefix(self.projector(decoder_name).config.bos, decoder_tokenizer.bos_token_id, "qa")
+                  for _ in prompts]
         inputs = self.build_decoder_inputs(
             decoder.get_input_embeddings(), context, prompt_ids, None, marker, prefix, "left"
         )
@@ -654,8 +689,10 @@ class ARCModel(nn.Module):
 
     def save_pretrained(self, directory: PathLike, overwrite: bool = False) -> Path:
         """Write the whole model to ``directory`` atomically (layout: ``arc_encoder.checkpoint``)."""
+        lora = self.config.encoder.tuning == "lora"
         return checkpoint.save_checkpoint(
-            directory, self.config, self.encoder.backbone.config, self.encoder.state_dict(),
+            directory, self.config, self.encoder.backbone.config,
+            self.encoder.delta_state_dict() if lora else self.encoder.state_dict(),
             {name: p.state_dict() for name, p in self.projectors.items()}, self.tokenizer, self._dtype(), overwrite,
         )
 
@@ -673,8 +710,13 @@ class ARCModel(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         verify: bool = True,
+        base_model: str | None = None,
     ) -> ARCModel:
         """Load a checkpoint; ``decoders`` picks which projectors to load (default: all).
+
+        A delta checkpoint (encoder ``tuning="lora"``) is applied to its base model: ``base_model``,
+        else the recorded path, else a converted known model with the recorded weights identity
+        (`resolve_base_model`); a base with other weights is refused.
 
         With ``verify`` the sha256 of every file that decides the output (configs, tokenizer,
         weights) is checked against the manifest (without: their sizes), and every tensor's
@@ -683,10 +725,11 @@ class ARCModel(nn.Module):
         read again (``storage.read_consistently``).
         """
         directory = Path(directory)
-        return read_consistently(directory, lambda: cls._load(directory, decoders, device, dtype, verify))
+        return read_consistently(directory, lambda: cls._load(directory, decoders, device, dtype, verify, base_model))
 
     @classmethod
-    def _load(cls, directory: Path, decoders: list[str] | None, device, dtype, verify: bool) -> ARCModel:
+    def _load(cls, directory: Path, decoders: list[str] | None, device, dtype, verify: bool,
+              base_model: str | None = None) -> ARCModel:
         checkpoint.config_path(directory)  # a directory without arc_config.json is no checkpoint: say so first
         manifest = checkpoint.read_manifest(directory)
         checkpoint.check_before_load(directory, manifest, verify)
@@ -701,9 +744,12 @@ class ARCModel(nn.Module):
         config.projectors = {n: config.projectors[n] for n in wanted}
 
         backbone_config = checkpoint.read_backbone_config(directory)
-        encoder = ARCEncoder.from_backbone_config(config.encoder, backbone_config).to(saved_dtype)
-        encoder.load_state_dict(checkpoint.load_checked_state(
-            directory, manifest, checkpoint.ENCODER_WEIGHTS, encoder.state_dict(), verify))
+        if config.encoder.tuning == "lora":
+            encoder = _encoder_from_delta(directory, manifest, config, backbone_config, saved_dtype, verify, base_model)
+        else:
+            encoder = ARCEncoder.from_backbone_config(config.encoder, backbone_config).to(saved_dtype)
+            encoder.load_state_dict(checkpoint.load_checked_state(
+                directory, manifest, checkpoint.ENCODER_WEIGHTS, encoder.state_dict(), verify))
         model = cls(config, encoder, checkpoint.read_tokenizer(directory))
         model.checkpoint_dir = directory.resolve()
         for name in wanted:
@@ -715,3 +761,38 @@ class ARCModel(nn.Module):
         if device is not None:
             model.to(device)
         return model
+
+
+def resolve_base_model(config: EncoderConfig, override: str | None = None) -> str:
+    """Where a delta encoder's base model is: ``override``, the recorded path, or a converted known
+    model (``arc_encoder.gguf.models_home``) whose weights identity is the recorded one."""
+    from .gguf import find_converted
+
+    if override:
+        check_model_dir(override, "base model")
+        return override
+    if config.base_model and Path(config.base_model).is_dir():
+        return config.base_model
+    found = find_converted(config.base_sha256) if config.base_sha256 else None
+    if found is not None:
+        return str(found)
+    raise FileNotFoundError(
+        f"the encoder is a delta on base model {config.base_model!r} (weights sha256 {config.base_sha256[:12]}...), "
+        "which is not on this machine: convert it (e.g. `arc-encoder convert-gguf smollm2-135m "
+        "~/.cache/arc-encoder/models/smollm2-135m`) or pass its directory as base_model / --base-model")
+
+
+def _encoder_from_delta(directory: Path, manifest: dict, config: ARCConfig, backbone_config, dtype: torch.dtype,
+                        verify: bool, base_model: str | None) -> ARCEncoder:
+    """The base model's encoder with the checkpoint's trained tensors applied (identity checked)."""
+    base = resolve_base_model(config.encoder, base_model)
+    encoder = ARCEncoder.from_base_model(dataclasses.replace(config.encoder, base_model=base), dtype)
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if getattr(encoder.backbone.config, key, None) != getattr(backbone_config, key, None):
+            raise ValueError(f"base model {base}: {key} {getattr(encoder.backbone.config, key, None)} differs from the "
+                             f"checkpoint's encoder ({getattr(backbone_config, key, None)})")
+    expected = encoder.delta_state_dict()
+    delta = checkpoint.load_checked_state(directory, manifest, checkpoint.ENCODER_DELTA, expected, verify)
+    encoder.load_state_dict(delta, strict=False)
+    encoder.config = config.encoder  # as recorded (the base path is where it was trained)
+    return encoder.to(dtype)

@@ -51,9 +51,12 @@ def tiny_causal_lm(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, add_bos: bool = False):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
+
+    ``add_bos``: the tokenizer starts every text with its BOS (as Gemma's does).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -66,4 +69,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        bos = SPECIAL_TOKENS["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **SPECIAL_TOKENS)

@@ -299,7 +299,7 @@ def encoder_tokenizer(build: EncoderBuild, base: str):
         raise ValueError(f"encoder tokenizer missing: cannot load it from {tok_path!r} ({err})") from err
 
 
-def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
+def build_model(cfg: PretrainConfig, decoders: dict, paths: dict, toks: dict) -> ARCModel:
     b = cfg.encoder_build
     base = resolve_path(cfg.encoder.base_model, cfg.run)
     check_model_dir(base, "encoder base_model")
@@ -312,14 +312,21 @@ def build_model(cfg: PretrainConfig, decoders: dict, paths: dict) -> ARCModel:
         encoder.compile_blocks()
     check_tokenizer_pair(base, encoder.backbone.get_input_embeddings().weight.shape[0], tok, b.allow_padded_vocab,
                          what="encoder")
-    model = ARCModel(ARCConfig(encoder=enc_cfg), encoder, tok)
+    model = ARCModel(ARCConfig(encoder=encoder.config), encoder, tok)  # encoder.config records the base's identity
     for spec in cfg.decoders:
-        model.add_decoder(spec.name, decoders[spec.name], spec.projector, decoder_path=paths[spec.name])
+        model.add_decoder(spec.name, decoders[spec.name], spec.projector, decoder_path=paths[spec.name],
+                          tokenizer=toks[spec.name])
     return model
 
 
 def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
+
+
+def _decoder_tokenizers(model: ARCModel, name: str, tokenizer) -> DecoderTokenizers:
+    """What the data needs of decoder ``name``: its tokenizer and the projector's recorded BOS policy."""
+    return DecoderTokenizers(name, tokenizer, _same_tokenizer(tokenizer, model.tokenizer),
+                             model.projector(name).config.bos)
 
 
 # Settings a resumed run may change: how long and where it runs, how it logs, and how its global
@@ -588,8 +595,8 @@ def prepare_pretrain(cfg: PretrainConfig) -> tuple[ARCTrainingModule, ARCDataMod
     cfg.data.check()
     L.seed_everything(cfg.run.seed, verbose=False)
     decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
-    model = build_model(cfg, decoders, paths)
-    dec_toks = [DecoderTokenizers(n, toks[n], _same_tokenizer(toks[n], model.tokenizer)) for n in toks]
+    model = build_model(cfg, decoders, paths, toks)
+    dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps)
     return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
 
@@ -628,10 +635,10 @@ def prepare_adapt(cfg: AdaptConfig) -> tuple[ARCTrainingModule, ARCDataModule, P
     if model.tokenizer is None:
         raise ValueError(f"{cfg.from_checkpoint}: encoder tokenizer missing from the checkpoint")
     name = cfg.decoder.name
-    model.add_decoder(name, decoders[name], cfg.decoder.projector, decoder_path=paths[name])
+    model.add_decoder(name, decoders[name], cfg.decoder.projector, decoder_path=paths[name], tokenizer=toks[name])
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps, train_encoder=False,
                                train_projectors=[name])
-    dec_toks = [DecoderTokenizers(name, toks[name], _same_tokenizer(toks[name], model.tokenizer))]
+    dec_toks = [_decoder_tokenizers(model, name, toks[name])]
     return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
 
 
@@ -668,7 +675,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataMod
             model.record_decoder(spec.name, decoders[spec.name], paths[spec.name])
     module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps,
                                train_encoder=not cfg.freeze_encoder, train_projectors=list(decoders))
-    dec_toks = [DecoderTokenizers(n, toks[n], _same_tokenizer(toks[n], model.tokenizer)) for n in toks]
+    dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
     return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "qa"), run_dir, export_dir
 
 

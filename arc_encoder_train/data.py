@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from arc_encoder.loading import quiet_datasets
-from arc_encoder.samples import Batch, Sample, Task, collate, is_reconstruction, qa_sample, split_windows, text_sample
+from arc_encoder.samples import Batch, Sample, Task, collate, decoder_prefix, is_reconstruction, qa_sample, split_windows, text_sample
 
 
 def bundled_corpus(split: str) -> str:
@@ -59,10 +59,6 @@ class DataSpec:
     """validation batches per decoder and device"""
     reconstruction_ratio: float = 0.3
     """share of reconstruction batches, the rest continue (paper: 0.2-0.5 works best)"""
-    window_bos: bool = False
-    """put the decoder's BOS before the compressed context of pretraining windows (the reference does
-    not: a window continues its document; on the bundled tiny decoder BOS makes every loss worse);
-    fine-tuning rows always start with BOS"""
     shuffle_buffer: int = 1000
     """documents in the streaming shuffle buffer"""
     seed: int = 0
@@ -193,6 +189,7 @@ class DecoderTokenizers:
     name: str
     tokenizer: object
     same_as_encoder: bool = False
+    bos: str = "reference"  # the projector's recorded BOS policy (``arc_encoder.config.DecoderBos``)
 
 
 # A sample not built yet: a process finds every sample's place in the stream but builds
@@ -279,10 +276,11 @@ class DataPosition:
         return cls(int(data["batch"]), None if samples is None else {str(k): int(v) for k, v in samples.items()})
 
 
-def row_bos(spec: DataSpec, dec: DecoderTokenizers, qa: bool) -> int | None:
-    """The token before a row's compressed context: BOS for fine-tuning rows (reference: the
-    prompt's first part is encoded with BOS), none for pretraining windows unless ``window_bos``."""
-    return dec.tokenizer.bos_token_id if qa or spec.window_bos else None
+def row_prefix(dec: DecoderTokenizers, qa: bool) -> list[int]:
+    """The tokens before a row's compressed context, by the decoder's BOS policy (`samples.decoder_prefix`):
+    BOS before fine-tuning rows (reference: the prompt's first part is encoded with BOS), before
+    pretraining windows only for decoders whose policy is "always" (e.g. Gemma 3)."""
+    return decoder_prefix(dec.bos, dec.tokenizer.bos_token_id, "qa" if qa else "continuation")
 
 
 class BatchStream(IterableDataset):
@@ -336,7 +334,7 @@ class BatchStream(IterableDataset):
             if not worker_builds(index, first):
                 continue
             batch = collate([make() for make in self.rank.part(lazy, bs)], dec.name, self.task_of(index),
-                            row_bos(self.spec, dec, self.qa), index)
+                            row_prefix(dec, self.qa), index)
             batch.meta.update(offset=self.rank.rank * bs, global_size=size)
             yield batch
 
@@ -358,7 +356,7 @@ def validation_batches(spec: DataSpec, decoders: list[DecoderTokenizers], enc_to
                              f"fewer than the {world} processes")
         for k in range(rank.rank, len(groups) // world * world, world):
             out.append(collate([make() for make in groups[k]], dec.name, "qa" if qa else "continuation",
-                               row_bos(spec, dec, qa), len(out)))
+                               row_prefix(dec, qa), len(out)))
     return out
 
 

@@ -196,7 +196,7 @@ class ARCTrainingModule(L.LightningModule):
         self.max_steps = max_steps
         optim.cycle_length(max_steps)  # a schedule that cannot be built is refused before training
         self.train_encoder = train_encoder
-        self.model.encoder.requires_grad_(train_encoder)
+        self.model.encoder.set_trainable(train_encoder)
         for name, projector in self.model.projectors.items():
             projector.requires_grad_(train_projectors is None or name in train_projectors)
         self.data_position = DataPosition()  # where the training stream stands, saved for exact resumption

@@ -110,7 +110,8 @@ ENCODER_VALUES = dict(
     base_model="/models/some-lm", layers_removed=3, pooling_factor=2, pooled_query_positions="group_mean",
     pooled_query_input="pooled_queries", pooling_groups="fixed_tail",
     pooled_residual=False, final_norm=True, chunk_len=64, max_chunks=5, attn_implementation="eager",
-    pooling_factors=(2, 8),
+    pooling_factors=(2, 8), tuning="lora", lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "v_proj"),
+    full_blocks=2, base_sha256="ab" * 32,
 )
 
 
@@ -139,7 +140,7 @@ def test_every_encoder_config_field_is_settable_from_yaml_and_cli(tmp_path):
 
 # A non-default, valid value for every ProjectorOptions field (what a user chooses per decoder).
 PROJECTOR_VALUES = dict(hidden_dim=64, activation="gelu", bias=True, special_token_space="decoder",
-                        special_tokens=("reconstruction",))
+                        special_tokens=("reconstruction",), init="reference", bos="always")
 # The ProjectorConfig fields the models fix: never settable, derived when the projector is made.
 PROJECTOR_DERIVED = {"input_dim", "output_dim", "decoder", "decoder_vocab_size", "decoder_relative", "decoder_sha256"}
 
@@ -187,7 +188,7 @@ def test_tiny_default_encoder_is_kept():
 def _batch(model, task="continuation"):
     samples = [text_sample([5, 6, 7, 8, 9, 10, 11], [12, 13, 14], None, None, same_tokenizer=True),
                text_sample([20, 21, 22, 23], [24, 25], None, None, same_tokenizer=True)]
-    return collate(samples, "dec", task, bos_token_id=1)
+    return collate(samples, "dec", task, prefix=1)
 
 
 @pytest.mark.parametrize("task", ["continuation", "reconstruction"])

@@ -227,7 +227,8 @@ def test_paper_configs_build_with_tiny_stand_ins(setup, tmp_path):
     o, d = cfg.optim, cfg.data
     assert (o.lr, o.max_projector_lr, o.weight_decay, o.warmup_steps, o.initial_lr, o.final_lr, o.anneal) == (
         1e-5, pytest.approx(5e-5), 0.1, 1000, 1e-20, 1e-10, "cos")
-    assert (d.context_tokens, d.target_tokens, d.batch_size, d.reconstruction_ratio, d.window_bos) == (256, 256, 16, 0.2, False)
+    assert (d.context_tokens, d.target_tokens, d.batch_size, d.reconstruction_ratio) == (256, 256, 16, 0.2)
+    assert [spec.projector.bos for spec in cfg.decoders] == ["reference", "reference"]  # repo: no BOS before windows
     assert (cfg.encoder.pooling_factor, cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (8, 80000, 1.0)
     module, dm, _, _ = cli.prepare_pretrain(cfg)
     assert set(module.model.projectors.keys()) == {"llama3_8b", "mistral_7b"}

