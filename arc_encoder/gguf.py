@@ -209,6 +209,10 @@ def convert_gguf(
         if path.suffix != ".gguf":
             raise ValueError(f"{source}: not a .gguf file")
         parts, expected, package = [path], None, ""
+        # A known model's file given by path (e.g. carried to another machine) keeps its provenance.
+        known = next((m for m in KNOWN_MODELS.values() if m.file == path.name and m.bytes == path.stat().st_size), None)
+        if known is not None:
+            expected, package = known.sha256, known.install
     size = sum(p.stat().st_size for p in parts)
     output.parent.mkdir(parents=True, exist_ok=True)
     # The dequantised model is ~2-3x the Q4 file in bf16 (x2 more in float32), plus a joined copy of chunks.

@@ -57,11 +57,40 @@ def next_token_logits(
     inputs_embeds: torch.Tensor | None = None,
     input_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the decoder once; return float32 logits [b, s-1, vocab] and the labels [b, s-1] they predict."""
+    """Run the decoder once; return float32 logits [b, k, vocab] and the labels [b, k] they predict.
+
+    Only the k positions that predict a label in some row get logits (HF's ``logits_to_keep``):
+    a pretraining window's context and padding need none, and a 262k-token vocabulary (Gemma 3)
+    would otherwise materialise tens of GB of logits it never scores. Unlabelled entries in the
+    kept columns are ``IGNORE_INDEX`` as before; a decoder without ``logits_to_keep`` gets all
+    s-1 positions.
+    """
+    shifted = labels[:, 1:]  # position p predicts label p + 1
+    kwargs = {}
+    wanted = (shifted != IGNORE_INDEX).any(0)  # [s-1]
+    if _keeps_logits(decoder) and not bool(wanted.all()):
+        keep = wanted.nonzero().squeeze(1)
+        kwargs["logits_to_keep"] = keep
+        shifted = shifted[:, keep]
     logits = decoder(
-        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs
     ).logits
-    return logits[:, :-1].float(), labels[:, 1:]
+    if "logits_to_keep" not in kwargs:
+        logits = logits[:, :-1]
+    return logits.float(), shifted
+
+
+_KEEPS_LOGITS: dict[type, bool] = {}
+
+
+def _keeps_logits(decoder: PreTrainedModel) -> bool:
+    """Whether the decoder's forward takes ``logits_to_keep`` (every HF causal LM of transformers >= 4.50)."""
+    cls = type(decoder)
+    if cls not in _KEEPS_LOGITS:
+        import inspect
+
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return _KEEPS_LOGITS[cls]
 
 
 def predict(decoder: PreTrainedModel, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
