@@ -659,6 +659,10 @@ class ARCModel(nn.Module):
         for candidate in tried:
             if Path(candidate).is_dir():
                 return candidate
+        sha = self.projector(name).config.decoder_sha256
+        found = find_decoder(sha) if sha else None
+        if found is not None:  # a converted known model (e.g. a shipped checkpoint's decoder on a new machine)
+            return str(found)
         if not tried:
             raise FileNotFoundError(f"decoder {name!r}: the checkpoint records no local path for it; "
                                     "pass its directory with --decoder-path")
@@ -761,6 +765,29 @@ class ARCModel(nn.Module):
         if device is not None:
             model.to(device)
         return model
+
+
+def find_decoder(decoder_sha256: str) -> Path | None:
+    """A converted known model under ``arc_encoder.gguf.models_home`` whose input embeddings have the
+    identity ``decoder_sha256`` (`decoder_identity`, computed from the weights file without loading the model)."""
+    from safetensors import safe_open
+
+    from .gguf import KNOWN_MODELS, known_model_dir
+
+    for name in KNOWN_MODELS:
+        directory = known_model_dir(name)
+        for weights in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(weights), framework="pt") as f:
+                key = next((k for k in f.keys() if k.endswith("embed_tokens.weight")), None)
+                if key is None:
+                    continue
+                weight = f.get_tensor(key)
+            h = hashlib.sha256(f"{tuple(weight.shape)}".encode())
+            for rows in weight.split(8192):
+                h.update(rows.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+            if h.hexdigest() == decoder_sha256:
+                return directory
+    return None
 
 
 def resolve_base_model(config: EncoderConfig, override: str | None = None) -> str:

@@ -45,6 +45,7 @@ status() {
   done
   ls "$W/models" 2>/dev/null | sed 's/^/  model /'
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null | sed 's/^/  gpu /'
+  true
 }
 # steps that fit SECONDS at the calibrated rate: steps/s between the calibration's last two status lines
 # (the model load and first steps excluded), else its summary line
@@ -106,8 +107,7 @@ make-qa)
   for split in train validation test; do
     n=$([ $split = train ] && echo "${QA_TRAIN:-2000}" || echo "${QA_EVAL:-200}")
     (cd "$W" && $PY -m arc_encoder.cli.main eval make-qa "corpus/$split.jsonl.gz" "qa/$split.jsonl" \
-      --tokenizer models/smollm2-135m --kinds needle,span --per-kind $((n / 2)) --context-tokens 256 --seed 0 \
-      ${QA_DOCS_ONLY:+--kind-of-source doc}) || exit 1
+      --tokenizer models/smollm2-135m --kinds needle,span --per-kind $((n / 2)) --context-tokens 256 --seed 0) || exit 1
   done
   wc -l "$W"/qa/*.jsonl ;;
 finetune)

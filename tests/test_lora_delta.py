@@ -114,3 +114,33 @@ def test_lora_config_is_validated():
         EncoderConfig(base_model="x", lora_rank=0)
     with pytest.raises(ValueError, match="lora_targets"):
         EncoderConfig(base_model="x", lora_targets=[])
+
+
+def test_a_shipped_checkpoint_finds_its_base_and_decoder_among_converted_models(tmp_path, tokenizer, monkeypatch):
+    """On a new machine the recorded paths do not exist; the converted known models are found by identity."""
+    import shutil
+
+    from arc_encoder.gguf import known_model_dir
+    from arc_encoder.storage import atomic_write_json
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ARC_ENCODER_HOME", str(home))
+    model, base = _lora_model(tmp_path, tokenizer)
+    decoder_dir = tmp_path / "decoder"
+    decoder = tiny_causal_lm(tiny_config(vocab_size=len(tokenizer), hidden_size=24, num_heads=3, num_kv_heads=1,
+                                         num_layers=2), seed=2)
+    decoder.save_pretrained(decoder_dir)
+    tokenizer.save_pretrained(decoder_dir)
+    model.projectors.pop("dec")
+    model.config.projectors.pop("dec")
+    model.add_decoder("dec", decoder, hidden_dim=16, decoder_path=str(decoder_dir))
+    out = model.save_pretrained(tmp_path / "ck")
+    # "Convert" both onto the new machine, then lose the recorded locations.
+    shutil.move(str(base), known_model_dir("smollm2-135m"))
+    atomic_write_json(known_model_dir("smollm2-135m") / "provenance.json",
+                      {"weights_sha256": weights_identity(known_model_dir("smollm2-135m"))})
+    shutil.move(str(decoder_dir), known_model_dir("gemma3-270m"))
+    loaded = ARCModel.from_pretrained(out)
+    assert loaded.resolve_decoder_path("dec") == str(known_model_dir("gemma3-270m"))
+    decoder2, _, _ = loaded.load_decoder("dec")
+    assert decoder2.config.hidden_size == 24
