@@ -107,12 +107,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file + fsync + rename (mode: the existing file's,
     else what the umask allows, as for any new file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mode = path.stat().st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~umask()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -120,9 +123,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from err
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming the file that was being written (a full disk said "[Errno 28]" and no path)."""
+    if err.errno is None or err.filename is not None and Path(err.filename) != path and \
+            not Path(err.filename).name.startswith(f".{path.name}."):
+        return err  # already names what failed (e.g. a parent that is a file)
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
 
 
 def looks_like_hub_id(name: str) -> bool:
