@@ -319,3 +319,25 @@ def test_every_field_of_the_cache_files_is_type_checked(cache, project, tmp_path
                 except ValueError:
                     pass
     assert tried > 20
+
+
+def test_an_adaptive_build_that_changes_nothing_says_so(tmp_path, capsys):
+    from arc_encoder.tiny import train_tokenizer
+    from conftest import TEXT, make_model
+
+    tok = train_tokenizer([TEXT], vocab_size=300)
+    model, _ = make_model(tokenizer=tok, vocab_size=len(tok), chunk_len=16, pooling_factors=(2, 4, 8))
+    ckpt = model.save_pretrained(tmp_path / "ck")
+    words = TEXT.split()
+    # One chunk of 8, 12 or 16 tokens per text: with strength 0 every chunk gets the target, x4.
+    texts = [" ".join(words[i:i + n]) for i in range(60) for n in range(1, 8)
+             if len(model.tokenize([" ".join(words[i:i + n])])[0]) in (8, 12, 16)][:4]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    build = ["cache", "build", str(ckpt), "--decoder", "dec", "--corpus", str(tmp_path / "c.jsonl"), "--device", "cpu",
+             "--adaptive", "zlib"]
+    assert main([*build, "--output", str(tmp_path / "uniform"), "--adaptive-strength", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "chunks per factor {'4':" in out and "note: adaptive pooling changed nothing: every chunk got x4" in out
+    assert main([*build, "--output", str(tmp_path / "adaptive"), "--adaptive-strength", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "adaptive pooling (zlib)" in out and "changed nothing" not in out
