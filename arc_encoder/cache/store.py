@@ -10,14 +10,12 @@ another checkpoint or decoder. Building lives in ``arc_encoder.cache.build``.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -31,6 +29,7 @@ from ..config import dataclass_from_dict, torch_dtype
 from ..model import ARCModel, CompressedContext
 from .names import CorpusFormat, StorageDtype
 from ..storage import (
+    DirectoryLock,
     PathLike,
     atomic_save_tensors,
     atomic_write_bytes,
@@ -181,48 +180,17 @@ class CacheBuildConfig:
 
 
 # ---------------------------------------------------------------------------- lock
-@contextmanager
-def cache_lock(directory: PathLike) -> Iterator[Path]:
-    """Hold the exclusive build lock of cache ``directory`` (created if missing) or fail at once.
+def cache_lock(directory: PathLike) -> DirectoryLock:
+    """The exclusive build lock of cache ``directory`` (created if missing), taken at once or refused
+    (a context manager).
 
     Two builds into one directory would each report success while the survivor's files were
-    whichever finished last. The lock is an ``fcntl.flock`` on ``DIR/.build.lock`` (released by
-    the kernel if the process dies); the file is removed on release, and a directory this call
-    created is removed again if nothing else was written into it.
+    whichever finished last. The lock (`DirectoryLock`) is an ``fcntl.flock`` on ``DIR/.build.lock``
+    (released by the kernel if the process dies); the file is removed on release, and a directory
+    this call created is removed again if nothing else was written into it.
     """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    for _ in range(10):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise FileExistsError(f"{directory}: another build is writing this cache (it holds the lock {path}, pid "
-                                  f"{holder}); wait for it to finish, then resume") from None
-        try:  # the holder before us may have removed the file we opened: lock the current one
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    else:
-        raise FileExistsError(f"{directory}: could not take the build lock {path}")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-        if created and not any(directory.iterdir()):
-            directory.rmdir()
-        os.close(fd)
+    return DirectoryLock(directory, LOCK_NAME, "{directory}: another build is writing this cache (it holds the lock "
+                         "{path}, pid {pid}); wait for it to finish, then resume")
 
 
 # ---------------------------------------------------------------------------- shards

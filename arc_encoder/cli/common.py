@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from ..config import DtypeName
+from ..storage import check_apart
 
 if TYPE_CHECKING:
     from ..adaptive import AdaptivePooling
@@ -103,21 +104,6 @@ def checkpoint_inputs(checkpoint: str, decoder: str | None = None, decoder_path:
         if projector is not None and projector.decoder:
             inputs["decoder recorded in the checkpoint"] = projector.decoder
     return inputs
-
-
-def check_apart(output: str, flag: str, inputs: Mapping[str, str | None], both_ways: bool = False) -> None:
-    """``output`` is none of ``inputs`` ({what: path}) and lies inside none of them (with ``both_ways``,
-    holds none either); symlinks are followed. A ValueError names both paths."""
-    out = Path(output).resolve()
-    for what, given in inputs.items():
-        if not given:
-            continue
-        src = Path(given).resolve()
-        inside = src in out.parents
-        if out == src or inside or (both_ways and out in src.parents):
-            how = "is" if out == src else "is inside" if inside else "holds"
-            raise ValueError(f"{flag} {output}: {how} the {what} {given}; writing there would destroy an input of "
-                             "this command. Choose another path")
 
 
 def positive_int(text: str) -> int:
