@@ -2,7 +2,8 @@
 
 They live here, apart from the Lightning modules that use them, so that building the parser
 (`arc-encoder-train JOB --help`) imports neither torch nor Lightning. ``arc_encoder_train.module``,
-``.data`` and ``.lm`` re-export them under their old names.
+``.data`` and ``.lm`` re-export them under their old names. No ``if TYPE_CHECKING:`` imports here:
+jsonargparse executes those blocks to resolve annotations.
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    import torch
+from typing import Literal
 
 
 @dataclass
@@ -95,7 +93,9 @@ class OptimSpec:
             raise ValueError(f"optim.total_steps={total} is shorter than trainer.max_steps={max_steps}: the "
                              "one-cycle schedule ends at total_steps (0 = trainer.max_steps)")
         if self.warmup_steps >= total:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be < the schedule's {total} steps")
+            length = "optim.total_steps" if self.total_steps else "trainer.max_steps"
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be < the schedule's {total} steps "
+                             f"({length}); set --optim.warmup_steps lower (0, or 2 to {total - 1})")
         return total
 
     def scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
