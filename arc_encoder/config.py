@@ -171,6 +171,10 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
     return cls(**data)
 
 
@@ -351,10 +355,10 @@ class ProjectorOptions:
         if isinstance(self.special_tokens, (str, bytes)) or not isinstance(self.special_tokens, (list, tuple)):
             raise ValueError(f"special_tokens must be a list of names, got {self.special_tokens!r}")
         self.special_tokens = tuple(self.special_tokens)
-        if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise ValueError(f"special_tokens has duplicates: {self.special_tokens}")
         for tok in self.special_tokens:
             _check_literal("special token", tok, SpecialToken)
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ValueError(f"special_tokens has duplicates: {self.special_tokens}")
 
     def options(self) -> ProjectorOptions:
         """Only the chosen options (of a ``ProjectorConfig`` too)."""
@@ -434,6 +438,15 @@ def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _shown(value: Any) -> str:
+    """A value as its JSON text (null, [], "x"), shortened."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _refuse_unknown(data: dict[str, Any], allowed: frozenset[str] | set[str], where: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
@@ -451,8 +464,15 @@ class ARCConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = dataclass_from_dict(EncoderConfig, self.encoder, "encoder")
+        if not isinstance(self.encoder, EncoderConfig):  # a JSON null, list or string: one line naming the key
+            raise ValueError(f"encoder must be a mapping of the encoder's settings, got {_shown(self.encoder)}")
+        if not isinstance(self.projectors, dict):
+            raise ValueError(f"projectors must be a mapping of decoder name -> projector settings, got "
+                             f"{_shown(self.projectors)}")
         fixed: dict[str, ProjectorConfig] = {}
         for name, proj in dict(self.projectors).items():
+            if not isinstance(proj, (dict, ProjectorConfig)):
+                raise ValueError(f"projectors.{name} must be a mapping of the projector's settings, got {_shown(proj)}")
             if not name or not name.replace("-", "_").replace(".", "_").isidentifier():
                 raise ValueError(
                     f"projector name {name!r} must be letters, digits, '_', '-' or '.' "

@@ -158,6 +158,19 @@ def load_frozen_decoder(
     return decoder, tokenizer
 
 
+def check_generation_length(decoder: PreTrainedModel, input_len: int, max_new_tokens: int) -> None:
+    """Refuse a generation that cannot fit the decoder's positions (``max_position_embeddings``):
+    past them a decoder computes nothing it was trained for, and a huge request never ends."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    config = decoder.config.get_text_config() if hasattr(decoder.config, "get_text_config") else decoder.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and input_len + max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: the decoder input already takes {input_len} of the "
+                         f"decoder's {limit} positions (max_position_embeddings), so at most "
+                         f"{max(0, limit - input_len)} new tokens fit (--max-new-tokens)")
+
+
 class ARCModel(nn.Module):
     """Encoder + named projectors. ``compress`` turns text into decoder-space vectors."""
 
@@ -625,6 +638,7 @@ class ARCModel(nn.Module):
         inputs = self.build_decoder_inputs(
             decoder.get_input_embeddings(), context, prompt_ids, None, marker, prefix, "left"
         )
+        check_generation_length(decoder, inputs.inputs_embeds.shape[1], max_new_tokens)
         pad = decoder_tokenizer.pad_token_id
         if pad is None:
             pad = decoder_tokenizer.eos_token_id

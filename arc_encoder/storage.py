@@ -75,6 +75,92 @@ def replace_directory(tmp: PathLike, directory: PathLike) -> Path:
     return directory
 
 
+class DirectoryLock:
+    """An exclusive lock on a directory: ``fcntl.flock`` on ``directory/name``, taken at once or refused.
+
+    The kernel releases it when the process dies, so a killed holder never blocks the next one;
+    the file records the holder's pid for the error message and is removed on `release`, as is
+    the directory when this lock created it and nothing else was written into it. flock locks
+    belong to an open file, so two holders in one process (threads) exclude each other too.
+    ``busy`` formats the refusal: ``{directory}``, ``{path}`` (the lock file) and ``{pid}``.
+    """
+
+    def __init__(self, directory: PathLike, name: str, busy: str) -> None:
+        self.directory, self.path, self.busy = Path(directory), Path(directory) / name, busy
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> DirectoryLock:
+        import fcntl
+
+        if self.directory.exists() and not self.directory.is_dir():
+            raise FileExistsError(f"{self.directory} exists and is not a directory")
+        self.created = not self.directory.exists()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise FileExistsError(self.busy.format(directory=self.directory, path=self.path, pid=holder)) from None
+            try:  # the holder before us may have removed the file we opened: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise FileExistsError(f"{self.directory}: could not take the lock {self.path}")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file (and a directory the lock created that is still empty); unlock."""
+        if self.fd is None:
+            return
+        try:
+            same = os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
+        except OSError:  # the directory (or the file) was removed meanwhile
+            same = False
+        if same:
+            self.path.unlink(missing_ok=True)
+        try:
+            if self.created and self.directory.is_dir() and not any(self.directory.iterdir()):
+                self.directory.rmdir()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> Path:
+        self.acquire()
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def check_apart(output: PathLike, flag: str, inputs: Mapping[str, PathLike | None], both_ways: bool = False) -> None:
+    """``output`` is none of ``inputs`` ({what: path}) and lies inside none of them (with ``both_ways``,
+    holds none either); symlinks are followed. A ValueError names both paths: an output written
+    over an input (a corpus, a checkpoint's weights, a curve) would destroy it."""
+    out = Path(output).resolve()
+    for what, given in inputs.items():
+        if not given:
+            continue
+        src = Path(given).resolve()
+        inside = src in out.parents
+        if out == src or inside or (both_ways and out in src.parents):
+            how = "is" if out == src else "is inside" if inside else "holds"
+            raise ValueError(f"{flag} {output}: {how} the {what} {given}; writing there would destroy an input of "
+                             "this command. Choose another path")
+
+
 def read_consistently(directory: PathLike, load: Callable[[], Any], attempts: int = 5) -> Any:
     """``load()`` of files in ``directory``, retried while another process replaces the directory.
 
@@ -107,12 +193,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file + fsync + rename (mode: the existing file's,
     else what the umask allows, as for any new file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mode = path.stat().st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~umask()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -120,9 +209,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from err
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming the file that was being written (a full disk said "[Errno 28]" and no path)."""
+    if err.errno is None or err.filename is not None and Path(err.filename) != path and \
+            not Path(err.filename).name.startswith(f".{path.name}."):
+        return err  # already names what failed (e.g. a parent that is a file)
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -11,10 +11,9 @@ exports checkpoints/<name>/ in the `ARCModel.from_pretrained` format.
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
 import functools
-import io
 import json
 import re
 import shutil
@@ -26,27 +25,28 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import lightning as L
-import torch
 import yaml
-from lightning.fabric.plugins import TorchCheckpointIO
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from arc_encoder.config import ARCConfig, ArcEncoderWarning, DtypeName, EncoderConfig, ProjectorOptions, torch_dtype
-from arc_encoder.encoder import ARCEncoder
-from arc_encoder.loading import load_pretrained
-from arc_encoder.model import ARCModel
-from arc_encoder.samples import check_tokenizer_pair
-from arc_encoder.storage import atomic_write_bytes, atomic_write_text, check_model_dir
+from arc_encoder.storage import atomic_write_text, check_apart, check_model_dir
 
-from .data import ARCDataModule, DataSpec, DecoderTokenizers
-from .distributed import (
-    RankAgreement, config_fingerprint, launched_as_rank_zero, rank_prefix, record_launch, stop_launched_ranks,
-    trainer_strategy,
-)
-from .lm import LMSpec, is_decoder_dir, train_lm
-from .module import ARCTrainingModule, ExportCallback, OptimSpec
-from .progress import TrainProgress, format_validation, quiet_lightning
+from .config import DataSpec, LMSpec, OptimSpec
+from .ranks import launched_as_rank_zero, rank_prefix
+
+# torch, Lightning, transformers and the modules that use them are imported inside the functions
+# that need them: building the parser (`arc-encoder-train JOB --help`) imports none of them. (No
+# `if TYPE_CHECKING:` imports either: jsonargparse executes those blocks to resolve annotations.)
+
+# Moved to .runs (Lightning classes); still importable from here.
+_MOVED = {"AtomicCheckpointIO": "runs", "TrimResumedLogs": "runs", "trim_log": "runs"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BUILTIN_TINY = "builtin:tiny-lm"
 # A tiny decoder trained by this project and shipped in the package, so the quickstart
@@ -155,7 +155,8 @@ class RunSpec:
     """Where the run writes, resuming, seed."""
 
     name: str = "tiny"
-    """the run's name: it writes runs_dir/<name>/ and exports checkpoints_dir/<name>/"""
+    """the run's name: it writes runs_dir/<name>/ and exports checkpoints_dir/<name>/ (adapt: auto is
+    <from_checkpoint's directory name>-<decoder.name>)"""
     runs_dir: str = "runs"
     """directory of run directories (configs, Lightning checkpoints, CSV logs, summary)"""
     checkpoints_dir: str = "checkpoints"
@@ -210,7 +211,7 @@ class AdaptConfig:
     # The projector and its special tokens at one rate (paper, OLMo adaptation: 1e-4 for both).
     optim: OptimSpec = field(default_factory=lambda: tiny_optim(1e-3, projector_lr_ratio=1.0))
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    run: RunSpec = field(default_factory=lambda: RunSpec(name="adapt"))
+    run: RunSpec = field(default_factory=lambda: RunSpec(name="auto"))
 
 
 @dataclass
@@ -246,6 +247,8 @@ def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
     """builtin:tiny-lm -> a trained tiny decoder dir (trained once, then reused)."""
     if path != BUILTIN_TINY:
         return path
+    from .lm import is_decoder_dir, train_lm
+
     out = Path(run.tiny_lm.out_dir)
     if not is_decoder_dir(out) and run.tiny_lm == LMSpec() and is_decoder_dir(BUNDLED_TINY_LM):
         return str(BUNDLED_TINY_LM)  # the shipped tiny decoder (see arc_encoder/data/README.md)
@@ -265,6 +268,10 @@ def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
 
 def check_decoder_spec(spec: DecoderSpec, run: RunSpec) -> tuple[str, object, int]:
     """Before any weights load: the path exists and the tokenizer matches the vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from arc_encoder.samples import check_tokenizer_pair
+
     path = resolve_path(spec.path, run)
     check_model_dir(path, f"decoder {spec.name!r}")
     tok_path = spec.tokenizer or path
@@ -279,6 +286,10 @@ def check_decoder_spec(spec: DecoderSpec, run: RunSpec) -> tuple[str, object, in
 
 def load_decoders(specs: list[DecoderSpec], run: RunSpec) -> tuple[dict, dict, dict]:
     """Check every decoder first, then load them. Returns (models, tokenizers, paths)."""
+    from transformers import AutoModelForCausalLM
+
+    from arc_encoder.loading import load_pretrained
+
     names = [s.name for s in specs]
     if not specs or len(set(names)) != len(names):
         raise ValueError(f"decoders need distinct names, got {names}")
@@ -292,6 +303,8 @@ def load_decoders(specs: list[DecoderSpec], run: RunSpec) -> tuple[dict, dict, d
 
 
 def encoder_tokenizer(build: EncoderBuild, base: str):
+    from transformers import AutoTokenizer
+
     tok_path = build.tokenizer or base
     try:
         return AutoTokenizer.from_pretrained(tok_path)
@@ -300,6 +313,12 @@ def encoder_tokenizer(build: EncoderBuild, base: str):
 
 
 def build_model(cfg: PretrainConfig, decoders: dict, paths: dict, toks: dict) -> ARCModel:
+    import torch
+
+    from arc_encoder.encoder import ARCEncoder
+    from arc_encoder.model import ARCModel
+    from arc_encoder.samples import check_tokenizer_pair
+
     b = cfg.encoder_build
     base = resolve_path(cfg.encoder.base_model, cfg.run)
     check_model_dir(base, "encoder base_model")
@@ -325,6 +344,8 @@ def _same_tokenizer(a, b) -> bool:
 
 def _decoder_tokenizers(model: ARCModel, name: str, tokenizer) -> DecoderTokenizers:
     """What the data needs of decoder ``name``: its tokenizer and the projector's recorded BOS policy."""
+    from .data import DecoderTokenizers
+
     return DecoderTokenizers(name, tokenizer, _same_tokenizer(tokenizer, model.tokenizer),
                              model.projector(name).config.bos)
 
@@ -392,84 +413,83 @@ def _overlap(a: Path, b: Path) -> bool:
 
 def run_dirs(run: RunSpec, job: str = "", cfg=None) -> tuple[Path, Path]:
     """runs/<name> and checkpoints/<name>, checked by global rank 0 only (the other ranks start
-    after rank 0 created them): a new run's directories must not exist (neither the run nor an
-    export of that name is ever replaced); a resumed run keeps its recorded settings (`resume_changes`,
-    unless run.allow_config_changes). A resumed run's last.ckpt must exist (checked by every
-    rank: all of them read it)."""
+    after rank 0 created them), under the run's lock (`runs.lock_run`: another launch training
+    this run is refused; rank 0 keeps the lock until the run ends, `fit`). A new run's
+    directories must not exist (neither the run nor an export of that name is ever replaced); a
+    resumed run keeps its recorded settings (`resume_changes`, unless run.allow_config_changes).
+    A resumed run's last.ckpt must exist (checked by every rank: all of them read it)."""
+    from .runs import LOG_NAME, is_held, lock_run, only_the_lock, release_run
+
     run_dir, export_dir = Path(run.runs_dir) / run.name, Path(run.checkpoints_dir) / run.name
     if _overlap(run_dir, export_dir):
         raise ValueError(f"the run directory {run_dir} and the export {export_dir} are the same directory or one "
                          "holds the other; use different run.runs_dir and run.checkpoints_dir")
-    if run.resume:
-        if not (run_dir / "checkpoints" / "last.ckpt").exists():
-            where = "" if launched_as_rank_zero() else " (the run directory must be on a filesystem every node shares)"
-            raise FileNotFoundError(f"--run.resume: {run_dir}/checkpoints/last.ckpt does not exist{where}")
-        if cfg is not None and launched_as_rank_zero() and not run.allow_config_changes:
-            changes = resume_changes(run_dir, job, cfg)
+    if run.resume and not (run_dir / "checkpoints" / "last.ckpt").exists():
+        where = "" if launched_as_rank_zero() else " (the run directory must be on a filesystem every node shares)"
+        hint = (f" (the run stopped before its first checkpoint; its logs are kept in {run_dir / LOG_NAME}): to "
+                f"train again, remove {run_dir} or choose another --run.name") if (run_dir / LOG_NAME).is_file() else ""
+        raise FileNotFoundError(f"--run.resume: {run_dir}/checkpoints/last.ckpt does not exist{where}{hint}")
+    if not launched_as_rank_zero():
+        return run_dir, export_dir
+    held_before = is_held(run_dir)
+    existed = run_dir.exists() or run_dir.is_symlink()
+    lock_run(run_dir)  # another launch of this run holds it: refused, naming its pid
+    try:
+        if run.resume:
+            changes = resume_changes(run_dir, job, cfg) if cfg is not None and not run.allow_config_changes else {}
             if changes:
                 shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
                 raise ValueError(f"--run.resume: settings differ from the run's ({shown}); resume with the run's "
                                  "settings, or pass --run.allow_config_changes true to change them (recorded in "
                                  "launches.json)")
-    elif launched_as_rank_zero():
-        for path, what in ((run_dir, "run directory"), (export_dir, "export")):
-            if path.exists() or path.is_symlink():
-                hint = ("" if what == "export" or (path / "checkpoints" / "last.ckpt").exists() else
-                        " (it has no checkpoint: an earlier launch failed before saving one; remove it)")
-                raise FileExistsError(f"{what} {path} exists{hint}; pass --run.resume true to continue that run "
+        else:
+            if existed and not (held_before and only_the_lock(run_dir)):
+                raise FileExistsError(_existing_run(run_dir, LOG_NAME))
+            if export_dir.exists() or export_dir.is_symlink():
+                raise FileExistsError(f"export {export_dir} exists; pass --run.resume true to continue that run "
                                       "or choose another --run.name")
+    except BaseException:
+        release_run(run_dir)
+        raise
     return run_dir, export_dir
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints (last.ckpt) written through temp file + fsync + rename.
-
-    Lightning writes the file in place, so a full disk or a kill while saving left a truncated
-    last.ckpt and no earlier one to resume from.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if storage_options is not None or "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+def _existing_run(run_dir: Path, log_name: str) -> str:
+    """Why a new run cannot use ``run_dir``, and what to do instead."""
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        return (f"run directory {run_dir} exists; pass --run.resume true to continue that run or choose another "
+                "--run.name")
+    log = run_dir / log_name
+    logs = f"; its logs are kept in {log}" if log.is_file() else ""
+    return (f"run directory {run_dir} exists and has no checkpoint to resume from (an earlier launch stopped before "
+            f"saving one{logs}): to train again, remove {run_dir} or choose another --run.name")
 
 
-class TrimResumedLogs(L.Callback):
-    """On a resumed run (rank 0), drop the rows of earlier CSV logs at or after the step training
-    resumes from: the resumed run logs those steps again (they were trained after the checkpoint)."""
+@contextlib.contextmanager
+def _released_on_error(run_dir: Path):
+    """A failure while a run is prepared releases its lock (and a run directory nothing was written to)."""
+    try:
+        yield
+    except BaseException:
+        if launched_as_rank_zero():
+            from .runs import release_run
 
-    def __init__(self, logs_dir: Path) -> None:
-        self.logs_dir = logs_dir
-
-    def on_train_start(self, trainer: L.Trainer, module) -> None:
-        if not trainer.is_global_zero or trainer.logger is None:
-            return
-        current = Path(trainer.logger.log_dir).resolve()
-        for path in sorted(self.logs_dir.rglob("metrics.csv")):
-            if path.parent.resolve() != current:
-                trim_log(path, trainer.global_step)
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Rewrite the CSV log ``path`` without its rows of steps >= ``step`` (atomically)."""
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or "step" not in rows[0]:
-        return
-    col = rows[0].index("step")
-    kept = [rows[0]] + [r for r in rows[1:] if not (len(r) > col and r[col].isdigit() and int(r[col]) >= step)]
-    if len(kept) != len(rows):
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows(kept)
-        atomic_write_text(path, out.getvalue())
+            release_run(run_dir)
+        raise
 
 
 def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = False,
-                 unused_parameters: bool = False) -> L.Trainer:
+                 unused_parameters: bool = False, log=None) -> L.Trainer:
+    """The Lightning trainer of a job; ``log``: the run's log (`runs.RunLog`) that the progress lines
+    also go to. Status and validation lines are printed with the bar off too (progress_bar: false)."""
+    import lightning as L
+    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    from .distributed import trainer_strategy
+    from .progress import TrainProgress, quiet_lightning
+    from .runs import AtomicCheckpointIO, TrimResumedLogs
 
     quiet_lightning()
     precision = t.precision
@@ -486,7 +506,7 @@ def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = 
         # A resumed run logs to logs/resume-<time>/; the earlier logs are kept up to the resumed step.
         logger=CSVLogger(run_dir, name="logs", version=f"resume-{int(time.time())}" if resume else ""),
         callbacks=[ckpt, *callbacks, *([TrimResumedLogs(run_dir / "logs")] if resume else []),
-                   *([TrainProgress("train/loss", t.status_every_s)] if t.progress_bar else [])],
+                   TrainProgress("train/loss", t.status_every_s, bar=t.progress_bar, log=log)],
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir,
         # FSDP's sharded checkpoints are written by torch.distributed.checkpoint (a directory per save).
@@ -511,16 +531,31 @@ def _global_batch_change(run_dir: Path, cfg, trainer: L.Trainer) -> dict[str, li
     return {"global_batch": [before, now]}
 
 
-def _discard_failed_run(run_dir: Path, export_dir: Path) -> None:
-    """After a new run failed: remove what it created unless it saved a checkpoint to resume from.
+def _after_failure(run_dir: Path, export_dir: Path, resume: bool, step: int) -> str:
+    """After a run failed or was stopped (rank 0): what stays, as a sentence for the user ('' if nothing).
 
-    Both directories did not exist when the run started (`run_dirs`), so they are this run's own.
+    With a checkpoint the run is kept for --run.resume. A new run that trained no step measured
+    nothing: both directories go (they did not exist when it started, `run_dirs`), so a retry
+    starts clean. One that trained keeps its run directory with its logs and metrics (only an
+    empty checkpoints/ folder goes) and any export its validations wrote.
     """
+    from .runs import LOG_NAME
+
     if (run_dir / "checkpoints" / "last.ckpt").exists():
-        print(f"{run_dir} kept: it has a checkpoint; continue the run with --run.resume true", file=sys.stderr)
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.rmtree(export_dir, ignore_errors=True)
+        return f"{run_dir} kept: it has a checkpoint; continue the run with --run.resume true"
+    if resume:
+        return ""
+    if step == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(export_dir, ignore_errors=True)
+        return ""
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    export = export_dir.exists()
+    return (f"{run_dir} kept with its logs ({LOG_NAME}, logs/)" + (f" and {export_dir} with the export of its last "
+            "validation" if export else "") + "; it cannot be resumed (no checkpoint yet): to train again, remove "
+            + (f"{run_dir} and {export_dir}" if export else str(run_dir)) + " or choose another --run.name")
 
 
 def _save_config(run_dir: Path, job: str, cfg) -> None:
@@ -549,60 +584,107 @@ def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 def summary_line(job: str, module: ARCTrainingModule, trainer: L.Trainer, seconds: float, export: Path) -> str:
+    from .progress import format_validation
+
     losses = module.train_losses
     k = max(1, min(10, len(losses) // 10))
     first = sum(losses[:k]) / k if losses else float("nan")
     last = sum(losses[-k:]) / k if losses else float("nan")
     val = format_validation(_val_metrics(trainer))
     val = f", val {val}" if val else ""
-    return (f"{job} done: {trainer.global_step} steps in {seconds:.0f} s, train loss {first:.2f} -> {last:.2f}"
-            f"{val}; checkpoint: {export}/")
+    over = "first and last step" if k == 1 else f"means of the first and last {k} steps"  # status lines: since the last
+    return (f"{job} done: {trainer.global_step} steps in {seconds:.0f} s, train loss {first:.2f} -> {last:.2f} "
+            f"({over}){val}; checkpoint: {export}/")
 
 
 def fit(job: str, cfg, module: ARCTrainingModule, datamodule: ARCDataModule, export_fn, run_dir: Path,
         export_dir: Path) -> tuple[L.Trainer, str]:
-    """Shared tail of every job: trainer, resume, fit, export, summary ('' on ranks other than 0)."""
+    """Shared tail of every job: trainer, resume, fit, export, summary ('' on ranks other than 0).
+
+    Rank 0 holds the run's lock (taken by `run_dirs`) until this returns or fails, and writes
+    every line it prints to runs/<name>/log.txt as it happens. A failure or a stop (SIGTERM,
+    SIGINT: `runs.RunStopped`) decides what stays (`_after_failure`) and says it in its error.
+    """
+    from .runs import LOG_NAME, RunLog, release_run
+
+    rank0 = launched_as_rank_zero()
+    log = RunLog(run_dir / LOG_NAME) if rank0 else None
+    try:
+        return _fit(job, cfg, module, datamodule, export_fn, run_dir, export_dir, log)
+    finally:
+        if rank0:
+            release_run(run_dir)
+
+
+def _fit(job: str, cfg, module, datamodule, export_fn, run_dir: Path, export_dir: Path, log) -> tuple:
+    from .distributed import RankAgreement, config_fingerprint, record_launch, stop_launched_ranks
+    from .module import ExportCallback
+    from .runs import RunStopped, received_signal
+
     start = time.time()
     fingerprint = config_fingerprint(job, cfg)
     agree = RankAgreement(lambda trainer, m: {"config": fingerprint, "step": trainer.global_step,
                                               "data": m.data_position.to_dict()})
     trainer = make_trainer(cfg.trainer, run_dir, [ExportCallback(export_fn), agree], cfg.run.resume,
-                           unused_parameters=len(module.decoders) > 1)
+                           unused_parameters=len(module.decoders) > 1, log=log)
     ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.run.resume else None
-    if launched_as_rank_zero():  # ranks that a launcher started later never write the run directory
+    if log is not None:  # ranks that a launcher started later never write the run directory
         changes = resume_changes(run_dir, job, cfg) if cfg.run.resume else {}
         changes.update(_global_batch_change(run_dir, cfg, trainer))
         _save_config(run_dir, job, cfg)
-        record_launch(run_dir, job, cfg, trainer, changes)
+        record_launch(run_dir, job, cfg, trainer, changes, log=log)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except BaseException:
+    except BaseException as err:
         stop_launched_ranks(trainer)
-        if launched_as_rank_zero() and not cfg.run.resume:
-            _discard_failed_run(run_dir, export_dir)
+        signum = received_signal()
+        where = f"at step {trainer.global_step}/{trainer.max_steps}"
+        if log is not None:
+            log.write(f"stopped by {_signal_name(signum)} {where}" if signum else f"error {where}: {_one_line(err)}")
+        note = _after_failure(run_dir, export_dir, cfg.run.resume, trainer.global_step) if log is not None else ""
+        if signum is not None:  # reported as the stop it is, not as what the signal broke first
+            raise RunStopped(signum, where + (f"; {note}" if note else "")) from err
+        if note:
+            print(note, file=sys.stderr)
         raise
     if not trainer.is_global_zero:
         return trainer, ""
     line = summary_line(job, module, trainer, time.time() - start, export_dir)
     atomic_write_text(run_dir / "summary.txt", line + "\n")
+    log.write(line)
     return trainer, line
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 # ---------------------------------------------------------------------------- jobs
 def prepare_pretrain(cfg: PretrainConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
     """Everything up to (not including) training; raises on any bad input."""
+    import lightning as L
+
+    from .data import DecoderTokenizers
+    from .module import ARCTrainingModule
+
+    _outputs_apart(cfg.run, _inputs(cfg))
     run_dir, export_dir = run_dirs(cfg.run, "pretrain", cfg)
-    cfg.data.check()
-    L.seed_everything(cfg.run.seed, verbose=False)
-    decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
-    model = build_model(cfg, decoders, paths, toks)
-    dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
-    module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps)
-    return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
+    with _released_on_error(run_dir):
+        cfg.data.check()
+        L.seed_everything(cfg.run.seed, verbose=False)
+        decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
+        model = build_model(cfg, decoders, paths, toks)
+        dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
+        module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps)
+        return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
 
 
 def _checked_data(spec: DataSpec, dec_toks: list[DecoderTokenizers], tokenizer, task: str) -> ARCDataModule:
     """The data module, after its first samples were built here: bad data fails before a run exists."""
+    from .data import ARCDataModule
+
     dm = ARCDataModule(spec, dec_toks, tokenizer, task)
     dm.probe()
     return dm
@@ -620,26 +702,75 @@ def pretrain(cfg: PretrainConfig) -> str:
     return line
 
 
+def _check_source(path: str) -> None:
+    """from_checkpoint exists: said before anything about the run's own directories."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"from_checkpoint {path!r} does not exist (run pretrain first)")
+
+
+def auto_run_name(from_checkpoint: str, decoder: str) -> str:
+    """adapt's default run name: <from_checkpoint's directory name>-<decoder name>, as a directory name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(from_checkpoint).resolve().name}-{decoder}").lstrip("._-")
+    return name or "adapt"
+
+
+def _inputs(cfg) -> dict[str, str]:
+    """Every local path a job reads ({what: path}): no output of the run may be or hold one."""
+    inputs = {"from_checkpoint": getattr(cfg, "from_checkpoint", "")}
+    decoders = cfg.decoders if hasattr(cfg, "decoders") else [cfg.decoder]
+    for spec in decoders:
+        inputs[f"decoder {spec.name!r}"] = "" if spec.path == BUILTIN_TINY else spec.path
+        inputs[f"decoder {spec.name!r} tokenizer"] = spec.tokenizer
+    if hasattr(cfg, "encoder"):
+        inputs["encoder.base_model"] = "" if cfg.encoder.base_model == BUILTIN_TINY else cfg.encoder.base_model
+        inputs["encoder_build.tokenizer"] = cfg.encoder_build.tokenizer
+    for split in ("train_files", "validation_files"):
+        for i, path in enumerate(getattr(cfg.data, split) or []):
+            inputs[f"data.{split}[{i}]"] = path
+    inputs["data.dataset_dir"] = cfg.data.dataset_dir
+    return {k: v for k, v in inputs.items() if v}
+
+
+def _outputs_apart(run: RunSpec, inputs: dict[str, str]) -> None:
+    """runs/<name> and checkpoints/<name> neither are, hold nor lie inside an input of the job."""
+    check_apart(Path(run.runs_dir) / run.name, "the run directory", inputs, both_ways=True)
+    check_apart(Path(run.checkpoints_dir) / run.name, "the export", inputs, both_ways=True)
+
+
 def _load_checkpoint(path: str) -> ARCModel:
+    import torch
+
+    from arc_encoder.model import ARCModel
+
     if not Path(path).is_dir():
         raise FileNotFoundError(f"from_checkpoint {path!r} does not exist (run pretrain first)")
     return ARCModel.from_pretrained(path, dtype=torch.float32)
 
 
 def prepare_adapt(cfg: AdaptConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
+    import lightning as L
+
+    from .data import DecoderTokenizers
+    from .module import ARCTrainingModule
+
+    _check_source(cfg.from_checkpoint)
+    if cfg.run.name == "auto":  # a name per (checkpoint, decoder): a second adaptation never collides with the first
+        cfg.run = dataclasses.replace(cfg.run, name=auto_run_name(cfg.from_checkpoint, cfg.decoder.name))
+    _outputs_apart(cfg.run, _inputs(cfg))
     run_dir, export_dir = run_dirs(cfg.run, "adapt", cfg)
-    cfg.data.check()
-    L.seed_everything(cfg.run.seed, verbose=False)
-    decoders, toks, paths = load_decoders([cfg.decoder], cfg.run)
-    model = _load_checkpoint(cfg.from_checkpoint)
-    if model.tokenizer is None:
-        raise ValueError(f"{cfg.from_checkpoint}: encoder tokenizer missing from the checkpoint")
-    name = cfg.decoder.name
-    model.add_decoder(name, decoders[name], cfg.decoder.projector, decoder_path=paths[name], tokenizer=toks[name])
-    module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps, train_encoder=False,
-                               train_projectors=[name])
-    dec_toks = [_decoder_tokenizers(model, name, toks[name])]
-    return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
+    with _released_on_error(run_dir):
+        cfg.data.check()
+        L.seed_everything(cfg.run.seed, verbose=False)
+        decoders, toks, paths = load_decoders([cfg.decoder], cfg.run)
+        model = _load_checkpoint(cfg.from_checkpoint)
+        if model.tokenizer is None:
+            raise ValueError(f"{cfg.from_checkpoint}: encoder tokenizer missing from the checkpoint")
+        name = cfg.decoder.name
+        model.add_decoder(name, decoders[name], cfg.decoder.projector, decoder_path=paths[name], tokenizer=toks[name])
+        module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps, train_encoder=False,
+                                   train_projectors=[name])
+        dec_toks = [_decoder_tokenizers(model, name, toks[name])]
+        return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
 
 
 def adapt(cfg: AdaptConfig) -> str:
@@ -659,24 +790,32 @@ def adapt(cfg: AdaptConfig) -> str:
 
 
 def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
+    import lightning as L
+
+    from .data import DecoderTokenizers
+    from .module import ARCTrainingModule
+
+    _check_source(cfg.from_checkpoint)
+    _outputs_apart(cfg.run, _inputs(cfg))
     run_dir, export_dir = run_dirs(cfg.run, "finetune", cfg)
-    if not cfg.data.train_files and not cfg.data.dataset_dir:
-        raise ValueError("finetune needs QA data: pass --data.train_files and --data.validation_files (JSONL with "
-                         "context, question, answer)")
-    cfg.data.check()
-    L.seed_everything(cfg.run.seed, verbose=False)
-    decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
-    model = _load_checkpoint(cfg.from_checkpoint)
-    if cfg.pooling_factor:
-        model.set_pooling_factor(cfg.pooling_factor)
-    for spec in cfg.decoders:
-        model.check_decoder(spec.name, decoders[spec.name], spec.allow_other_decoder)
-        if spec.allow_other_decoder:  # the export is trained for this decoder from now on
-            model.record_decoder(spec.name, decoders[spec.name], paths[spec.name])
-    module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps,
-                               train_encoder=not cfg.freeze_encoder, train_projectors=list(decoders))
-    dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
-    return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "qa"), run_dir, export_dir
+    with _released_on_error(run_dir):
+        if not cfg.data.train_files and not cfg.data.dataset_dir:
+            raise ValueError("finetune needs QA data: pass --data.train_files and --data.validation_files (JSONL with "
+                             "context, question, answer)")
+        cfg.data.check()
+        L.seed_everything(cfg.run.seed, verbose=False)
+        decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
+        model = _load_checkpoint(cfg.from_checkpoint)
+        if cfg.pooling_factor:
+            model.set_pooling_factor(cfg.pooling_factor)
+        for spec in cfg.decoders:
+            model.check_decoder(spec.name, decoders[spec.name], spec.allow_other_decoder)
+            if spec.allow_other_decoder:  # the export is trained for this decoder from now on
+                model.record_decoder(spec.name, decoders[spec.name], paths[spec.name])
+        module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps,
+                                   train_encoder=not cfg.freeze_encoder, train_projectors=list(decoders))
+        dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
+        return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "qa"), run_dir, export_dir
 
 
 def finetune(cfg: FinetuneConfig) -> str:
@@ -686,6 +825,8 @@ def finetune(cfg: FinetuneConfig) -> str:
 
 
 def lm(cfg: LMConfig) -> str:
+    from .lm import train_lm
+
     s = train_lm(cfg.lm, cfg.data)
     if s is None:  # not global rank 0
         return ""
@@ -810,7 +951,9 @@ def build_parser(tiny_default: bool = False):
 
 def parse(argv: list[str]) -> tuple[str, object]:
     """argv -> (job, typed config); unknown keys and bad values raise. `pretrain` without
-    --config starts from the packaged tiny.yaml."""
+    --config starts from the packaged tiny.yaml. A default warm-up longer than the run is scaled
+    down (`fit_warmup`); one the user set is kept (and refused later, naming both values)."""
+    keys = user_keys(argv)  # also checks every --config file: one error line naming it
     parser = build_parser(_tiny_default(argv))
     ns = parser.parse_args(argv)
     job = ns.job
@@ -821,7 +964,72 @@ def parse(argv: list[str]) -> tuple[str, object]:
     for key in ("config", "__path__", "__default_config__"):
         values.pop(key, None)
     cfg = JOBS[job][0](**values)
+    fit_warmup(cfg, keys)
     return job, cfg
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def read_config_file(path: str) -> object:
+    """A --config file's YAML; a directory, a binary file or bad YAML is an error naming the file (and line)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--config {path}: is a directory; give a YAML file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not a UTF-8 text file (a YAML config is expected; byte {err.start} is "
+                         f"{p.read_bytes()[err.start:err.start + 1]!r})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"--config {path}: not valid YAML ({where}{getattr(err, 'problem', None) or err})") from None
+
+
+def user_keys(argv: list[str]) -> set[str]:
+    """The keys a user set ("optim.warmup_steps", "optim", ...): on the command line or in a --config
+    file (a default config, such as pretrain's packaged tiny.yaml, sets none)."""
+    keys = {a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--") and a.split("=", 1)[0] != "--config"}
+
+    def add(data: object, prefix: str) -> None:
+        if isinstance(data, dict):
+            for k, v in data.items():
+                keys.add(f"{prefix}{k}")
+                add(v, f"{prefix}{k}.")
+
+    for path in _config_files(argv):
+        if Path(path).exists():  # else jsonargparse takes it as inline YAML, or says it is missing
+            add(read_config_file(path), "")
+    return keys
+
+
+def fit_warmup(cfg, keys: set[str]) -> None:
+    """A default warm-up (optim.warmup_steps not set by the user) that does not fit the one-cycle
+    schedule is scaled down to a tenth of it (0, or at least 2: torch's OneCycleLR cannot warm up
+    over one step), with one warning line naming the flag. One the user set is left as it is."""
+    optim = getattr(cfg, "optim", None)
+    if optim is None or "optim.warmup_steps" in keys:
+        return
+    total = optim.total_steps or cfg.trainer.max_steps
+    if optim.warmup_steps < total:
+        return
+    warmup = total // 10
+    if warmup < 2:
+        warmup = 2 if total > 2 else 0
+    warnings.warn(ArcEncoderWarning(f"the default warm-up of {optim.warmup_steps} steps does not fit a schedule of "
+                                    f"{total} steps (trainer.max_steps): scaled down to {warmup}; set "
+                                    "--optim.warmup_steps to choose (0, or 2 to steps - 1)"), stacklevel=2)
+    cfg.optim = dataclasses.replace(optim, warmup_steps=warmup)
 
 
 def _check_sections(cls, values, prefix: str) -> None:
@@ -850,6 +1058,18 @@ def _one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+def _stop_of(err: BaseException):
+    """The `runs.RunStopped` behind ``err``: itself, or the signal received while it was raised (a
+    DataLoader worker killed by the same SIGTERM fails the run before the signal is handled)."""
+    runs = sys.modules.get(f"{__package__}.runs")
+    if runs is None:
+        return None
+    if isinstance(err, runs.RunStopped):
+        return err
+    signum = runs.received_signal()
+    return runs.RunStopped(signum) if signum is not None else None
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Our warnings as one `warning:` line; any other warning as Python prints it."""
     if issubclass(category, ArcEncoderWarning):
@@ -872,12 +1092,20 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             job, cfg = parse(argv)
-            line = JOBS[job][1](cfg)
-    except SystemExit:
-        raise
+            from .runs import stop_on_signals
+
+            with stop_on_signals():  # SIGTERM / SIGINT: one line naming the signal, exit code 128 + signal
+                line = JOBS[job][1](cfg)
+    except SystemExit as err:  # Lightning ends a run it saw SIGTERM in with SystemExit (exit code 0)
+        stopped = _stop_of(err)
+        if stopped is None:
+            raise
+        print(f"arc-encoder-train {argv[0]}: error: {rank_prefix()}{stopped}", file=sys.stderr)
+        return stopped.exit_code
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear line
-        print(f"arc-encoder-train {argv[0]}: error: {rank_prefix()}{_one_line(err)}", file=sys.stderr)
-        return 2
+        stopped = _stop_of(err)
+        print(f"arc-encoder-train {argv[0]}: error: {rank_prefix()}{stopped or _one_line(err)}", file=sys.stderr)
+        return stopped.exit_code if stopped is not None else 2
     if line:  # only global rank 0 reports
         print(line)
     return 0

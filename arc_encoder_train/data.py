@@ -18,8 +18,6 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import resources
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -28,77 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from arc_encoder.loading import quiet_datasets
 from arc_encoder.samples import Batch, Sample, Task, collate, decoder_prefix, is_reconstruction, qa_sample, split_windows, text_sample
 
-
-def bundled_corpus(split: str) -> str:
-    """Path of the bundled pydoc_small split (train / validation / test)."""
-    path = resources.files("arc_encoder.resources") / "pydoc_small" / f"{split}.jsonl.gz"
-    return str(path)
-
-
-@dataclass
-class DataSpec:
-    """Where the text comes from and how it is cut into samples."""
-
-    train_files: list[str] | str = field(default_factory=list)
-    """training text: one file or a list of .txt / .json / .jsonl / .parquet files, optionally .gz (empty: the bundled Python docs)"""
-    validation_files: list[str] | str = field(default_factory=list)
-    """validation text: one file or a list, same formats (empty: the bundled Python docs' validation split)"""
-    dataset_dir: str = ""
-    """a `datasets.save_to_disk` directory with train/validation splits (instead of the files)"""
-    text_field: str = "text"
-    """the field of JSON/parquet records that holds the text"""
-    context_tokens: int = 64
-    """decoder tokens compressed per sample"""
-    target_tokens: int = 32
-    """decoder tokens to continue after the compressed context"""
-    max_context_tokens: int = 512
-    """finetune: QA contexts are cut to this many tokens"""
-    batch_size: int = 8
-    """samples per batch and device"""
-    val_batches: int = 4
-    """validation batches per decoder and device"""
-    reconstruction_ratio: float = 0.3
-    """share of reconstruction batches, the rest continue (paper: 0.2-0.5 works best)"""
-    shuffle_buffer: int = 1000
-    """documents in the streaming shuffle buffer"""
-    seed: int = 0
-    """seed of the data order"""
-    # Worker w of W builds every W-th batch, so the stream order (and exact resume) is the
-    # same for any number. Each reads the whole stream to find its samples' windows.
-    num_workers: int = 1
-    """loader processes per rank, overlapping the training step (0: in the training process)"""
-
-    def __post_init__(self) -> None:
-        for name in ("train_files", "validation_files"):  # one file given as a string
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
-        for name in ("context_tokens", "target_tokens", "batch_size", "val_batches", "max_context_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if not 0.0 <= self.reconstruction_ratio <= 1.0:
-            raise ValueError(f"data.reconstruction_ratio must be in [0, 1], got {self.reconstruction_ratio}")
-
-    def files(self, split: str) -> list[str]:
-        files = self.train_files if split == "train" else self.validation_files
-        if not files and not self.dataset_dir:
-            files = [bundled_corpus(split)]
-        for f in files:
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"data file {f!r} ({split}) does not exist")
-            if Path(f).stat().st_size == 0:
-                raise ValueError(f"{split} data {f}: the file is empty")
-        return list(files)
-
-    def check(self) -> None:
-        """Fail before training when a source is missing."""
-        if self.dataset_dir:
-            if not Path(self.dataset_dir).is_dir():
-                raise FileNotFoundError(f"data.dataset_dir {self.dataset_dir!r} does not exist")
-        else:
-            self.files("train")
-            self.files("validation")
+from .config import DataSpec, bundled_corpus  # noqa: F401 - re-exported: defined with the other config sections
 
 
 def _builder(path: str) -> str:

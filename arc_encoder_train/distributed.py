@@ -30,23 +30,7 @@ from arc_encoder.encoder import ARCEncoder
 from arc_encoder.model import ARCModel
 from arc_encoder.storage import atomic_write_json
 
-# Set to a non-zero value in every process that is not global rank 0 (see the module docstring).
-RANK_VARIABLES = ("RANK", "SLURM_PROCID", "GROUP_RANK", "NODE_RANK", "LOCAL_RANK")
-
-
-def launched_as_rank_zero() -> bool:
-    """False in every process that a launcher started as a rank other than global rank 0."""
-    return all(os.environ.get(name, "").strip() in ("", "0") for name in RANK_VARIABLES)
-
-
-def rank_prefix() -> str:
-    """'[rank N] ' to start error messages with in a multi-process run ('' in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        return f"[rank {torch.distributed.get_rank()}] " if world > 1 else ""
-    launched = [f"{name}={os.environ[name]}" for name in RANK_VARIABLES
-                if os.environ.get(name, "").strip() not in ("", "0")]
-    return f"[{' '.join(launched)}] " if launched else ""
+from .ranks import RANK_VARIABLES, launched_as_rank_zero, rank_prefix  # noqa: F401 - re-exported
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -148,9 +132,9 @@ def gathered_model(module: L.LightningModule) -> ARCModel | None:
 
 
 # ---------------------------------------------------------------------------- run records, agreement, failure
-def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer, changes: dict | None = None) -> dict:
+def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer, changes: dict | None = None, log=None) -> dict:
     """Print how many processes train and the global batch; append it to runs/<name>/launches.json
-    (with ``changes``: the settings a resume changed, {key: [before, now]})."""
+    (with ``changes``: the settings a resume changed, {key: [before, now]}) and to ``log`` (the run's log.txt)."""
     t = cfg.trainer
     world = trainer.num_devices * trainer.num_nodes
     entry = {"job": job, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": cfg.run.resume,
@@ -160,9 +144,12 @@ def record_launch(run_dir: Path, job: str, cfg, trainer: L.Trainer, changes: dic
              "global_batch": cfg.data.batch_size * world * t.accumulate_grad_batches}
     if changes:
         entry["config_changes"] = changes
-    print(f"{job}: {world} process{'es' if world > 1 else ''} ({trainer.num_nodes} node(s) x {trainer.num_devices} "
-          f"device(s), strategy {t.strategy}); global batch {entry['global_batch']} = {cfg.data.batch_size} per "
-          f"device x {world} x {t.accumulate_grad_batches} accumulated", file=sys.stderr)
+    line = (f"{job}: {world} process{'es' if world > 1 else ''} ({trainer.num_nodes} node(s) x {trainer.num_devices} "
+            f"device(s), strategy {t.strategy}); global batch {entry['global_batch']} = {cfg.data.batch_size} per "
+            f"device x {world} x {t.accumulate_grad_batches} accumulated")
+    print(line, file=sys.stderr)
+    if log is not None:
+        log.write(("resumed " if cfg.run.resume else "launched ") + line)
     path = run_dir / "launches.json"
     launches = json.loads(path.read_text())["launches"] if path.is_file() else []
     atomic_write_json(path, {"launches": [*launches, entry]})

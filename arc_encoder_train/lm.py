@@ -16,7 +16,6 @@ import itertools
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -28,56 +27,10 @@ from arc_encoder.objectives import mean_loss
 from arc_encoder.storage import atomic_write_json, make_temp_dir
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
+from .config import LMSpec  # noqa: F401 - re-exported: defined with the other config sections
 from .data import _CACHE, DataRank, DataSpec, iter_texts, worker_builds
 from .distributed import RankAgreement, all_reduce_sum, launched_as_rank_zero, stop_launched_ranks
 from .progress import TrainProgress, quiet_lightning
-
-
-@dataclass
-class LMSpec:
-    """Shape and schedule of the small decoder LM (defaults: ~0.6M params, ~20 s on 2 cores)."""
-
-    out_dir: str = "runs/tiny-decoder"
-    """directory the LM and its tokenizer are saved to (must not exist)"""
-    family: str = "llama"
-    """architecture (llama, mistral, qwen2, ...)"""
-    vocab_size: int = 1024
-    """BPE vocabulary trained on the data"""
-    hidden_size: int = 96
-    """model width"""
-    num_layers: int = 4
-    """transformer blocks"""
-    num_heads: int = 4
-    """attention heads"""
-    num_kv_heads: int = 2
-    """key/value heads (grouped-query attention)"""
-    intermediate_size: int = 256
-    """MLP width"""
-    seq_len: int = 128
-    """tokens per training sequence"""
-    batch_size: int = 16
-    """sequences per batch and device"""
-    max_steps: int = 300
-    """optimizer steps"""
-    lr: float = 3e-3
-    """peak learning rate (warm-up, then cosine)"""
-    tokenizer_docs: int = 2000
-    """documents the tokenizer is trained on"""
-    seed: int = 0
-    """seed of the weights and the data order"""
-    devices: int | str = 1
-    """devices per node; with several, batch_size is per device"""
-    num_nodes: int = 1
-    """nodes"""
-    strategy: str = "auto"
-    """auto, or ddp for several devices"""
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "seq_len", "batch_size", "max_steps", "num_nodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"lm.{name} must be >= 1, got {getattr(self, name)}")
-        if self.strategy == "fsdp":
-            raise ValueError("lm.strategy fsdp is not supported (the LM is small); use ddp")
 
 
 class _TokenBlocks(IterableDataset):

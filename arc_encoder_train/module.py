@@ -12,9 +12,6 @@ reduced over all ranks, so N processes train exactly as one process with the glo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -24,100 +21,9 @@ from arc_encoder.model import ARCModel, freeze_decoder
 from arc_encoder.objectives import evaluate_batch
 from arc_encoder.samples import Batch, mixed_pooling
 
+from .config import OptimSpec  # noqa: F401 - re-exported: defined with the other config sections
 from .data import DataPosition
 from .distributed import all_reduce_sum, gathered_model, shard_for_fsdp
-
-
-@dataclass
-class OptimSpec:
-    """AdamW and torch's one-cycle schedule, as the reference trains (``train.py``; paper Table 10).
-
-    Two parameter groups: the encoder with its special tokens (the reference keeps
-    ``rec_tok``/``cont_tok`` in the encoder, so they train at ``lr``) and the projector MLPs at
-    ``projector_lr`` (default ``lr * projector_lr_ratio``; the paper: 1e-5 and 5e-5). Weight
-    decay applies to every trained parameter, as the reference's one AdamW ``weight_decay``.
-    The schedule is ``torch.optim.lr_scheduler.OneCycleLR`` with the reference's arguments:
-    ``pct_start = warmup_steps / total``, ``div_factor = lr / initial_lr``, ``final_div_factor
-    = lr / final_lr``, cosine annealing, and torch's default momentum cycling (AdamW's beta1
-    goes 0.95 -> 0.85 -> 0.95 over the cycle, replacing ``beta1``). Under torch's semantics
-    each group starts at its max lr / div_factor and ends at that / final_div_factor (with the
-    paper's values: 1e-20, then about 1e-25: zero in practice).
-    """
-
-    lr: float = 1.0e-5
-    """encoder + special tokens learning rate (max of the cycle; paper 1e-5)"""
-    projector_lr: float | None = None
-    """projector MLPs' learning rate; None: lr x projector_lr_ratio"""
-    projector_lr_ratio: float = 5.0
-    """projector lr / encoder lr when projector_lr is None (paper: 5)"""
-    weight_decay: float = 0.1
-    """AdamW weight decay on every trained parameter (paper 0.1)"""
-    beta1: float = 0.9
-    """AdamW beta1, used only with cycle_momentum false"""
-    beta2: float = 0.95
-    """AdamW beta2"""
-    eps: float = 1.0e-8
-    """AdamW eps"""
-    warmup_steps: int = 1000
-    """steps of the one-cycle warm-up (paper 1000)"""
-    initial_lr: float = 1.0e-20
-    """the cycle's starting lr (reference initial_lr: div_factor = lr / initial_lr)"""
-    final_lr: float = 1.0e-10
-    """the cycle's final lr (reference final_lr: final_div_factor = lr / final_lr)"""
-    anneal: Literal["cos", "linear"] = "cos"
-    """annealing shape of the cycle"""
-    cycle_momentum: bool = True
-    """torch's OneCycleLR default (kept by the reference): beta1 cycles 0.95 -> 0.85 -> 0.95"""
-    total_steps: int = 0
-    """length of the cycle (0: trainer.max_steps); set it to stop early and resume on the same curve"""
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "projector_lr_ratio", "initial_lr", "final_lr", "eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
-        if self.projector_lr is not None and not self.projector_lr > 0:
-            raise ValueError(f"optim.projector_lr must be > 0 (or null: lr * projector_lr_ratio), got {self.projector_lr}")
-        if self.initial_lr > self.lr:
-            raise ValueError(f"optim.initial_lr ({self.initial_lr}) must be <= optim.lr ({self.lr})")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.total_steps < 0:
-            raise ValueError(f"optim.warmup_steps and optim.total_steps must be >= 0, got "
-                             f"{self.warmup_steps}, {self.total_steps}")
-        if self.warmup_steps == 1:  # OneCycleLR's warm-up phase ends at step warmup - 1 and divides by it
-            raise ValueError("optim.warmup_steps must be 0 or >= 2 (torch's OneCycleLR cannot warm up over one step)")
-        if self.anneal not in ("cos", "linear"):
-            raise ValueError(f"optim.anneal must be 'cos' or 'linear', got {self.anneal!r}")
-
-    @property
-    def max_projector_lr(self) -> float:
-        return self.projector_lr if self.projector_lr is not None else self.lr * self.projector_lr_ratio
-
-    def cycle_length(self, max_steps: int) -> int:
-        """Steps of the one-cycle schedule: ``total_steps``, else the trainer's ``max_steps``.
-
-        Refused when training would step past the cycle (torch's OneCycleLR raises then) or
-        when warm-up would not end inside it.
-        """
-        total = self.total_steps or max_steps
-        if max_steps > total:
-            raise ValueError(f"optim.total_steps={total} is shorter than trainer.max_steps={max_steps}: the "
-                             "one-cycle schedule ends at total_steps (0 = trainer.max_steps)")
-        if self.warmup_steps >= total:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be < the schedule's {total} steps")
-        return total
-
-    def scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
-        """The reference's ``OneCycleLR`` over ``optimizer``'s groups (max lr = each group's "lr")."""
-        total = self.cycle_length(max_steps)
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
-            pct_start=self.warmup_steps / total, anneal_strategy=self.anneal, cycle_momentum=self.cycle_momentum,
-            div_factor=self.lr / self.initial_lr, final_div_factor=self.lr / self.final_lr,
-        )
 
 
 def param_groups(model: ARCModel, optim: OptimSpec) -> list[dict]:

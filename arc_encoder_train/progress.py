@@ -1,10 +1,12 @@
 """What a training run prints while it trains, and what it keeps quiet.
 
 On a terminal: one progress bar over optimizer steps (loss, context tokens/s). Anywhere else
-(a log file, a pipe, a batch job) a bar shows nothing until it ends, so instead one status
-line every ``every_s`` seconds: step, loss, tokens/s, elapsed time and ETA. The loss shown is
-the mean training loss of the steps since the last update (one step's loss is noisy). Either
-way a line after every validation. Only global rank 0 prints.
+(a log file, a pipe, a batch job), or with the bar turned off, a bar shows nothing until it
+ends, so instead one status line every ``every_s`` seconds: step, loss, tokens/s, elapsed time
+and ETA. The loss shown is the mean training loss of the steps since the last line (one step's
+loss is noisy). Always a line after every validation, flushed at once. With a run log
+(runs/<name>/log.txt) every status and validation line also goes there as it happens, bar or
+not, so a run stopped at any point keeps what it measured. Only global rank 0 prints.
 
 Lightning's own bar (``Epoch 0/-2`` for step-based runs), its info lines (accelerator table,
 a logger tip, "`Trainer.fit` stopped") and a deprecation warning raised inside Lightning are
@@ -78,40 +80,44 @@ class TrainProgress(Callback):
     """A bar on a terminal, else a status line every ``every_s`` seconds (and at the last step)."""
 
     def __init__(self, loss_key: str, every_s: float = 30.0, stream: IO[str] | None = None,
-                 tty: bool | None = None) -> None:
+                 tty: bool | None = None, bar: bool = True, log: Any = None) -> None:
         self.loss_key, self.every_s = loss_key, every_s
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
+        self.tty = (self.stream.isatty() if tty is None else tty) and bar
+        self.run_log = log  # has .write(line): runs/<name>/log.txt (arc_encoder_train.runs.RunLog)
         self.bar = None
-        self._start = self._last = 0.0
+        self._start = self._last = self._last_status = 0.0
         self._first_step = 0
         self._tokens = 0
-        self._loss_sum, self._loss_steps = None, 0
+        self._losses: dict[str, list] = {}  # what shows a loss ("bar", "status") -> [sum, steps]
 
     def _add_loss(self, trainer) -> None:
         value = trainer.callback_metrics.get(self.loss_key)
         if value is not None:  # summed on its device: no sync per step
             value = value.detach() if hasattr(value, "detach") else value
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_steps += 1
+            for key in ("bar", "status"):
+                total = self._losses.setdefault(key, [None, 0])
+                total[0] = value if total[0] is None else total[0] + value
+                total[1] += 1
 
-    def _loss(self) -> float | None:
-        """Mean loss of the steps since the last call (one device sync, only when shown)."""
-        if not self._loss_steps:
+    def _loss(self, key: str = "status") -> float | None:
+        """Mean loss of the steps since ``key`` last showed one (one device sync, only when shown)."""
+        total = self._losses.pop(key, None)
+        if not total or not total[1]:
             return None
-        mean = float(self._loss_sum) / self._loss_steps
-        self._loss_sum, self._loss_steps = None, 0
-        return mean
+        return float(total[0]) / total[1]
 
-    def _print(self, line: str) -> None:
+    def _print(self, line: str, log: bool = True) -> None:
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
+        if log and self.run_log is not None:
+            self.run_log.write(line)
 
     def on_train_start(self, trainer, module) -> None:
         self._start = time.monotonic()
-        self._last = -math.inf  # the first step prints: the run is alive
+        self._last = self._last_status = -math.inf  # the first step prints: the run is alive
         self._first_step = trainer.global_step  # a resumed run starts later
         self._tokens = 0
         if trainer.is_global_zero and self.tty:
@@ -131,13 +137,17 @@ class TrainProgress(Callback):
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if now - self._last >= 1.0:  # the postfix reads the loss: at most once a second
-                loss = self._loss()
+                loss = self._loss("bar")
                 self.bar.set_postfix_str(f"loss {'?' if loss is None else f'{loss:.3f}'}, {rate:,.0f} context tokens/s")
                 self._last = now
-        elif now - self._last >= self.every_s or step >= trainer.max_steps:
-            self._print(status_line(step, trainer.max_steps, self._loss(), rate, elapsed,
-                                    step - self._first_step))
-            self._last = now
+        if (self.bar is None or self.run_log is not None) and \
+                (now - self._last_status >= self.every_s or step >= trainer.max_steps):
+            line = status_line(step, trainer.max_steps, self._loss("status"), rate, elapsed, step - self._first_step)
+            if self.bar is None:
+                self._print(line)
+            else:  # the bar shows it on the terminal; the log gets the line
+                self.run_log.write(line)
+            self._last_status = now
 
     def on_validation_end(self, trainer, module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -152,3 +162,6 @@ class TrainProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self.on_train_end(trainer, module)  # the bar's line ends: the error starts a line of its own

@@ -79,7 +79,7 @@ setup)
   [ -d "$REPO/.carry" ] && cp -n "$REPO"/.carry/*.provenance.json "$W/store/" 2>/dev/null
   if [ -f "$W/store/debian_text.jsonl.xz" ] && [ ! -f "$W/corpus/PROVENANCE.json" ]; then
     launch corpus $PY "$W/code/benchmarks/decoder_corpus.py" build --debian "$W/store/debian_text.jsonl.xz" \
-      --pypi $PYPI --allow-missing --gzip-level 1 --out "$W/corpus"
+      --pypi $PYPI --allow-missing --gzip-level 1 --fractions 0.95,0.01,0.04 --out "$W/corpus"
   fi
   for pair in "SmolLM2-135M-Instruct.Q4_1.gguf:smollm2-135m" "gemma-3-270m-q4_k_m.gguf:gemma3-270m"; do
     f=${pair%%:*}; m=${pair##*:}
@@ -121,11 +121,19 @@ wait)
   while running "$job" && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 5; done
   stamp "$job: $(running "$job" && echo running || echo "exit $(cat "$W/jobs/$job.rc")")"
   tr '\r' '\n' < "$W/logs/$job.log" | grep -v "^\s*$" | tail -n "${TAIL:-15}" | cut -c1-300 ;;
+shrink)  # shrink SRC DST: the checkpoint in bfloat16 (the delta and projectors to keep, measured as kept)
+  (cd "$W" && $PY - "$1" "$2" <<'EOF'
+import sys, torch
+from arc_encoder import ARCModel
+ARCModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16).save_pretrained(sys.argv[2], overwrite=True)
+print(f"wrote {sys.argv[2]} in bfloat16")
+EOF
+  ) && du -sh "$W/checkpoints/$2" ;;
 collect)  # small results into $OUT (device tool: <= 8 files, 16 MiB each)
   out=${OUT:-$W/out}; mkdir -p "$out"
   (cd "$W" && tar czf "$out/results.tar.gz" results logs runs/*/config*.yaml runs/*/summary.txt runs/*/logs 2>/dev/null)
-  for ck in ${COLLECT:-}; do
-    (cd "$W/checkpoints" && tar cf "$out/$ck.tar" "$ck") && stamp "$ck: $(du -h "$out/$ck.tar" | cut -f1)"
+  for ck in ${COLLECT:-}; do  # in 15 MiB pieces: join with cat NAME.tar.part* > NAME.tar
+    (cd "$W/checkpoints" && tar cf - "$ck" | split -b 15M -d - "$out/$ck.tar.part") && stamp "$ck: $(du -ch "$out/$ck".tar.part* | tail -1)"
   done
   ls -la "$out" ;;
 *) echo "unknown stage $stage"; exit 2 ;;

@@ -217,11 +217,12 @@ def test_cli_build_info_verify_query(setup, tmp_path, capsys):
     question = "What do dictionaries map?"
     assert main(["cache", "query", str(out), question, "--top-k", "2", "--max-new-tokens", "5", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    # Only doc-3 shares a word with the question: the second of the top 2 is left out, and a note says so.
     assert lines[0].startswith("retrieved    doc-3 (BM25 ") and len(lines) == 3
+    assert lines[1].startswith("note         only 1 of the top 2 documents share a word with the question")
     # The CLI answer is the decoder's greedy output on [BOS][doc vectors][marker][question].
-    top = [lines[0].split()[1], lines[1].split()[1]]
     cache = CompressedCache(out)
-    expect = cache.generate(model, decoder, tok, [question], [top], max_new_tokens=5, do_sample=False)
+    expect = cache.generate(model, decoder, tok, [question], [["doc-3"]], max_new_tokens=5, do_sample=False)
     from arc_encoder.cli.cache import format_answer
 
     assert lines[2] == format_answer(expect[0]) and lines[2].startswith("answer       ")

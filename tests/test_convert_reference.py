@@ -216,7 +216,7 @@ def test_convert_reference_command(tmp_path, tokenizer, capsys):
     (["{ckpt}", "{dst}", "--decoder", "a", "--decoder", "b"], "do not fit the released ARC encoders"),
     (["{ckpt}", "{dst}", "--backbone", "{missing}"], "no such file"),
     (["{ckpt}", "{dst}", "--backbone", "{params}", "--tokenizer", "{ckpt}"], "cannot load a tokenizer"),
-    (["{ckpt}", "{ckpt}", "--backbone", "{params}"], "exists"),
+    (["{ckpt}", "{ckpt}", "--backbone", "{params}"], "is the reference checkpoint"),
     (["{ckpt}", "{dst}", "--backbone", "{params}", "--decoder", "a/b", "--decoder", "b"], "projector name 'a/b'"),
 ])
 def test_convert_reference_command_errors(tmp_path, capsys, args, message):

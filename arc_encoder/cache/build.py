@@ -22,7 +22,7 @@ import torch
 
 from ..adaptive import AdaptivePooling, ChunkScorer, chunk_scorer, plan_pooling
 from ..model import ARCModel, compute_dtype
-from ..storage import PathLike, atomic_write_json, sha256_file
+from ..storage import PathLike, atomic_write_json, read_json_file, sha256_file
 from .store import (
     BUILD_CONFIG,
     CACHE_FORMAT_VERSION,
@@ -35,6 +35,7 @@ from .store import (
     StorageDtype,
     build_sha256,
     cache_lock,
+    check_sidecar,
     sidecar_name,
     text_sha256,
     write_shard,
@@ -84,10 +85,62 @@ def read_corpus(path: PathLike, corpus_format: CorpusFormat = "auto") -> tuple[l
     except ValueError as err:
         if str(err).startswith(f"corpus {path}:"):
             raise
-        raise _corpus_error(path, fmt, err) from err
+        raise _diagnosed(path, fmt, err) from err
     except Exception as err:  # datasets raises many types for unreadable files
-        raise _corpus_error(path, fmt, err) from err
+        raise _diagnosed(path, fmt, err) from err
     return ids, texts
+
+
+def _diagnosed(path: Path, fmt: str, err: BaseException) -> ValueError:
+    """The error of an unreadable corpus, naming the line at fault where one can be found (read
+    again line by line: only after ``datasets`` failed, so a good corpus is read once)."""
+    problem = corpus_problem(path, fmt)
+    return ValueError(f"corpus {path}: {problem}") if problem else _corpus_error(path, fmt, err)
+
+
+def corpus_problem(path: PathLike, fmt: str) -> str | None:
+    """What is wrong with a corpus file, with its line number: an empty file, a truncated or corrupt
+    compressed file, bad UTF-8, a JSON Lines line that is not JSON. None if nothing is found."""
+    import bz2
+    import gzip
+    import lzma
+    import zlib
+
+    path = Path(path)
+    openers = {".gz": (gzip.open, "gzip"), ".bz2": (bz2.open, "bzip2"), ".xz": (lzma.open, "xz")}
+    opener, kind = openers.get(path.suffix, (open, ""))
+    line_no, records = 0, 0
+    whole_json = None
+    try:
+        if fmt == "json":  # a .json file may be one JSON document (an array of records) rather than lines
+            with opener(path, "rb") as f:
+                try:
+                    whole_json = json.loads(f.read().decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    whole_json = None
+        if whole_json is not None:
+            return None if whole_json else "the file holds no records"
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"line {line_no}: not UTF-8 text ({e.reason} at byte {e.start})"
+                if not line.strip():
+                    continue
+                records += 1
+                if fmt == "json":
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"line {line_no}, column {e.colno}: not valid JSON ({e.msg})"
+    except EOFError:
+        return f"the {kind} file is truncated (it ends inside line {line_no + 1})"
+    except (OSError, lzma.LZMAError, zlib.error) as e:
+        return f"not a readable {kind or fmt} file ({e})"
+    if records == 0:
+        return "the file is empty (no records)" if line_no == 0 else f"the file has only blank lines ({line_no})"
+    return None
 
 
 @dataclass
@@ -258,10 +311,10 @@ def shard_is_complete(
     if not path.is_file():
         return False
     try:
-        side = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        side = check_sidecar(json.loads(path.read_text()), str(path))
+    except (ValueError, UnicodeDecodeError):  # damaged: the shard is written again
         return False
-    if not isinstance(side, dict) or side.get("build_sha256") != build_sha256(build) \
+    if side.get("build_sha256") != build_sha256(build) \
             or _sidecar_keys(side) != _doc_keys(ids, texts):
         return False
     for key, sha in (("file", "sha256"), ("texts_file", "texts_sha256")):
@@ -325,7 +378,7 @@ def finalize_cache(directory: PathLike, build: CacheBuildConfig, stream: Documen
         path = directory / sidecar_name(k)
         if not path.is_file():
             raise ValueError(f"{directory}: shard {k} is missing ({sidecar_name(k)}); the build is incomplete, resume it")
-        side = json.loads(path.read_text())
+        side = check_sidecar(read_json_file(path), str(path))
         if side.get("build_sha256") != build_sha256(build):
             raise ValueError(f"{path}: written by another build (other settings, or a concurrent build into this "
                              "directory), not this one; resume to rebuild it")
@@ -410,15 +463,14 @@ def build_cache(
         scorer = make_scorer(build, model, device) if todo else None
         start = time.perf_counter()
         n_todo_docs = sum(len(stream.shard(k, docs_per_shard)[0]) for k in todo)
-        bar = tqdm(total=n_todo_docs, unit="doc", desc="cache build", disable=not progress)
-        for k in todo:
-            ids, texts = stream.shard(k, docs_per_shard)
-            vectors, tokens, plan = compress_shard(model, build, texts, ids, scorer)
-            write_shard(output, build, k, ids, texts, vectors, tokens, plan)
-            bar.update(len(ids))
-            if on_shard is not None:
-                on_shard(k)
-        bar.close()
+        with tqdm(total=n_todo_docs, unit="doc", desc="cache build", disable=not progress) as bar:
+            for k in todo:  # the bar's line ends before any error is printed
+                ids, texts = stream.shard(k, docs_per_shard)
+                vectors, tokens, plan = compress_shard(model, build, texts, ids, scorer)
+                write_shard(output, build, k, ids, texts, vectors, tokens, plan)
+                bar.update(len(ids))
+                if on_shard is not None:
+                    on_shard(k)
         manifest = finalize_cache(output, build, stream)
     n_shards = stream.num_shards(docs_per_shard)
     return BuildResult(Path(output), manifest, todo, n_shards - len(todo), time.perf_counter() - start)

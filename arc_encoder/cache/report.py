@@ -16,8 +16,20 @@ def kv_cache_bytes_per_token(decoder_config, dtype_bytes: int = 2) -> int:
 
 
 def cache_report(directory: PathLike, decoder_path: str | None = None) -> dict[str, Any]:
-    """Sizes per original token: vectors on disk vs the decoder's KV cache vs raw UTF-8 text."""
+    """Sizes per original token: vectors on disk vs the decoder's KV cache vs raw UTF-8 text.
+
+    Every file must have its recorded size (a truncated shard would be reported at its recorded
+    size); ``decoder_path`` must be a decoder of the cache's width (another decoder's KV cache
+    says nothing about this cache). The recorded decoder path is only used when it can be read.
+    """
+    from ..storage import check_files, check_model_dir
+
     m = read_cache_manifest(directory)
+    problems = check_files(directory, m["files"], hash=False)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{problems[0]}{more}: the cache is damaged; `arc-encoder cache verify {directory}` "
+                         "lists every problem")
     vector_bytes = m["vectors"] * m["decoder_hidden_size"] * _ELEMENT_BYTES[m["dtype"]]
     if m["dtype"] == "int8":
         vector_bytes += m["vectors"] * 4
@@ -33,15 +45,30 @@ def cache_report(directory: PathLike, decoder_path: str | None = None) -> dict[s
         "vector_bytes_per_token": vector_bytes / m["tokens"],
         "text_bytes_per_token": m["text_bytes"] / m["tokens"],
     }
-    path = decoder_path or m.get("decoder_path")
-    if path:
+    if decoder_path:  # given: it must be a readable decoder of this cache's width
+        check_model_dir(decoder_path, "--decoder-path")
+        _kv_report(report, m, decoder_path, strict=True)
+    elif m.get("decoder_path"):
         try:
-            from transformers import AutoConfig
-
-            kv = kv_cache_bytes_per_token(AutoConfig.from_pretrained(path))
-            report["kv_cache_bytes_per_token_bf16"] = kv
-            report["kv_cache_over_cache"] = kv / report["vector_bytes_per_token"]
+            check_model_dir(m["decoder_path"], "the recorded decoder")
+            _kv_report(report, m, m["decoder_path"], strict=False)
         except (OSError, ValueError) as err:
-            report["kv_cache_error"] = f"cannot read decoder config at {path}: {err}"
+            report["kv_cache_error"] = f"cannot read decoder config at {m['decoder_path']}: {err}"
     return report
 
+
+def _kv_report(report: dict[str, Any], manifest: dict[str, Any], path: str, strict: bool) -> None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the decoder config at {path}: {err}") from err
+    width = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
+    if width != manifest["decoder_hidden_size"]:
+        raise ValueError(f"{'--decoder-path ' if strict else 'the recorded decoder '}{path}: a decoder of width {width}, "
+                         f"but this cache holds vectors of width {manifest['decoder_hidden_size']} for decoder "
+                         f"{manifest['decoder']!r}; its KV cache says nothing about this cache")
+    kv = kv_cache_bytes_per_token(config)
+    report["kv_cache_bytes_per_token_bf16"] = kv
+    report["kv_cache_over_cache"] = kv / report["vector_bytes_per_token"]

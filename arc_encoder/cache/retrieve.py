@@ -23,7 +23,9 @@ class BM25Retriever:
         if not ids:
             raise ValueError("BM25Retriever needs at least one document")
         self.ids = list(ids)
-        self.bm25 = BM25Okapi([bm25_tokens(t) or [""] for t in texts])
+        tokens = [bm25_tokens(t) or [""] for t in texts]
+        self.words = [set(t) for t in tokens]
+        self.bm25 = BM25Okapi(tokens)
 
     @classmethod
     def from_cache(cls, cache: CompressedCache) -> BM25Retriever:
@@ -31,10 +33,17 @@ class BM25Retriever:
         return cls(list(texts), list(texts.values()))
 
     def search(self, query: str, top_k: int = 3) -> list[tuple[str, float]]:
+        """The ``top_k`` best documents: highest score first, then those that share a word with the
+        query (BM25 scores a word found in half of a small corpus 0), then corpus order."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        scores = self.bm25.get_scores(bm25_tokens(query))
-        order = sorted(range(len(self.ids)), key=lambda i: (-scores[i], i))[:top_k]
+        query_tokens = bm25_tokens(query)
+        words = set(query_tokens)
+        scores = self.bm25.get_scores(query_tokens)
+        order = sorted(range(len(self.ids)), key=lambda i: (-scores[i], not words & self.words[i], i))[:top_k]
         return [(self.ids[i], float(scores[i])) for i in order]
 
-
+    def matching(self, query: str) -> set[str]:
+        """Ids of the documents that share at least one word with ``query``."""
+        words = set(bm25_tokens(query))
+        return {doc_id for doc_id, doc_words in zip(self.ids, self.words) if words & doc_words}

@@ -10,14 +10,12 @@ another checkpoint or decoder. Building lives in ``arc_encoder.cache.build``.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -31,6 +29,7 @@ from ..config import dataclass_from_dict, torch_dtype
 from ..model import ARCModel, CompressedContext
 from .names import CorpusFormat, StorageDtype
 from ..storage import (
+    DirectoryLock,
     PathLike,
     atomic_save_tensors,
     atomic_write_bytes,
@@ -133,6 +132,9 @@ class CacheBuildConfig:
             raise ValueError(f"cache format_version {self.format_version} is not {CACHE_FORMAT_VERSION}")
         if self.pooling not in get_args(PoolingMode):
             raise ValueError(f"pooling={self.pooling!r} is not one of {list(get_args(PoolingMode))}")
+        if not isinstance(self.adaptive_factors, (list, tuple)) or any(
+                isinstance(f, bool) or not isinstance(f, int) for f in self.adaptive_factors):
+            raise ValueError(f"adaptive_factors must be a list of integers, got {self.adaptive_factors!r}")
         self.adaptive_factors = [int(f) for f in self.adaptive_factors]
         self.policy()  # validates the adaptive settings
 
@@ -178,48 +180,17 @@ class CacheBuildConfig:
 
 
 # ---------------------------------------------------------------------------- lock
-@contextmanager
-def cache_lock(directory: PathLike) -> Iterator[Path]:
-    """Hold the exclusive build lock of cache ``directory`` (created if missing) or fail at once.
+def cache_lock(directory: PathLike) -> DirectoryLock:
+    """The exclusive build lock of cache ``directory`` (created if missing), taken at once or refused
+    (a context manager).
 
     Two builds into one directory would each report success while the survivor's files were
-    whichever finished last. The lock is an ``fcntl.flock`` on ``DIR/.build.lock`` (released by
-    the kernel if the process dies); the file is removed on release, and a directory this call
-    created is removed again if nothing else was written into it.
+    whichever finished last. The lock (`DirectoryLock`) is an ``fcntl.flock`` on ``DIR/.build.lock``
+    (released by the kernel if the process dies); the file is removed on release, and a directory
+    this call created is removed again if nothing else was written into it.
     """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    for _ in range(10):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise FileExistsError(f"{directory}: another build is writing this cache (it holds the lock {path}, pid "
-                                  f"{holder}); wait for it to finish, then resume") from None
-        try:  # the holder before us may have removed the file we opened: lock the current one
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    else:
-        raise FileExistsError(f"{directory}: could not take the build lock {path}")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-        if created and not any(directory.iterdir()):
-            directory.rmdir()
-        os.close(fd)
+    return DirectoryLock(directory, LOCK_NAME, "{directory}: another build is writing this cache (it holds the lock "
+                         "{path}, pid {pid}); wait for it to finish, then resume")
 
 
 # ---------------------------------------------------------------------------- shards
@@ -282,6 +253,42 @@ def write_shard(
     }
     atomic_write_json(directory / sidecar_name(k), sidecar)
     return sidecar
+
+
+_SIDECAR_INTS = {"shard": 0, "bytes": 0, "texts_bytes": 0, "vectors": 0}
+_SIDECAR_STRS = ("build_sha256", "file", "sha256", "texts_file", "texts_sha256")
+_DOC_INTS = {"offset": 0, "length": 1, "tokens": 0, "text_bytes": 0}
+
+
+def check_sidecar(side: Any, where: str) -> dict[str, Any]:
+    """A shard sidecar's structure (every field its JSON type); a ValueError names the file and field."""
+    def is_int(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not isinstance(side, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(side).__name__}")
+    for key, low in _SIDECAR_INTS.items():
+        if not is_int(side.get(key), low):
+            raise ValueError(f"{where}: {key} must be an integer >= {low}, got {side.get(key)!r}")
+    for key in _SIDECAR_STRS:
+        if not isinstance(side.get(key), str) or not side[key]:
+            raise ValueError(f"{where}: {key} must be a non-empty string, got {side.get(key)!r}")
+    for key in ("file", "texts_file"):
+        if Path(side[key]).is_absolute() or ".." in Path(side[key]).parts:
+            raise ValueError(f"{where}: {key} {side[key]!r} is not a path inside the cache")
+    docs = side.get("docs")
+    if not isinstance(docs, list):
+        raise ValueError(f"{where}: docs must be a list, got {docs!r}")
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not isinstance(d.get("text_sha256"), str):
+            raise ValueError(f"{where}: docs[{i}] needs a string id and text_sha256")
+        for key, low in _DOC_INTS.items():
+            if not is_int(d.get(key), low):
+                raise ValueError(f"{where}: docs[{i}].{key} must be an integer >= {low}, got {d.get(key)!r}")
+        factors = d.get("pooling_factors", [1])
+        if not isinstance(factors, list) or not factors or not all(is_int(f, 1) for f in factors):
+            raise ValueError(f"{where}: docs[{i}].pooling_factors must be a list of integers >= 1, got {factors!r}")
+    return side
 
 
 def build_sha256(build: CacheBuildConfig) -> str:

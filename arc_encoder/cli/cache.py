@@ -15,6 +15,9 @@ from .common import (
     add_allow_other_decoder_arg,
     add_device_arg,
     adaptive_policy,
+    checkpoint_inputs,
+    output_dir,
+    positive_int,
     report_problems,
     resolve_device,
 )
@@ -24,6 +27,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     from ..cache.build import build_cache
     from ..checkpoint import read_config
 
+    output_dir(args.output, "--output", {"--corpus file": args.corpus, **checkpoint_inputs(args.checkpoint, args.decoder)})
     result = build_cache(
         args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
         docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
@@ -40,6 +44,11 @@ def cmd_build(args: argparse.Namespace) -> None:
         print(f"adaptive pooling ({m['adaptive_density']}): chunks per factor {m.get('chunks_per_pooling_factor')}, "
               f"{m['vectors'] / m['tokens']:.4f} vectors/token (fixed x{m['adaptive_target']:g}: "
               f"{1 / m['adaptive_target']:.4f})")
+        used = m.get("chunks_per_pooling_factor") or {}
+        if len(used) == 1 and float(next(iter(used))) == float(m["adaptive_target"]):
+            print(f"note: adaptive pooling changed nothing: every chunk got x{next(iter(used))}, as fixed pooling at "
+                  f"x{m['adaptive_target']:g} would (the chunks' scores did not differ enough to move any; raise "
+                  "--adaptive-strength, or score with another --adaptive density)")
     if m["skipped_empty"]:
         print(f"skipped {m['skipped_empty']} empty documents")
     if m["dropped_duplicates"]:
@@ -78,7 +87,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    from ..cache.retrieve import BM25Retriever
+    from ..cache.retrieve import BM25Retriever, bm25_tokens
     from ..cache.store import CompressedCache, read_cache_manifest
     from ..model import ARCModel
 
@@ -91,10 +100,23 @@ def cmd_query(args: argparse.Namespace) -> None:
         if missing:
             raise ValueError(f"document ids not in the cache: {missing}")
     else:
-        hits = BM25Retriever.from_cache(cache).search(args.question, args.top_k)
+        retriever = BM25Retriever.from_cache(cache)
+        hits = retriever.search(args.question, args.top_k)
+        matching = retriever.matching(args.question)
+        matched = [(d, score) for d, score in hits if d in matching]
+        if not matched and not args.allow_no_match:
+            words = "has no word to search for" if not bm25_tokens(args.question) else "shares no word with any document"
+            raise ValueError(f"no document matches the question: it {words} of the {len(cache)} in the cache; "
+                             "rephrase it, name documents with --doc-id, or pass --allow-no-match to answer from "
+                             f"{min(args.top_k, len(cache))} unrelated documents")
+        if not args.allow_no_match:
+            hits = matched
         doc_ids = [d for d, _ in hits]
         for d, score in hits:
-            print(f"retrieved    {d} (BM25 {score:.2f})")
+            print(f"retrieved    {d} (BM25 {score:.2f}{'' if d in matching else ', no match'})")
+        if len(matched) < min(args.top_k, len(cache)) and not args.allow_no_match:
+            print(f"note         only {len(matched)} of the top {args.top_k} documents share a word with the question; "
+                  "the others are left out (--allow-no-match keeps them)")
     device = resolve_device(args.device)
     model = ARCModel.from_pretrained(checkpoint, decoders=[cache.decoder], device=device).eval()
     decoder, tokenizer, _ = model.load_decoder(cache.decoder, args.decoder_path, device,
@@ -128,8 +150,8 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--output", required=True, help="cache directory to create")
     b.add_argument("--dtype", choices=get_args(StorageDtype), default="float16",
                    help="storage: float16/bfloat16/float32, or int8 with one absmax scale per vector")
-    b.add_argument("--docs-per-shard", type=int, default=256, help="documents per shard file (the unit of resuming; default 256)")
-    b.add_argument("--batch-size", type=int, default=8, help="documents compressed together")
+    b.add_argument("--docs-per-shard", type=positive_int, default=256, help="documents per shard file (the unit of resuming; default 256)")
+    b.add_argument("--batch-size", type=positive_int, default=8, help="documents compressed together")
     b.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
     add_device_arg(b)
@@ -152,11 +174,15 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
                              "(the continuation marker after every document, as the reference).")
     q.add_argument("cache", help="cache directory (built by `cache build`)")
     q.add_argument("question", help="the question: BM25 retrieves with it, and the decoder reads it after the documents")
-    q.add_argument("--top-k", type=int, default=3, help="documents retrieved with BM25 (default 3)")
+    q.add_argument("--top-k", type=positive_int, default=3, help="documents retrieved with BM25 (default 3)")
     q.add_argument("--doc-id", action="append", help="use these documents instead of retrieval (repeatable)")
     q.add_argument("--checkpoint", help="checkpoint directory (default: the one recorded in the cache)")
     q.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")
-    q.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (greedy; default 64)")
+    q.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="tokens to generate at most (greedy; default 64; must fit the decoder's positions)")
+    q.add_argument("--allow-no-match", action="store_true",
+                   help="answer even from documents that share no word with the question (BM25 0); without it such "
+                   "documents are left out, and a question that matches none is an error")
     add_device_arg(q)
     add_allow_other_decoder_arg(q)
     q.set_defaults(func=cmd_query)

@@ -10,10 +10,12 @@ stays fast.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from ..config import DtypeName
+from ..storage import check_apart
 
 if TYPE_CHECKING:
     from ..adaptive import AdaptivePooling
@@ -55,13 +57,64 @@ def add_allow_other_decoder_arg(p: argparse.ArgumentParser) -> None:
                    "from the recorded identity); a warning says so")
 
 
-def output_file(path: str, flag: str = "--output") -> str:
-    """A file path to write: not empty, not an existing directory (an existing file is replaced)."""
+def output_file(path: str, flag: str = "--output", inputs: Mapping[str, str | None] | None = None) -> str:
+    """A file path to write: not empty, not an existing directory, in a directory that exists (none
+    is created), and neither one of the command's ``inputs`` ({what: path}) nor inside one.
+
+    An existing file is replaced, so an output that names an input (the corpus, a checkpoint's
+    weights, a curve) would destroy it: refused before anything is read or written.
+    """
     if not path or not path.strip():
         raise ValueError(f"{flag}: empty path")
-    if Path(path).is_dir():
+    p = Path(path)
+    if p.is_dir():
         raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    parent = p.parent
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist (it is not created; make it first)"
+        raise FileNotFoundError(f"{flag} {path}: the directory {parent} {state}")
+    check_apart(path, flag, inputs or {})
     return path
+
+
+def output_dir(path: str, flag: str = "--output", inputs: Mapping[str, str | None] | None = None) -> str:
+    """A directory to create or fill: not empty, its parent exists, and it neither is, holds nor lies
+    inside one of ``inputs`` (a checkpoint written over its own base model would delete it)."""
+    if not path or not path.strip():
+        raise ValueError(f"{flag}: empty path (give a directory to create, e.g. cache/)")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a directory")
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the directory {parent} does not exist (it is not created; make it "
+                                "first)")
+    check_apart(path, flag, inputs or {}, both_ways=True)
+    return path
+
+
+def checkpoint_inputs(checkpoint: str, decoder: str | None = None, decoder_path: str | None = None) -> dict:
+    """A command's model inputs ({what: path}) that no output may replace: the checkpoint and the
+    decoder, given or recorded (`output_file`)."""
+    inputs = {"checkpoint": checkpoint, "decoder": decoder_path}
+    if decoder:
+        from ..checkpoint import read_config
+
+        projector = read_config(checkpoint).projectors.get(decoder)
+        if projector is not None and projector.decoder:
+            inputs["decoder recorded in the checkpoint"] = projector.decoder
+    return inputs
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def int_list(text: str) -> list[int]:
@@ -144,15 +197,21 @@ def pyplot(flag: str = "--plot"):
 def read_text_file(path: str, flag: str) -> str:
     """A whole UTF-8 text file, gzip-compressed when its name ends in .gz."""
     import gzip
+    import zlib
 
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p}: is a directory; give a text file")
     if not p.is_file():
         raise FileNotFoundError(f"{flag} {p}: no such file")
     data = p.read_bytes()
+    gz = p.name.endswith(".gz")
     try:
-        return (gzip.decompress(data) if p.name.endswith(".gz") else data).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{flag} {p}: not a UTF-8 text file{' (gzip)' if p.name.endswith('.gz') else ''} ({err})") from err
+        return (gzip.decompress(data) if gz else data).decode("utf-8")
+    except EOFError:
+        raise ValueError(f"{flag} {p}: the gzip file is truncated (it ends before its end-of-stream marker)") from None
+    except (OSError, zlib.error, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag} {p}: not a UTF-8 text file{' (gzip)' if gz else ''} ({err})") from err
 
 
 def report_problems(problems: list[str], ok_message: str) -> int:

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..config import torch_dtype
-from .common import DTYPE_CHOICES
+from .common import DTYPE_CHOICES, output_dir
 
 
 def decoder_specs(values: list[str] | None) -> list:
@@ -44,6 +44,12 @@ def cmd_convert_reference(args: argparse.Namespace) -> None:
     from ..convert_reference import read_reference_checkpoint, reference_to_model
 
     src = Path(args.src)
+    inputs = {"reference checkpoint": args.src, "--tokenizer directory": args.tokenizer,
+              "--backbone file": args.backbone}
+    inputs.update({f"decoder {spec}": spec.partition("=")[2] for spec in args.decoder or []})
+    output_dir(args.dst, "DST", inputs)
+    if Path(args.dst).exists() and not args.overwrite:  # before anything is read
+        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
     decoders = decoder_specs(args.decoder)
     if not decoders:  # default names: the reference's llm_number order
         count = read_reference_checkpoint(src).num_decoders

@@ -19,8 +19,10 @@ from .common import (
     add_allow_other_decoder_arg,
     add_device_arg,
     adaptive_policies,
+    checkpoint_inputs,
     int_list,
     output_file,
+    positive_int,
     pyplot,
     resolve_device,
 )
@@ -39,12 +41,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..checkpoint import read_config
     from ..storage import atomic_write_json
 
+    inputs = {"--data corpus": args.data, **checkpoint_inputs(args.checkpoint, args.decoder, args.decoder_path)}
+    if args.output is not None:
+        output_file(args.output, "--output", inputs)
+    if args.plot is not None:
+        output_file(args.plot, "--plot", {**inputs, "--output file": args.output})
     policies = adaptive_policies(args, read_config(args.checkpoint).encoder)  # bad flags fail before any load
     stream = DocumentStream.from_corpus(args.data, args.format)
     device = resolve_device(args.device)
-    for flag in ("output", "plot"):
-        if getattr(args, flag) is not None:
-            output_file(getattr(args, flag), f"--{flag}")
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     decoder, dec_tok, dec_path = model.load_decoder(args.decoder, args.decoder_path, device, compute_dtype(device),
                                                     allow_other_decoder=args.allow_other_decoder)
@@ -109,6 +113,11 @@ def format_table(points: list[dict]) -> str:
         p = points[0]
         rows.append(f"closed book loss {p['loss_none']:.3f}, open book {p['loss_full']:.3f} (nats/token); "
                     f"bits/tok = H(text) per token with no context; recov = bits recovered per token")
+    negative = [p["label"] for p in points if p["bits_recovered_per_token"] < 0]
+    if negative:
+        rows.append(f"negative recov ({', '.join(negative)}): reading the text back from the vectors, the decoder "
+                    "predicts it worse than with no context at all: the vectors carry less than nothing it can use "
+                    "(an untrained or mismatched projector, or a decoder that does not read its context)")
     return "\n".join(rows)
 
 
@@ -170,11 +179,11 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
                    help="rate-distortion points (default: the factors the encoder was trained with)")
     i.add_argument("--chunk-lens", type=int_list, default=None,
                    help="also vary the chunk length (default: the checkpoint's)")
-    i.add_argument("--context-tokens", type=int, default=128, help="decoder tokens per context window")
-    i.add_argument("--target-tokens", type=int, default=32, help="continuation tokens scored after it")
-    i.add_argument("--max-samples", type=int, default=256, help="(context, continuation) windows scored at most (default 256)")
-    i.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
-    i.add_argument("--em-k", type=int, default=4, help="EM@k: the first k continuation tokens exactly")
+    i.add_argument("--context-tokens", type=positive_int, default=128, help="decoder tokens per context window")
+    i.add_argument("--target-tokens", type=positive_int, default=32, help="continuation tokens scored after it")
+    i.add_argument("--max-samples", type=positive_int, default=256, help="(context, continuation) windows scored at most (default 256)")
+    i.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward pass (default 16)")
+    i.add_argument("--em-k", type=positive_int, default=4, help="EM@k: the first k continuation tokens exactly")
     add_device_arg(i)
     add_allow_other_decoder_arg(i)
     add_adaptive_args(i, several=True)

@@ -20,7 +20,10 @@ from .common import (
     add_allow_other_decoder_arg,
     add_device_arg,
     adaptive_policy,
+    checkpoint_inputs,
+    output_dir,
     output_file,
+    positive_int,
     read_text_file,
     report_problems,
     resolve_device,
@@ -35,7 +38,10 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], int]:
     from ..cache.build import read_corpus
 
     _, texts = read_corpus(args.input, args.format)
-    kept = [t for t in texts if isinstance(t, str) and t.strip()]
+    for row, text in enumerate(texts, 1):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"--input {args.input}: row {row}: text is {type(text).__name__}, not str")
+    kept = [t for t in texts if t is not None and t.strip()]
     if not kept:
         raise ValueError(f"--input {args.input}: no text to compress (the file has no non-empty text)")
     return kept, len(texts) - len(kept)
@@ -46,6 +52,9 @@ def cmd_init(args: argparse.Namespace) -> None:
     from ..model import ARCModel, load_frozen_decoder
     from ..storage import check_model_dir
 
+    inputs = {"base model": args.base_model}
+    inputs.update({f"decoder {spec}": spec.partition("=")[2] for spec in args.decoder or []})
+    output_dir(args.output, "OUTPUT", inputs)
     if Path(args.output).exists() and not args.overwrite:  # before any model loads
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     cfg = EncoderConfig(
@@ -94,9 +103,22 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Every file against the manifest, then a load of the whole checkpoint (configs, tokenizer,
+    every tensor's name, shape and dtype): files that match their hashes can still not load."""
     from ..checkpoint import verify_checkpoint
+    from ..model import ARCModel
 
-    return report_problems(verify_checkpoint(args.checkpoint), f"{args.checkpoint}: every file matches the manifest")
+    problems = verify_checkpoint(args.checkpoint)
+    if problems:
+        return report_problems(problems, "")
+    try:
+        model = ARCModel.from_pretrained(args.checkpoint, device="cpu", verify=False)  # hashes were checked above
+    except (ValueError, OSError) as err:
+        text = " ".join(str(err).split())
+        return report_problems([f"{args.checkpoint}: every file matches the manifest, but the checkpoint does not "
+                                f"load: {text}"], "")
+    return report_problems([], f"{args.checkpoint}: every file matches the manifest, and the checkpoint loads "
+                           f"(encoder and projectors {sorted(model.projectors)})")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -109,10 +131,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if args.pooling_factor is not None and args.adaptive:
         raise ValueError("--pooling-factor and --adaptive exclude each other; set an adaptive plan's "
                          "average factor with --adaptive-target")
+    output_file(args.output, inputs={"--input corpus": args.input,
+                                     **checkpoint_inputs(args.checkpoint, args.decoder, args.decoder_path)})
     policy = adaptive_policy(args, read_config(args.checkpoint).encoder)  # bad flags fail before any load
     texts, skipped = _read_texts(args)
     device = resolve_device(args.device)
-    output_file(args.output)
     model = ARCModel.from_pretrained(args.checkpoint, decoders=[args.decoder], device=device).eval()
     ids = model.tokenize(texts)
     enc = model.encoder.config
@@ -222,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--context", help="context text, compressed before decoding")
     ctx.add_argument("--context-file", help="file whose text is the context (optionally .gz)")
     p.add_argument("--prompt", required=True, help="text that follows the compressed context")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (greedy; default 64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="tokens to generate at most (greedy; default 64; the decoder input plus these must fit the "
+                   "decoder's positions)")
     add_device_arg(p)
     add_allow_other_decoder_arg(p)
     p.set_defaults(func=cmd_generate)
@@ -247,9 +272,58 @@ def command_name(args: argparse.Namespace) -> str:
     return f"{args.command} {sub}" if sub else args.command
 
 
+def _option_values(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string (of every subcommand) that takes exactly one value."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_values(sub)
+        elif action.option_strings and action.nargs is None:
+            found.update(s for s in action.option_strings if s.startswith("--"))
+    return found
+
+
+def join_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--budget -5ms`` -> ``--budget=-5ms``: argparse takes a value that starts with '-' (and is
+    not a plain number) for an option and fails with "expected one argument"; joined, the value
+    reaches its own check, which says what is wrong with it."""
+    takes_value, out, i = _option_values(parser), [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and len(argv[i + 1]) > 1 and argv[i + 1][0] == "-" \
+                and (argv[i + 1][1].isdigit() or argv[i + 1][1] == "."):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar's line, so that an error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
+def error_text(err: BaseException) -> str:
+    """One line: an OS error as 'PATH: reason' (the path it concerns, never a bare errno)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(join_dash_values(raw, parser))
+    args.argv = raw
     python_showwarning = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -263,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = show
             code = args.func(args)
     except (ValueError, OSError) as err:  # bad input, missing/unwritable files, full disks: one line
-        text = " ".join(str(err).split()) or type(err).__name__
-        print(f"arc-encoder {command_name(args)}: error: {text}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"arc-encoder {command_name(args)}: error: {error_text(err)}", file=sys.stderr)
         return 2
     return int(code or 0)
 

@@ -16,7 +16,7 @@ from typing import get_args
 from ..planner.flops import ModelShape, QueryMode
 from ..planner.plan import METRICS, QUALITY_BENCHMARK, Budget, Candidate, Plan, Query, Shapes, make_plan
 from ..planner.plan import check_speed_model, load_quality_curve, load_speed_curve, summarise_check
-from .common import pyplot
+from .common import output_file, pyplot
 
 
 def packaged_curves() -> Path:
@@ -231,6 +231,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pyplot()  # fails before any work when matplotlib is missing
     speed_path = Path(args.speed) if args.speed else default_curve("speed", args.curves_dir)
     quality_path = Path(args.quality) if args.quality else default_curve("quality", args.curves_dir)
+    inputs = {"speed curve": str(speed_path), "quality curve": str(quality_path),
+              "--encoder-config file": args.encoder_config, "--decoder-config file": args.decoder_config}
+    if args.json:  # every output is checked before the plan is made or printed
+        output_file(args.json, "--json", inputs)
+    if args.plot:
+        output_file(args.plot, "--plot", {**inputs, "--json file": args.json})
     speed = load_speed_curve(speed_path)
     quality = load_quality_curve(quality_path)
     if args.budget is not None:

@@ -19,17 +19,7 @@ from pathlib import Path
 from typing import get_args
 
 from ..cache.names import CorpusFormat
-from .common import add_device_arg, output_file, resolve_device
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+from .common import add_device_arg, output_file, positive_int, resolve_device
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -42,7 +32,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                          copy_max=args.copy_max, gain_min=args.gain_min)
     check_model_dir(args.decoder, "decoder")
     if args.json:
-        output_file(args.json, "--json")
+        output_file(args.json, "--json", {"--data file": args.data, "decoder": args.decoder})
     _, texts = read_corpus(args.data, args.format)
     device = resolve_device(args.device)
     t0 = time.time()
