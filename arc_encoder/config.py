@@ -529,25 +529,48 @@ class ARCConfig:
             raise ValueError(f"{path}: {err}") from err
 
 
+# Which ids the probe's random induction sequences are drawn from (arc_encoder.probe).
+#   "text":       the distinct ids of the held-out passages: ids the tokenizer really produces.
+#   "vocabulary": every id but the special ones (the measure up to issue 22).
+InductionTokens = Literal["text", "vocabulary"]
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Sizes of the three measurements and their gates (defaults: issue 12's gates)."""
+    """Sizes of the probe's three measurements and their relative gates (arc_encoder.probe).
+
+    Gates (issue 22), set between the readers and non-readers measured in
+    benchmarks/results/probe_real_cpu.json: second-copy loss at most ``induction_ratio_max`` /
+    ``copy_ratio_max`` of the first copy's, and the context removing at least ``gain_ratio_min``
+    of the closed-book loss. 16 passages and 16 induction rows keep SmolLM2-135M's probe near a
+    minute on 2 CPU cores; every number is reported with its standard error over rows.
+    """
 
     induction_len: int = 64
-    induction_rows: int = 64
+    induction_rows: int = 16
     copy_len: int = 256
     context_len: int = 256
     continuation_len: int = 64
+    passages: int = 16
     batch_size: int = 16
     seed: int = 0
-    induction_max: float = 1.0
-    copy_max: float = 0.5
-    gain_min: float = 0.3
+    induction_tokens: InductionTokens = "text"
+    induction_ratio_max: float = 0.5
+    copy_ratio_max: float = 0.5
+    gain_ratio_min: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("induction_len", "induction_rows", "copy_len", "context_len", "continuation_len", "batch_size"):
+        for name in ("induction_len", "induction_rows", "copy_len", "context_len", "continuation_len", "passages",
+                     "batch_size"):
             if getattr(self, name) < (2 if name.endswith("_len") else 1):
                 raise ValueError(f"probe.{name} must be >= {2 if name.endswith('_len') else 1}, got {getattr(self, name)}")
+        if self.induction_tokens not in get_args(InductionTokens):
+            raise ValueError(f"probe.induction_tokens must be one of {get_args(InductionTokens)}, "
+                             f"got {self.induction_tokens!r}")
+        for name in ("induction_ratio_max", "copy_ratio_max", "gain_ratio_min"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"probe.{name} must be a number, got {value!r}")
 
     @property
     def window_len(self) -> int:

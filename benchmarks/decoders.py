@@ -357,7 +357,9 @@ def probe_windows(tokens_dir: str | Path, split: str, count: int, config: ProbeC
 
 def run_probe(model, tok, windows: torch.Tensor, config: ProbeConfig, device: torch.device):
     with _autocast(device):
-        return probe_decoder(model, windows, tok.bos_token_id, len(tok), tok.all_special_ids, config)
+        # These decoders were trained on documents that start with their BOS (``TokenSplit``), although
+        # their tokenizer adds none by default: so their rows start with it too.
+        return probe_decoder(model, windows, [tok.bos_token_id], len(tok), tok.all_special_ids, config)
 
 
 @torch.no_grad()

@@ -192,6 +192,31 @@ def test_report_and_kv_bytes(setup, tmp_path):
     assert r["vector_bytes_per_token"] == pytest.approx(r["vectors"] * 24 * 2 / r["tokens"])
     text_bytes = sum(len(d["text"].encode()) for d in make_docs())
     assert r["text_bytes_per_token"] == pytest.approx(text_bytes / r["tokens"])
+    assert r["kv_context_tokens"] == round(r["tokens"] / r["docs"]) and r["kv_layers"]["sliding_layers"] == 0
+
+
+def test_report_kv_bytes_of_a_sliding_window_decoder(setup, tmp_path, capsys):
+    """A Gemma 3-style decoder config (2 of 3 layers keep a 4-token window): KV bytes at the stated length."""
+    from transformers import AutoConfig
+
+    _, model, _, _, ckpt, corpus = setup
+    build_cache(ckpt, "dec", corpus, tmp_path / "c", dtype="bfloat16", model=model, progress=False)
+    AutoConfig.for_model("gemma3_text", vocab_size=99, hidden_size=24, intermediate_size=37, num_hidden_layers=3,
+                         num_attention_heads=3, num_key_value_heads=1, head_dim=12, sliding_window=4,
+                         layer_types=["sliding_attention", "sliding_attention", "full_attention"]
+                         ).save_pretrained(tmp_path / "gemma")
+    r = cache_report(tmp_path / "c", str(tmp_path / "gemma"), context_tokens=10)
+    per = 2 * 12 * 2  # one layer, one position: K and V of 1 head of 12, bf16
+    assert r["kv_cache_bytes_bf16"] == (10 + 2 * 4) * per and r["kv_cache_bytes_per_token_bf16"] == pytest.approx(18 * per / 10)
+    assert r["kv_cache_bytes_per_token_bf16_unwindowed"] == 3 * per
+    assert r["kv_layers"] == {"full_layers": 1, "sliding_layers": 2, "sliding_window": 4}
+    assert r["kv_cache_over_cache"] == pytest.approx(r["kv_cache_bytes_per_token_bf16"] / r["vector_bytes_per_token"])
+    assert main(["cache", "info", str(tmp_path / "c"), "--decoder-path", str(tmp_path / "gemma"),
+                 "--context-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "86 bytes/token (bf16) at 10-token contexts (864 bytes); 2 of 3 layers keep only a 4-token window" in out
+    with pytest.raises(SystemExit):
+        main(["cache", "info", str(tmp_path / "c"), "--context-tokens", "0"])
 
 
 def test_bm25_retrieves_the_matching_doc():

@@ -21,6 +21,7 @@ from .common import (
     report_problems,
     resolve_device,
 )
+from .probe import positive_int
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -58,7 +59,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from ..cache.report import cache_report
 
-    r = cache_report(args.cache, args.decoder_path)
+    r = cache_report(args.cache, args.decoder_path, args.context_tokens)
     if args.json:
         print(json.dumps(r, indent=2))
         return
@@ -73,7 +74,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"per token    {r['vector_bytes_per_token']:.2f} bytes of vectors; raw UTF-8 text "
           f"{r['text_bytes_per_token']:.2f} bytes")
     if "kv_cache_bytes_per_token_bf16" in r:
-        print(f"vs KV cache  decoder KV cache {r['kv_cache_bytes_per_token_bf16']:,} bytes/token (bf16): "
+        layers = r["kv_layers"]
+        windowed = (f"; {layers['sliding_layers']} of {layers['sliding_layers'] + layers['full_layers']} layers keep "
+                    f"only a {layers['sliding_window']}-token window ({r['kv_cache_bytes_per_token_bf16_unwindowed']:,} "
+                    "bytes/token while the context fits it)" if layers["sliding_layers"] else "")
+        print(f"vs KV cache  decoder KV cache {r['kv_cache_bytes_per_token_bf16']:,.0f} bytes/token (bf16) at "
+              f"{r['kv_context_tokens']:,}-token contexts ({r['kv_cache_bytes_bf16']:,} bytes){windowed}: "
               f"cache is {r['kv_cache_over_cache']:.1f}x smaller")
     elif "kv_cache_error" in r:
         print(f"vs KV cache  unknown ({r['kv_cache_error']}); pass --decoder-path")
@@ -161,6 +167,9 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     i = cache_sub.add_parser("info", help="sizes: bytes per token vs the decoder's KV cache and raw text")
     i.add_argument("cache", help="cache directory (built by `cache build`)")
     i.add_argument("--decoder-path", help="decoder config for the KV-cache comparison (default: recorded path)")
+    i.add_argument("--context-tokens", type=positive_int, help="context length the decoder's KV cache is taken at (default: "
+                   "the cache's mean document length); matters for decoders with sliding-window layers (Gemma 3), "
+                   "whose cache per token shrinks as the context outgrows the window")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_info)
 

@@ -11,14 +11,19 @@ m = ceil(n / pf) vectors:
                                   P_q = H*dq, P_kv = 2*H*dkv: as the reference, the queries
                                   are projected from the m pooled inputs, keys and values
                                   from all n tokens (m query rows)
-  decoder forward over T tokens:  2*T*(blocks' params + lm_head rows kept) + 2*T^2*dq per
-                                  layer (causal: half of the 4*T^2*dq square)
+  decoder forward over T tokens:  2*T*(blocks' params + lm_head rows kept) + 4*dq*pairs per
+                                  layer; pairs = T^2/2 (causal: half the square), and for a
+                                  sliding-window layer of W positions (Gemma 3: 5 of every 6
+                                  layers, W = 512) with T > W: W^2/2 + (T - W)*W, each query
+                                  reading at most W keys
   projector:                      2*vectors*(in*hidden + hidden*out)
 
 A config is anything with Hugging Face's attribute names (``hidden_size``,
 ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, optional
-``head_dim``, and for decoders ``num_hidden_layers`` and ``vocab_size``): a
-``PretrainedConfig`` or a :class:`ModelShape` read from a JSON dict.
+``head_dim``, and for decoders ``num_hidden_layers`` and ``vocab_size``, optional
+``layer_types`` / ``sliding_window``, read by ``arc_encoder.decoders.attention_windows``): a
+``PretrainedConfig`` or a :class:`ModelShape` read from a JSON dict. The encoder's
+bidirectional layers are counted as full attention.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from ..decoders import attention_windows
 
 QueryMode = Literal["cached", "online"]
 
@@ -50,6 +57,8 @@ class ModelShape:
     num_key_value_heads: int
     vocab_size: int
     head_dim: int | None = None
+    layer_types: tuple[str, ...] | None = None  # set only when some layers use a sliding window
+    sliding_window: int | None = None
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], where: str = "config") -> ModelShape:
@@ -70,6 +79,16 @@ class ModelShape:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{where}: key {name!r} must be an integer >= 1, got {v!r}")
             values[name] = v
+        try:
+            windows = attention_windows(cfg)
+        except ValueError as err:
+            raise ValueError(f"{where}: {str(err).removeprefix('config: ')}") from None
+        sliding = sorted({w for w in windows if w is not None})
+        if len(sliding) > 1:
+            raise ValueError(f"{where}: sliding layers with different windows {sliding} are not supported")
+        if sliding:
+            values["layer_types"] = tuple("full_attention" if w is None else "sliding_attention" for w in windows)
+            values["sliding_window"] = sliding[0]
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -97,12 +116,23 @@ def encoder_forward_flops(cfg: ConfigLike, layers: int, n: int, pf: int, chunks:
     return float(chunks * ((layers - 1) * full + pooled))
 
 
+def causal_attention_pairs(tokens: int, window: int | None = None) -> float:
+    """(query, key) pairs one causal layer attends over ``tokens``: T^2/2 (the model-FLOPs convention),
+    or with a sliding ``window`` W < T: W^2/2 for the first W queries plus W for each later one."""
+    if window is None or tokens <= window:
+        return tokens * tokens / 2
+    return window * window / 2 + (tokens - window) * window
+
+
 def decoder_forward_flops(cfg: ConfigLike, tokens: int, logits_rows: int) -> float:
-    """Causal decoder forward over one sequence of ``tokens`` with ``logits_rows`` lm_head rows."""
+    """Causal decoder forward over one sequence of ``tokens`` with ``logits_rows`` lm_head rows
+    (sliding-window layers attend over at most their window: ``causal_attention_pairs``)."""
     p_qkv, p_o, p_mlp = block_params(cfg)
     dq = attention_dims(cfg)[2]
-    per_layer = 2 * tokens * (p_qkv + p_o + p_mlp) + 2 * tokens * tokens * dq
-    return float(cfg.num_hidden_layers * per_layer + 2 * logits_rows * cfg.hidden_size * cfg.vocab_size)
+    windows = attention_windows(cfg)
+    matmuls = 2 * tokens * (p_qkv + p_o + p_mlp) * len(windows)
+    attention = sum(4 * dq * causal_attention_pairs(tokens, w) for w in windows)
+    return float(matmuls + attention + 2 * logits_rows * cfg.hidden_size * cfg.vocab_size)
 
 
 def projector_flops(in_dim: int, hidden: int, out_dim: int, vectors: int) -> float:
