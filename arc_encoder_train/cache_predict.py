@@ -31,7 +31,7 @@ from arc_encoder.adaptive import AdaptivePooling
 from arc_encoder.cache.build import DocumentStream, compress_shard, finalize_cache, make_scorer, prepare_build
 from arc_encoder.cache.store import CacheBuildConfig, CorpusFormat, StorageDtype, cache_lock, write_shard
 from arc_encoder.checkpoint import read_config
-from arc_encoder.cli.common import DTYPE_CHOICES, adaptive_policy, add_adaptive_args
+from arc_encoder.cli.common import DTYPE_CHOICES, adaptive_policy, add_adaptive_args, checkpoint_inputs, output_dir
 from arc_encoder.config import torch_dtype
 from arc_encoder.model import ARCModel
 
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     start = time.perf_counter()
     try:
+        output_dir(args.output, "--output",
+                   {"--corpus file": args.corpus, **checkpoint_inputs(args.checkpoint, args.decoder)})
         writer = build_cache_lightning(
             args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
             docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,

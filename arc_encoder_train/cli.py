@@ -1051,6 +1051,8 @@ def _check_sections(cls, values, prefix: str) -> None:
 
 def _one_line(err: BaseException) -> str:
     """An error as one line: library messages can span lines (tracebacks of loader workers)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:  # a path, never a bare errno
+        return f"{err.filename}: {err.strerror}"
     text = str(err).strip() or type(err).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "Traceback (most recent call last)" in text:  # re-raised from a worker: its last line is the error

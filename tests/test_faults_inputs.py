@@ -55,8 +55,7 @@ def edit_config(ck, edit) -> None:
     ("projectors.q", {}, "missing keys"),
     ("projectors.q.special_tokens", [[1]], "special token"),
 ])
-def test_wrongly_typed_config_values_are_one_line_in_info_compress_and_verify(ck, project, capsys, key, value,  # noqa: F811
-                                                                               field):
+def test_wrongly_typed_config_values_are_one_line_in_info_compress_and_verify(ck, capsys, key, value, field):
     def edit(data):
         *parents, last = key.split(".")
         node = data
@@ -198,7 +197,7 @@ def test_convert_reference_names_the_flag_not_the_keyword(project, tmp_path, cap
     assert "pass --overwrite" in line and "overwrite=True" not in line
 
 
-def test_a_full_disk_names_the_file_and_ends_the_progress_bar_line(project, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_full_disk_names_the_file_and_ends_the_bar_line(project, tmp_path, capsys, monkeypatch):  # noqa: F811
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -332,7 +331,8 @@ def test_an_adaptive_build_that_changes_nothing_says_so(tmp_path, capsys):
     # One chunk of 8, 12 or 16 tokens per text: with strength 0 every chunk gets the target, x4.
     texts = [" ".join(words[i:i + n]) for i in range(60) for n in range(1, 8)
              if len(model.tokenize([" ".join(words[i:i + n])])[0]) in (8, 12, 16)][:4]
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
+                                              for i, t in enumerate(texts)))
     build = ["cache", "build", str(ckpt), "--decoder", "dec", "--corpus", str(tmp_path / "c.jsonl"), "--device", "cpu",
              "--adaptive", "zlib"]
     assert main([*build, "--output", str(tmp_path / "uniform"), "--adaptive-strength", "0"]) == 0

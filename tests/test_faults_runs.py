@@ -236,7 +236,8 @@ def test_adapt_runs_get_a_name_per_checkpoint_and_decoder(setup, tmp_path):
     lines = []
     for name in ("b", "b2"):
         acfg = cli.AdaptConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"),
-                               decoder=cli.DecoderSpec(name=name, path=decs["b"], projector=ProjectorOptions(hidden_dim=16)),
+                               decoder=cli.DecoderSpec(name=name, path=decs["b"],
+                                                       projector=ProjectorOptions(hidden_dim=16)),
                                data=cfg.data, optim=cli.OptimSpec(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
                                run=replace(cfg.run, name=cli.AdaptConfig().run.name))
         lines.append(cli.adapt(acfg))
@@ -250,7 +251,8 @@ def test_a_run_never_writes_over_its_own_inputs(setup, tmp_path):
     source = tmp_path / "ckpt" / "t"
     before = tree(source)
     acfg = cli.AdaptConfig(from_checkpoint=str(source), decoder=cfg.decoders[0], data=cfg.data,
-                           run=cli.RunSpec(name="t", runs_dir=str(tmp_path / "ckpt"), checkpoints_dir=str(tmp_path / "x")))
+                           run=cli.RunSpec(name="t", runs_dir=str(tmp_path / "ckpt"),
+                                           checkpoints_dir=str(tmp_path / "x")))
     with pytest.raises(ValueError, match=r"the run directory .*ckpt/t: is the from_checkpoint"):
         cli.prepare_adapt(acfg)
     assert tree(source) == before

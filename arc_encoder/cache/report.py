@@ -111,7 +111,8 @@ def _kv_report(report: dict[str, Any], manifest: dict[str, Any], path: str, stri
         raise ValueError(f"cannot read the decoder config at {path}: {err}") from err
     width = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
     if width != manifest["decoder_hidden_size"]:
-        raise ValueError(f"{'--decoder-path ' if strict else 'the recorded decoder '}{path}: a decoder of width {width}, "
+        what = "--decoder-path" if strict else "the recorded decoder"
+        raise ValueError(f"{what} {path}: a decoder of width {width}, "
                          f"but this cache holds vectors of width {manifest['decoder_hidden_size']} for decoder "
                          f"{manifest['decoder']!r}; its KV cache says nothing about this cache")
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -28,7 +28,8 @@ def cmd_build(args: argparse.Namespace) -> None:
     from ..cache.build import build_cache
     from ..checkpoint import read_config
 
-    output_dir(args.output, "--output", {"--corpus file": args.corpus, **checkpoint_inputs(args.checkpoint, args.decoder)})
+    output_dir(args.output, "--output",
+               {"--corpus file": args.corpus, **checkpoint_inputs(args.checkpoint, args.decoder)})
     result = build_cache(
         args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
         docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
