@@ -15,6 +15,12 @@ and full-text context (the distortion of a rate-distortion curve whose rate is v
 bytes, per original token), the share of the closed-/open-book gap closed, and ``em_at_k``:
 the share of rows whose first k continuation tokens greedy decoding reproduces exactly
 (k teacher-forced argmax hits in a row are exactly what greedy generation emits).
+
+Teacher-forced reconstruction accuracy (``recon_acc``) scores each context token given the true
+ones before it; ``greedy_reconstruction`` lets the decoder run free from [prefix][vectors][<Rec>]
+for as many tokens as the context has, and scores what it writes: exact match (the whole context
+reproduced) and corpus BLEU-4 over token ids (``arc_encoder.bleu``). One early error derails a
+free run, so these are the numbers that say whether the text can be read back, not only predicted.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .model import ARCModel, PoolingPlan
+from .bleu import corpus_bleu
 from .objectives import RowScores, target_scores
 from .samples import Batch, collate, decoder_prefix, split_windows, text_sample
 
@@ -62,9 +69,34 @@ class InfoPoint:
     em_at_k: float
     em_k: int
     factor_counts: dict[str, int]  # chunks per pooling factor
+    # Free-running reconstruction of the first ``greedy_recon_samples`` windows (0: not measured).
+    greedy_recon_samples: int = 0
+    greedy_recon_exact: float | None = None
+    greedy_recon_bleu4: float | None = None
+    greedy_recon_token_match: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class GreedyReconstruction:
+    """How well the decoder writes contexts back out, running free (see the module docstring)."""
+
+    samples: int
+    exact_match: float  # share of contexts reproduced token for token
+    bleu4: float  # corpus BLEU-4 over decoder token ids
+    token_match: float  # share of positions whose token is the context's (no realignment)
+
+
+def reconstruction_scores(hypotheses: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> GreedyReconstruction:
+    """Exact match, BLEU-4 and position-wise token match of greedy reconstructions."""
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"{len(hypotheses)} reconstructions for {len(references)} contexts")
+    exact = sum(list(h) == list(r) for h, r in zip(hypotheses, references))
+    same = sum(a == b for h, r in zip(hypotheses, references) for a, b in zip(h, r))
+    return GreedyReconstruction(len(references), exact / len(references), corpus_bleu(hypotheses, references).bleu,
+                                same / max(sum(len(r) for r in references), 1))
 
 
 @contextlib.contextmanager
@@ -151,9 +183,44 @@ class InfoEvaluator:
         return [ids for b in self.batches for ids in b.encoder_ids]
 
     @torch.no_grad()
+    def greedy_reconstruction(self, samples: int, pooling_factors: int | PoolingPlan | None = None,
+                              chunk_len: int | None = None, pad_token_id: int | None = None) -> GreedyReconstruction:
+        """Greedy reconstruction of the first ``samples`` windows: [prefix][vectors][<Rec>] -> exactly as
+        many tokens as each context has (EOS suppressed), scored against the context's decoder tokens.
+        ``pooling_factors``: as in ``point`` (a plan covers ALL samples, in order)."""
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        hyps: list[list[int]] = []
+        refs: list[list[int]] = []
+        offset = 0
+        emb = self.decoder.get_input_embeddings()
+        with chunk_len_override(self.model, chunk_len):
+            for batch in self.batches:
+                k = min(len(batch), samples - len(refs))
+                if k <= 0:
+                    break
+                plan = pooling_factors
+                if plan is not None and not isinstance(plan, int):
+                    plan = list(plan[offset : offset + k])
+                offset += len(batch)
+                with self._autocast():
+                    ctx = self.model.compress(batch.encoder_ids[:k], batch.decoder, plan)
+                    inputs = self.model.build_decoder_inputs(emb, ctx, batch.prompt_ids[:k], None, "reconstruction",
+                                                             batch.prefix_ids[:k], "left")
+                    n = max(len(c) for c in batch.context_ids[:k])
+                    out = self.decoder.generate(inputs_embeds=inputs.inputs_embeds,
+                                                attention_mask=inputs.attention_mask, max_new_tokens=n,
+                                                min_new_tokens=n, do_sample=False, pad_token_id=pad_token_id)
+                refs += [list(c) for c in batch.context_ids[:k]]
+                hyps += [row[: len(ref)] for row, ref in zip(out[:, -n:].tolist(), refs[-k:])]
+        return reconstruction_scores(hyps, refs)
+
+    @torch.no_grad()
     def point(self, pooling_factors: int | PoolingPlan | None = None, chunk_len: int | None = None,
-              label: str = "") -> InfoPoint:
-        """Score one operating point. ``pooling_factors``: one int, or a plan for ALL samples in order."""
+              label: str = "", greedy_samples: int = 0, pad_token_id: int | None = None) -> InfoPoint:
+        """Score one operating point. ``pooling_factors``: one int, or a plan for ALL samples in order.
+        ``greedy_samples`` > 0 adds greedy reconstruction of that many windows (``pad_token_id``: the
+        decoder tokenizer's, for generation)."""
         base = self.baseline()
         n_samples = sum(len(b) for b in self.batches)
         plan = pooling_factors
@@ -191,7 +258,7 @@ class InfoEvaluator:
         width = self.model.projector(self.batches[0].decoder).config.output_dim
         fixed = isinstance(plan, int) or plan is None
         pf_value = (plan if isinstance(plan, int) else self.model.encoder.config.pooling_factor) if fixed else None
-        return InfoPoint(
+        point = InfoPoint(
             label=label or (f"pf{pf_value}" if fixed else "adaptive"),
             pooling_factor=pf_value, chunk_len=chunk, adaptive=not fixed, samples=n_samples,
             context_tokens=ctx_tokens, vectors=vectors,
@@ -209,6 +276,11 @@ class InfoEvaluator:
             em_at_k=sum(c.prefix_exact) / max(len(c.prefix_exact), 1), em_k=self.em_k,
             factor_counts=dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
         )
+        if greedy_samples > 0:
+            g = self.greedy_reconstruction(greedy_samples, plan, chunk_len, pad_token_id)
+            point.greedy_recon_samples, point.greedy_recon_exact = g.samples, g.exact_match
+            point.greedy_recon_bleu4, point.greedy_recon_token_match = g.bleu4, g.token_match
+        return point
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:

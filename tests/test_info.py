@@ -104,6 +104,62 @@ def test_eval_info_cli(setup, tmp_path, capsys):
     assert [p["trained_factor"] for p in res["points"]] == [True, True, True, False, True]
     rates = {p["label"]: p["rate_vectors_per_token"] for p in res["points"]}
     assert rates["pf2"] > rates["pf4"] > rates["pf8"] and rates["adaptive-zlib"] <= rates["pf4"] + 1e-9
-    assert "pf3 (untrained)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pf3 (untrained)" in printed and "recEM" in printed and "greedy reconstruction of the first 8" in printed
+    for p in res["points"]:  # greedy reconstruction of the first 8 windows at every point
+        assert p["greedy_recon_samples"] == 8 and 0 <= p["greedy_recon_bleu4"] <= 1
+        assert p["greedy_recon_exact"] in [i / 8 for i in range(9)] and 0 <= p["recon_acc"] <= 1
     assert main(["eval", "info", str(ckpt), "--decoder", "dec", "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert main(["eval", "info", str(ckpt), "--decoder", "zzz", "--data", str(data)]) == 2
+
+
+def test_reconstruction_scores_hand_computed():
+    from arc_encoder.info import reconstruction_scores
+
+    same = reconstruction_scores([[1, 2, 3, 4, 5], [6, 7, 8, 9]], [[1, 2, 3, 4, 5], [6, 7, 8, 9]])
+    assert (same.samples, same.exact_match, same.bleu4, same.token_match) == (2, 1.0, pytest.approx(1.0), 1.0)
+    one_off = reconstruction_scores([[1, 2, 3, 4, 5], [6, 7, 8, 0]], [[1, 2, 3, 4, 5], [6, 7, 8, 9]])
+    assert one_off.exact_match == 0.5 and one_off.token_match == pytest.approx(8 / 9)
+    # pooled n-gram precisions: 8/9, 6/7, 4/5, 2/3
+    assert one_off.bleu4 == pytest.approx((8 / 9 * 6 / 7 * 4 / 5 * 2 / 3) ** 0.25)
+    with pytest.raises(ValueError, match="reconstructions"):
+        reconstruction_scores([[1]], [])
+
+
+def test_greedy_reconstruction_scores_what_the_decoder_writes(setup, monkeypatch):
+    """Generation forced to write each context back (then one token wrong): exact match and BLEU follow,
+    and the decoder is asked for exactly the context's length from [vectors][<Rec>]."""
+    from arc_encoder.bleu import corpus_bleu
+
+    _, model, decoder, tok, _ = setup
+    batches = eval_batches(DOCS, model, "dec", tok, 24, 8, max_samples=6, batch_size=4)
+    ev = InfoEvaluator(model, decoder, batches)
+    refs = [c for b in batches for c in b.context_ids][:5]
+    calls, wrong = [], {"row": None}
+
+    def fake_generate(inputs_embeds, attention_mask, max_new_tokens, min_new_tokens, **kw):
+        start = sum(len(c) for c in calls)
+        rows = [list(r) for r in refs[start : start + inputs_embeds.shape[0]]]
+        calls.append(rows)
+        assert max_new_tokens == min_new_tokens == 24 and kw["do_sample"] is False
+        vectors = [sum(-(-len(c) // 4) for c in model.chunk(x)) for x in batches[len(calls) - 1].encoder_ids]
+        assert attention_mask.sum(-1).tolist() == [v + 1 for v in vectors[: len(rows)]]  # no BOS (reference), + <Rec>
+        if wrong["row"] is not None and start <= wrong["row"] < start + len(rows):
+            rows[wrong["row"] - start][-1] = (rows[wrong["row"] - start][-1] + 1) % len(tok)
+        return torch.tensor(rows)
+
+    monkeypatch.setattr(decoder, "generate", fake_generate)
+    g = ev.greedy_reconstruction(5, 4, pad_token_id=0)
+    assert [len(c) for c in calls] == [4, 1] and (g.samples, g.exact_match, g.token_match) == (5, 1.0, 1.0)
+    assert g.bleu4 == pytest.approx(1.0)
+    calls.clear()
+    wrong["row"] = 4
+    g = ev.greedy_reconstruction(5, 4)
+    hyps = [list(r) for r in refs]
+    hyps[4][-1] = (hyps[4][-1] + 1) % len(tok)
+    assert g.exact_match == pytest.approx(4 / 5) and g.token_match == pytest.approx(1 - 1 / 120)
+    assert g.bleu4 == pytest.approx(corpus_bleu(hyps, refs).bleu) and g.bleu4 < 1.0
+    calls.clear()
+    p = ev.point(4, greedy_samples=5)
+    assert p.greedy_recon_samples == 5 and p.greedy_recon_exact == pytest.approx(4 / 5)
+    assert ev.point(4).greedy_recon_samples == 0 and ev.point(4).greedy_recon_bleu4 is None
