@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shlex
+import textwrap
 from pathlib import Path
 from typing import get_args
 
@@ -298,7 +299,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         "context with no context, H(text|vectors) = its NLL reading the compressed context back "
         "(reconstruction marker). Bits recovered = their difference, per original token and per "
         "vector; plus continuation loss with no / compressed / full-text context (distortion) at "
-        "each rate (vectors per original token). No labels or downstream task needed.",
+        "each rate (vectors per original token), and reconstruction: teacher-forced token accuracy and, "
+        "for the first --recon-samples windows, greedy exact match and BLEU-4. No labels or downstream "
+        "task needed.",
         epilog="example:\n  arc-encoder eval info checkpoints/tiny --decoder tiny --data corpus.jsonl.gz \\\n"
         "      --pooling-factors 2,4,8 --output info.json --plot info.png")
     i.add_argument("checkpoint", help="arc-encoder checkpoint directory")
@@ -329,7 +332,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     m = eval_sub.add_parser(
         "make-qa", help="QA rows whose answers are only in their passage (planted needle, span of the text)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Cut a corpus into passages of about --context-tokens decoder tokens (whole sentences, "
+        description=textwrap.fill(width=88, text="Cut a corpus into passages of about --context-tokens decoder tokens (whole sentences, "
         "never across documents) and write JSONL rows {id, kind, context, question, answer, source_id}, "
         "the format `arc-encoder-train finetune` trains on. needle: 'The <key> code is <value>.' planted at a "
         "random sentence boundary, asked as 'What is the <key> code?'. span: a sentence ending (or a clause "
@@ -337,7 +340,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         "'Complete this sentence from the text: ...'. Every question starts with a blank line and one fixed "
         "worked example (--zero-shot: none). Deterministic: the same inputs and --seed give the same bytes. "
         "Make fine-tuning rows from the TRAIN split and evaluation rows from the TEST split, and pass the "
-        "other file as --exclude to prove that they share no document.",
+        "other file as --exclude to prove that they share no document."),
         epilog="example:\n  arc-encoder eval make-qa arc_encoder/resources/pydoc_small/test.jsonl.gz qa_test.jsonl \\\n"
         "      --tokenizer /models/decoder --per-kind 50 --seed 0")
     m.add_argument("corpus", help="corpus: JSONL/JSON(.gz), parquet or .txt (fields id, text)")
@@ -356,14 +359,14 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     q = eval_sub.add_parser(
         "qa", help="QA exact match closed-book, open-book and from the compressed context",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Greedy answers to every row of a QA JSONL file (context, question, answer; `eval make-qa`) "
+        description=textwrap.fill(width=88, text="Greedy answers to every row of a QA JSONL file (context, question, answer; `eval make-qa`) "
         "in three ways: closed-book [BOS][question], open-book [BOS][context][question] and compressed "
         "[BOS][compressed context][<Cont>][question] at each pooling factor, BOS as the projector's policy puts "
         "it before fine-tuning rows, the question followed by a newline as fine-tuning trains it. The answer is "
         "the generation's first non-empty line (generation stops at EOS or after --max-new-tokens). Reports "
         "exact match (normalised: case, surrounding quotes and trailing punctuation ignored) and 'contains' "
         "(the answer found in it), with 95% Wilson intervals, per kind and overall, and the decoder prefill "
-        "positions per mode.",
+        "positions per mode."),
         epilog="example:\n  arc-encoder eval qa checkpoints/tiny --decoder tiny --data qa_test.jsonl "
         "--pooling-factors 4,8 --output qa.json")
     q.add_argument("checkpoint", help="arc-encoder checkpoint directory")
