@@ -77,9 +77,10 @@ setup)
   fi
   [ -d "$REPO/.carry" ] && $PY "$REPO/benchmarks/carry.py" receive "$REPO/.carry" --store "$W/store"
   [ -d "$REPO/.carry" ] && cp -n "$REPO"/.carry/*.provenance.json "$W/store/" 2>/dev/null
+  if [ -d "$REPO/.carry/qa" ]; then mkdir -p "$W/qa" && cp -n "$REPO"/.carry/qa/*.jsonl "$W/qa/" && stamp "qa: $(cat "$W"/qa/*.jsonl | wc -l) rows"; fi
   if [ -f "$W/store/debian_text.jsonl.xz" ] && [ ! -f "$W/corpus/PROVENANCE.json" ]; then
     launch corpus $PY "$W/code/benchmarks/decoder_corpus.py" build --debian "$W/store/debian_text.jsonl.xz" \
-      --pypi $PYPI --allow-missing --gzip-level 1 --fractions 0.95,0.01,0.04 --out "$W/corpus"
+      --pypi $PYPI --allow-missing --gzip-level 1 --fractions 0.91,0.01,0.08 --out "$W/corpus"
   fi
   for pair in "SmolLM2-135M-Instruct.Q4_1.gguf:smollm2-135m" "gemma-3-270m-q4_k_m.gguf:gemma3-270m"; do
     f=${pair%%:*}; m=${pair##*:}
@@ -128,7 +129,7 @@ from arc_encoder import ARCModel
 ARCModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16).save_pretrained(sys.argv[2], overwrite=True)
 print(f"wrote {sys.argv[2]} in bfloat16")
 EOF
-  ) && du -sh "$W/checkpoints/$2" ;;
+  ) && du -sh "$W/$2" ;;
 collect)  # small results into $OUT (device tool: <= 8 files, 16 MiB each)
   out=${OUT:-$W/out}; mkdir -p "$out"
   (cd "$W" && tar czf "$out/results.tar.gz" results logs runs/*/config*.yaml runs/*/summary.txt runs/*/logs 2>/dev/null)

@@ -36,13 +36,13 @@ for f in "$REPO"/arc_encoder_train/configs/{smollm2_h200,gemma3_adapt_h200,qa_fi
       -e 's/layers_removed: 2/layers_removed: 1/' -e 's/val_batches: [0-9]*/val_batches: 2/' "$f" > "$ARC_WORK/configs/$(basename "$f")"
 done
 mkdir -p "$ARC_WORK/jobs" && for j in corpus convert-smollm2-135m convert-gemma3-270m; do echo started > "$ARC_WORK/jobs/$j.pid"; echo 0 > "$ARC_WORK/jobs/$j.rc"; done
-export ARC_CONFIGS="$ARC_WORK/configs" QA_TRAIN=40 QA_EVAL=10
+export ARC_CONFIGS="$ARC_WORK/configs" PRETRAIN_ARGS="--optim.warmup_steps 5" ADAPT_ARGS="--optim.warmup_steps 2" FINETUNE_ARGS="--optim.warmup_steps 2"
 R="bash $REPO/benchmarks/real_run.sh"
-mkdir -p "$ARC_WORK/code" && cp -r "$REPO"/arc_encoder "$REPO"/arc_encoder_train "$REPO"/benchmarks "$ARC_WORK/code/"
+rm -rf "$ARC_WORK/code" && mkdir -p "$ARC_WORK/code" && cp -r "$REPO"/arc_encoder "$REPO"/arc_encoder_train "$REPO"/benchmarks "$ARC_WORK/code/"
 $R calibrate && $R wait calibrate 300
 $R pretrain 20 && $R wait pretrain 600
 $R adapt 6 && $R wait adapt 300
-$R make-qa
+mkdir -p "$ARC_WORK/qa" && for f in train validation test; do head -n 40 "${QA_DIR:-/work/data/qa}/$f.jsonl" > "$ARC_WORK/qa/$f.jsonl"; done
 $R finetune 6 && $R wait finetune 300
 $R eval info-smollm2 info checkpoints/smollm2-x4x8 --decoder smollm2 --data corpus/test.jsonl.gz --pooling-factors 4,8 \
   --context-tokens 32 --target-tokens 16 --max-samples 8 --batch-size 4
