@@ -77,7 +77,7 @@ setup)
   fi
   [ -d "$REPO/.carry" ] && $PY "$REPO/benchmarks/carry.py" receive "$REPO/.carry" --store "$W/store"
   [ -d "$REPO/.carry" ] && cp -n "$REPO"/.carry/*.provenance.json "$W/store/" 2>/dev/null
-  if [ -d "$REPO/.carry/qa" ]; then mkdir -p "$W/qa" && cp -n "$REPO"/.carry/qa/*.jsonl "$W/qa/" && stamp "qa: $(cat "$W"/qa/*.jsonl | wc -l) rows"; fi
+  if [ -d "$REPO/.carry/qa" ]; then mkdir -p "$W/qa" && cp -n "$REPO"/.carry/qa/* "$W/qa/" && stamp "qa: $(cat "$W"/qa/*.jsonl | wc -l) rows"; fi
   if [ -f "$W/store/debian_text.jsonl.xz" ] && [ ! -f "$W/corpus/PROVENANCE.json" ]; then
     launch corpus $PY "$W/code/benchmarks/decoder_corpus.py" build --debian "$W/store/debian_text.jsonl.xz" \
       --pypi $PYPI --allow-missing --gzip-level 1 --fractions 0.91,0.01,0.08 --out "$W/corpus"
