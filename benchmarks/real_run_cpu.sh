@@ -42,7 +42,8 @@ rm -rf "$ARC_WORK/code" && mkdir -p "$ARC_WORK/code" && cp -r "$REPO"/arc_encode
 $R calibrate && $R wait calibrate 300
 $R pretrain 20 && $R wait pretrain 600
 $R adapt 6 && $R wait adapt 300
-mkdir -p "$ARC_WORK/qa" && for f in train validation test; do head -n 40 "${QA_DIR:-/work/data/qa}/$f.jsonl" > "$ARC_WORK/qa/$f.jsonl"; done
+mkdir -p "$ARC_WORK/qa" && for f in validation test; do head -n 40 "${QA_DIR:-/work/data/qa}/$f.jsonl" > "$ARC_WORK/qa/$f.jsonl"; done
+head -n 40 "${QA_DIR:-/work/data/qa}/train.jsonl" | gzip > "$ARC_WORK/qa/train.jsonl.gz"
 $R finetune 6 && $R wait finetune 300
 $R eval info-smollm2 info checkpoints/smollm2-x4x8 --decoder smollm2 --data corpus/test.jsonl.gz --pooling-factors 4,8 \
   --context-tokens 32 --target-tokens 16 --max-samples 8 --batch-size 4
