@@ -542,8 +542,8 @@ class ProbeConfig:
     Gates (issue 22), set between the readers and non-readers measured in
     benchmarks/results/probe_real_cpu.json: second-copy loss at most ``induction_ratio_max`` /
     ``copy_ratio_max`` of the first copy's, and the context removing at least ``gain_ratio_min``
-    of the closed-book loss. 16 passages and 16 induction rows keep SmolLM2-135M's probe near a
-    minute on 2 CPU cores; every number is reported with its standard error over rows.
+    of the closed-book loss. 16 passages and 16 induction rows keep SmolLM2-135M's probe at ~30 s
+    on 2 CPU cores; every number is reported with its standard error over rows.
     """
 
     induction_len: int = 64

@@ -2,8 +2,9 @@
 
 A pretrained causal LM was trained on sequences that started the way its tokenizer starts them.
 Gemma 3's tokenizer puts ``<bos>`` first, and the model depends on it: on held-out text its NLL
-is 3.85 nats/token with the BOS and 6.00 without, and its random-token induction (second copy)
-goes from 0.37 to 3.85 nats/token when the BOS is dropped (benchmarks/results/probe_real_cpu.json).
+is 3.85 nats/token with the BOS and 6.00 without (DATA.md); in the probe, its closed-book loss is
+4.15 vs 6.83 and the second copy of a random sequence 0.41 vs 3.65 nats/token without it
+(benchmarks/results/probe_real_cpu.json).
 SmolLM2's tokenizer adds nothing: its ``bos_token`` is the chat marker ``<|im_start|>``, which
 starts a chat turn, not a document, and prepending it changes nothing useful (3.53 vs 3.55). GPT-2
 style tokenizers add nothing either. So the prefix is read off the tokenizer's own behaviour, not
