@@ -180,13 +180,11 @@ def mixed_pooling(index: int, batch_size: int, factors: Sequence[int]) -> list[i
 
 
 def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """True when ``tokenizer`` starts every text with its BOS by itself (Gemma's does; Llama-3's
-    and SmolLM2's GGUF tokenizer do not): the decoder was trained to see BOS first."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    """True when ``tokenizer`` starts every text with its BOS by itself (Gemma's does; SmolLM2's GGUF
+    tokenizer does not): the decoder was trained to see BOS first (``decoders.decoder_prefix_ids``)."""
+    from .decoders import decoder_prefix_ids
+
+    return bool(decoder_prefix_ids(tokenizer))
 
 
 def resolve_bos(option: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
