@@ -291,16 +291,12 @@ def _convert(gguf_path: Path, out: Path, dtype, say: Callable[[str], None]) -> d
         raise ValueError(f"{gguf_path}: the dequantised weights do not fit the model (missing "
                          f"{sorted(set(result.missing_keys) - tied)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]})")
     del loaded, state
+    fields = _gguf_fields(gguf_path)
+    check_tokenizer(tokenizer, fields, transformers.__version__)
     say(f"saving {sum(p.numel() for p in model.parameters()):,} parameters")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    license_name = "not recorded in the GGUF file"
-    try:
-        field = gguf.GGUFReader(str(gguf_path)).fields.get("general.license")
-        if field is not None:
-            license_name = str(field.contents())
-    except Exception:  # noqa: BLE001 - the license is informative; a reader quirk must not fail a conversion
-        pass
+    license_name = str(fields.get("general.license", "not recorded in the GGUF file"))
     return {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
             "transformers": transformers.__version__, "gguf": _version("gguf"),
             "license": license_name}
@@ -313,6 +309,52 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "?"
+
+
+def _gguf_fields(path: Path) -> dict:
+    """The GGUF file's scalar metadata (token lists and other arrays left out)."""
+    import gguf
+
+    out = {}
+    for name, field in gguf.GGUFReader(str(path)).fields.items():
+        if name.startswith("tokenizer.ggml.") and name.split(".")[-1] in ("tokens", "scores", "token_type", "merges"):
+            continue
+        try:
+            out[name] = field.contents()
+        except Exception:  # noqa: BLE001 - a field this gguf version cannot read is not one we need
+            continue
+    return out
+
+
+# An ordinary English sentence: a real LM tokenizer needs well under one token per 3 characters.
+SANITY_TEXT = "The quick brown fox jumps over the lazy dog, and the exception is raised when an error occurs."
+
+
+def check_tokenizer(tokenizer, fields: dict, version: str) -> None:
+    """The converted tokenizer must be the one the GGUF file describes: its BOS/EOS/padding ids are the
+    file's (set them where the loader chose others), it adds a BOS when the file says so, and it does not
+    split text into characters. transformers 5.17 got all three wrong for files that 5.25 converts
+    correctly (SmolLM2: EOS read as <|im_start|>; Gemma 3: one token per character, no BOS); a model
+    trained or scored through such a tokenizer is silently wrong, so the conversion stops instead."""
+    for role in ("bos", "eos", "unk"):
+        key = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+               "unk": "tokenizer.ggml.unknown_token_id"}[role]
+        want = fields.get(key)
+        if isinstance(want, int) and getattr(tokenizer, f"{role}_token_id") != want:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(want))
+    pad = fields.get("tokenizer.ggml.padding_token_id")
+    if isinstance(pad, int) and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    plain = tokenizer(SANITY_TEXT, add_special_tokens=False)["input_ids"]
+    if len(plain) * 3 > len(SANITY_TEXT):
+        raise ValueError(f"transformers {version} converts this GGUF tokenizer into {len(plain)} tokens for a "
+                         f"{len(SANITY_TEXT)}-character sentence (nearly one per character): the conversion is wrong; "
+                         "convert with another transformers version (5.25 converts SmolLM2 and Gemma 3 correctly)")
+    if fields.get("tokenizer.ggml.add_bos_token") is True and tokenizer.bos_token_id is not None:
+        first = tokenizer(SANITY_TEXT)["input_ids"][:1]
+        if first != [tokenizer.bos_token_id]:
+            raise ValueError(f"the GGUF file says its tokenizer adds BOS, but the one transformers {version} converts "
+                             "does not: convert with another transformers version (5.25 converts Gemma 3 correctly)")
 
 
 def provenance_summary(model_dir: PathLike) -> str:

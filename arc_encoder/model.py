@@ -642,6 +642,7 @@ class ARCModel(nn.Module):
         pad = decoder_tokenizer.pad_token_id
         if pad is None:
             pad = decoder_tokenizer.eos_token_id
+        generate_kwargs.setdefault("eos_token_id", stop_token_ids(decoder_tokenizer))
         out = decoder.generate(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
@@ -779,6 +780,15 @@ class ARCModel(nn.Module):
         if device is not None:
             model.to(device)
         return model
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a generated answer: the EOS and every other special token of the decoder's
+    tokenizer. A chat model may close an answer with a turn marker (SmolLM2: ``<|im_start|>``) rather
+    than its EOS, and decoding drops special tokens, so without this the next turn's text would be
+    glued to the answer ("7293997assistant")."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids + sorted(set(tokenizer.all_special_ids) - set(ids))
 
 
 def find_decoder(decoder_sha256: str) -> Path | None:

@@ -555,7 +555,7 @@ class QAEvaluator:
         return [list(self.prefix) + c for c in ctx], prompts
 
     def _generate_text(self, prefixes: list[list[int]], prompts: list[list[int]]) -> list[str]:
-        from .model import CompressedContext
+        from .model import CompressedContext, stop_token_ids
 
         weight = self.decoder.get_input_embeddings().weight
         empty = CompressedContext(weight.new_zeros(len(prompts), 0, weight.shape[1]),
@@ -563,7 +563,8 @@ class QAEvaluator:
         inputs = self.model.build_decoder_inputs(self.decoder.get_input_embeddings(), empty, prompts, None, None,
                                                  prefixes, "left")
         out = self.decoder.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                                    max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.pad)
+                                    max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.pad,
+                                    eos_token_id=stop_token_ids(self.tokenizer))
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     @torch.no_grad()

@@ -103,3 +103,23 @@ def test_qa_sample_and_prefix_compose(tokenizer):
     sample = qa_sample("A list is mutable.", "What is a list?", "mutable", tokenizer, tokenizer)
     batch = collate([sample], "dec", "qa", decoder_prefix("reference", tokenizer.bos_token_id, "qa"))
     assert batch.prefix_ids == [[tokenizer.bos_token_id]]
+
+
+def test_an_answer_ends_at_any_special_token_of_the_decoder(tokenizer, monkeypatch):
+    """A chat decoder may close an answer with a turn marker rather than its EOS; decoding drops special
+    tokens, so generation must stop there or the next turn's text is glued to the answer."""
+    from arc_encoder.model import stop_token_ids
+
+    ids = stop_token_ids(tokenizer)
+    assert ids[0] == tokenizer.eos_token_id and set(ids) == set(tokenizer.all_special_ids)
+    model, decoder = make_model(tokenizer=tokenizer, vocab_size=len(tokenizer), dec_vocab=len(tokenizer))
+    seen = {}
+    real = decoder.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "generate", spy)
+    model.eval().generate(decoder, tokenizer, "dec", ["A list is a mutable sequence."], ["x"], max_new_tokens=2)
+    assert seen["eos_token_id"] == ids

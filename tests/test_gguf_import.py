@@ -130,3 +130,20 @@ def test_the_real_smollm2_wheel_converts(tmp_path):
     assert model.config.num_hidden_layers == 30 and len(tok) == 49152
     assert json.loads((out / "provenance.json").read_text())["source"]["sha256"] == gguf.KNOWN_MODELS[
         "smollm2-135m"].sha256
+
+
+def test_a_converted_tokenizer_is_checked_against_the_gguf_metadata():
+    """transformers 5.17 read SmolLM2's EOS as <|im_start|> and split Gemma 3's text into characters
+    without its BOS: the special ids are taken from the file, the other two stop the conversion."""
+    from arc_encoder.tiny import train_tokenizer
+
+    tok = train_tokenizer([gguf.SANITY_TEXT] * 4, vocab_size=400)  # a real tokenizer's merges cover the sentence
+    eos = tok.eos_token_id
+    tok.eos_token = tok.bos_token  # what the loader got wrong
+    gguf.check_tokenizer(tok, {"tokenizer.ggml.eos_token_id": eos}, "x")
+    assert tok.eos_token_id == eos
+    chars = train_tokenizer(["abc def"], vocab_size=270)  # byte-level, barely any merges: ~1 token per character
+    with pytest.raises(ValueError, match="nearly one per character"):
+        gguf.check_tokenizer(chars, {}, "5.17")
+    with pytest.raises(ValueError, match="says its tokenizer adds BOS"):
+        gguf.check_tokenizer(tok, {"tokenizer.ggml.add_bos_token": True}, "5.17")

@@ -274,7 +274,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "prefix_tokens": list(ev.prefix),
         "scoring": "exact match after normalize_answer (whitespace collapsed, surrounding quotes and trailing "
-                   ". , ; : ! ? dropped, case folded) of the generation's first non-empty line; contains: the "
+                   ". , ; : ! ? dropped, case folded) of the generation's first non-empty line (it ends at the decoder's EOS or any other special token); contains: the "
                    "normalised answer found in it as whole words; 95% Wilson intervals",
         "modes": reports,
         "predictions": [{"id": r["id"], "kind": r["kind"], "answer": r["answer"],
@@ -363,7 +363,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         "in three ways: closed-book [BOS][question], open-book [BOS][context][question] and compressed "
         "[BOS][compressed context][<Cont>][question] at each pooling factor, BOS as the projector's policy puts "
         "it before fine-tuning rows, the question followed by a newline as fine-tuning trains it. The answer is "
-        "the generation's first non-empty line (generation stops at EOS or after --max-new-tokens). Reports "
+        "the generation's first non-empty line (generation stops at EOS, any other special token of the decoder's tokenizer, or after --max-new-tokens). Reports "
         "exact match (normalised: case, surrounding quotes and trailing punctuation ignored) and 'contains' "
         "(the answer found in it), with 95% Wilson intervals, per kind and overall, and the decoder prefill "
         "positions per mode."),
