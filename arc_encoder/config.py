@@ -29,6 +29,11 @@ PooledQueryInput = Literal["pooled_hidden", "pooled_queries"]
 #                 17 tokens at pf 8 -> 6, 6, 5).
 #   "fixed_tail": groups of pf tokens and a shorter tail (17 at pf 8 -> 8, 8, 1): format-1 behaviour.
 PoolingGroups = Literal["balanced", "fixed_tail"]
+# How a backbone's sliding-window layers (Gemma 3) attend in the bidirectional encoder.
+#   "full": every token sees the whole chunk, as in full-attention layers.
+#   "band": token i sees j when |i - j| < sliding_window // 2 + 1 (HF's bidirectional Gemma 3,
+#           ``use_bidirectional_attention``, as in EmbeddingGemma).
+SlidingWindowLayers = Literal["full", "band"]
 ProjectorActivation = Literal["none", "gelu", "silu"]
 # Where the special tokens live.
 #   "encoder": one vector per token in ENCODER space, mapped by the projector (reference:
@@ -190,6 +195,8 @@ class EncoderConfig:
     """attention kernel of the regular blocks (auto: flash-attn 2 on a GPU when installed, else SDPA)"""
     pooling_factors: tuple[int, ...] = ()
     """mixed-pooling training: each sample draws its factor from these, e.g. [2, 4, 8]; empty: pooling_factor only"""
+    sliding_window_layers: SlidingWindowLayers = "full"
+    """sliding-window layers (Gemma 3): full: see the whole chunk; band: |i - j| <= window / 2 (HF's bidirectional Gemma 3)"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model:
@@ -223,6 +230,7 @@ class EncoderConfig:
         _check_literal("pooled_query_input", self.pooled_query_input, PooledQueryInput)
         _check_literal("pooling_groups", self.pooling_groups, PoolingGroups)
         _check_literal("attn_implementation", self.attn_implementation, AttnImplementation)
+        _check_literal("sliding_window_layers", self.sliding_window_layers, SlidingWindowLayers)
         if self.pooled_query_positions == "group_mean" and self.pooled_query_input != "pooled_queries":
             raise ValueError(
                 "pooled_query_positions='group_mean' rotates per-token queries before averaging them; "
