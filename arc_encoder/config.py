@@ -30,9 +30,10 @@ PooledQueryInput = Literal["pooled_hidden", "pooled_queries"]
 #   "fixed_tail": groups of pf tokens and a shorter tail (17 at pf 8 -> 8, 8, 1): format-1 behaviour.
 PoolingGroups = Literal["balanced", "fixed_tail"]
 # How a backbone's sliding-window layers (Gemma 3) attend in the bidirectional encoder.
+#   "band": token i sees j when |i - j| < sliding_window // 2 + 1: 256 tokens each side for
+#           Gemma 3's 512 (HF's bidirectional Gemma 3, ``use_bidirectional_attention``, as in
+#           EmbeddingGemma). The default: benchmarks/README.md "Gemma 3's sliding-window layers".
 #   "full": every token sees the whole chunk, as in full-attention layers.
-#   "band": token i sees j when |i - j| < sliding_window // 2 + 1 (HF's bidirectional Gemma 3,
-#           ``use_bidirectional_attention``, as in EmbeddingGemma).
 SlidingWindowLayers = Literal["full", "band"]
 ProjectorActivation = Literal["none", "gelu", "silu"]
 # Where the special tokens live.
@@ -161,8 +162,9 @@ class EncoderConfig:
     """How the encoder is cut out of a pretrained LM and how its last block pools.
 
     ``base_model`` is a local path (or hub id) of a Llama-family causal LM (Llama, Mistral,
-    Qwen2, Qwen3), a GPT-NeoX-family LM or a BERT-style encoder. The last ``layers_removed``
-    blocks are dropped (paper: 2); the last remaining block pools by ``pooling_factor``.
+    Qwen2, Qwen3), a Gemma 3 text model, a GPT-NeoX-family LM or a BERT-style encoder. The
+    last ``layers_removed`` blocks are dropped (paper: 2); the last remaining block pools by
+    ``pooling_factor``.
 
     The defaults compute what the ARC-Encoder reference computes (README "How it works"): in
     the last block ``pooled_h`` = mean of the block input over balanced groups, queries from
@@ -195,8 +197,8 @@ class EncoderConfig:
     """attention kernel of the regular blocks (auto: flash-attn 2 on a GPU when installed, else SDPA)"""
     pooling_factors: tuple[int, ...] = ()
     """mixed-pooling training: each sample draws its factor from these, e.g. [2, 4, 8]; empty: pooling_factor only"""
-    sliding_window_layers: SlidingWindowLayers = "full"
-    """sliding-window layers (Gemma 3): full: see the whole chunk; band: |i - j| <= window / 2 (HF's bidirectional Gemma 3)"""
+    sliding_window_layers: SlidingWindowLayers = "band"
+    """Gemma 3's sliding layers: band: |i - j| <= window // 2 (HF's bidirectional Gemma 3); full: the whole chunk"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model:

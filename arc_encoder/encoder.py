@@ -1,7 +1,7 @@
 """ARCEncoder: a pretrained Hugging Face transformer turned into a bidirectional, pooling text encoder.
 
 Every block but the last is the backbone's own block (and attention kernel), called with a
-padding-only mask, so attention is bidirectional. The last block pools, as the ARC-Encoder
+padding-only mask (Gemma 3's sliding layers: also their band), so attention is bidirectional. The last block pools, as the ARC-Encoder
 reference does (kyutai-labs/ARC-Encoder, ``embed_llm/models/enhanced_transformer.py``
 ``forward_embedder`` + ``transformer_layers.py`` ``TransformerBlock``; README "How it works"):
 
@@ -14,18 +14,34 @@ so a chunk of n tokens becomes ceil(n / pf) vectors. ``EncoderConfig`` keeps the
 semantics as explicit options (no residual, mean of per-token queries, fixed-size groups
 with a short tail, final norm).
 
-Three backbone families share that one pooled block through the adapters in ``ADAPTERS``:
+Four backbone families share that one pooled block through the adapters in ``ADAPTERS``:
 
 * "llama": Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3 with its per-head q/k
   norms): pre-norm blocks, ``self_attn.{q,k,v,o}_proj``, rotary positions. The paper's setting.
+* "gemma3": Gemma 3 text models: Llama's attention plus per-head q/k norms and the
+  ``query_pre_attn_scalar`` score scale, embeddings scaled by sqrt(hidden) (HF's own module),
+  four (1 + weight) RMSNorms per block, the attention and MLP outputs normed before their
+  residual adds, so ``h' = pooled_h + post_attention_norm(r)`` and
+  ``out = h' + post_feedforward_norm(FFN(pre_feedforward_norm(h')))``; each block takes its own
+  layer type's RoPE table (sliding layers the local one, full layers the global one, the pooled
+  queries too). Sliding-window layers keep HF's bidirectional band by default (token i reads j
+  when |i - j| < 512 // 2 + 1, as ``use_bidirectional_attention`` / EmbeddingGemma;
+  ``sliding_window_layers="full"`` reads the whole chunk): with the real 270M model frozen at x4
+  over 1,024-token chunks, BAND_NUMBERS (benchmarks/README.md "Gemma 3's sliding-window layers").
 * "neox": GPT-NeoX-family LMs (Pythia): fused ``query_key_value``, partial rotary, and a
   parallel residual, whose pooled analogue is ``out = pooled_h + r + FFN(ffn_norm(pooled_h))``.
 * "bert": BERT-style post-norm encoders (BERT, MiniLM): absolute positions, so pooled queries
   need no rotation; ``h' = LN1(pooled_h + r)``, ``out = LN2(h' + FFN(h'))``.
+
+An adapter accepts only the ``config.model_type`` values it was checked against (Gemma 1,
+Granite and Llama share module names, not math) and only blocks whose every parameter lives in a
+module it runs; any other backbone is refused with one ValueError naming its model type and the
+supported ones.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 from collections.abc import Sequence
@@ -341,8 +357,9 @@ class LlamaAdapter(BackboneAdapter):
         return block.self_attn.o_proj(context)
 
 
+@functools.lru_cache(maxsize=None)
 def _takes(fn, name: str) -> bool:
-    """True when callable ``fn`` has a parameter called ``name`` (signature read through decorators)."""
+    """True when function ``fn`` has a parameter called ``name`` (signature read through decorators)."""
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -366,6 +383,16 @@ class Gemma3Adapter(LlamaAdapter):
                                         "block.pre_feedforward_layernorm", "block.post_feedforward_layernorm")
     block_modules = LlamaAdapter.block_modules + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
+    def check(self, backbone):
+        super().check(backbone)
+        # transformers 5.x (checked: 5.17, 5.25) keeps one RoPE table per layer type in one module and
+        # takes the type as an argument; the 4.x layout (a second module, other block arguments) is refused.
+        if not _takes(type(backbone.rotary_emb).forward, "layer_type"):
+            raise ValueError(
+                f"backbone model_type={_model_type(backbone)!r}: this transformers version's Gemma 3 rotary "
+                "embedding takes no layer_type (the transformers 4.x layout); use transformers 5"
+            )
+
     def config_problems(self, config):
         if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2's; SDPA cannot cap logits
             return [f"sets attn_logit_softcapping={config.attn_logit_softcapping} (not supported)"]
@@ -388,13 +415,7 @@ class Gemma3Adapter(LlamaAdapter):
         return kind
 
     def rope(self, backbone, hidden, position_ids, kind):
-        rotary = backbone.rotary_emb
-        if _takes(rotary.forward, "layer_type"):  # one module holding a table per layer type
-            return rotary(hidden, position_ids, layer_type=kind)
-        local = getattr(backbone, "rotary_emb_local", None)  # older layout: the local table is a second module
-        if kind == "sliding_attention" and local is not None:
-            return local(hidden, position_ids)
-        return rotary(hidden, position_ids)
+        return backbone.rotary_emb(hidden, position_ids, layer_type=kind)  # the local or the global table
 
     def window(self, backbone, kind):
         """HF's bidirectional Gemma 3 band (``use_bidirectional_attention``, EmbeddingGemma): its

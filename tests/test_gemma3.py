@@ -190,7 +190,7 @@ def test_a_gemma3_is_never_read_as_llama():
 def test_extra_block_modules_are_refused():
     backbone = _backbone("llama")
     backbone.layers[1].extra_norm = nn.LayerNorm(32)  # a part the pooled block would never run
-    with pytest.raises(ValueError, match=r"model_type='llama' \('llama' family\) has block modules .* \['extra_norm'\]"):
+    with pytest.raises(ValueError, match=r"model_type='llama' \('llama' family\) has block modules .*\['extra_norm'\]"):
         ARCEncoder(EncoderConfig(base_model="x", layers_removed=0), backbone)
 
 
@@ -198,6 +198,16 @@ def test_gemma3_with_logit_softcapping_is_refused():
     with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
         ARCEncoder.from_base_model(EncoderConfig(base_model="x", layers_removed=0),
                                    backbone_config=gemma_config(attn_logit_softcapping=50.0))
+
+
+def test_gemma3_rotary_without_layer_types_is_refused():
+    """The transformers 4.x layout (one table per module, no layer_type argument) is refused, not misread."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    backbone = AutoModel.from_config(gemma_config())
+    backbone.rotary_emb = LlamaRotaryEmbedding(AutoConfig.for_model("llama", hidden_size=48, num_attention_heads=3))
+    with pytest.raises(ValueError, match="takes no layer_type"):
+        ARCEncoder(EncoderConfig(base_model="x", layers_removed=0), backbone)
 
 
 def test_sliding_window_layers_is_validated_and_saved(tmp_path):

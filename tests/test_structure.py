@@ -110,7 +110,7 @@ ENCODER_VALUES = dict(
     base_model="/models/some-lm", layers_removed=3, pooling_factor=2, pooled_query_positions="group_mean",
     pooled_query_input="pooled_queries", pooling_groups="fixed_tail",
     pooled_residual=False, final_norm=True, chunk_len=64, max_chunks=5, attn_implementation="eager",
-    pooling_factors=(2, 8), sliding_window_layers="band",
+    pooling_factors=(2, 8), sliding_window_layers="full",
 )
 
 
