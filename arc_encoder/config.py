@@ -29,6 +29,12 @@ PooledQueryInput = Literal["pooled_hidden", "pooled_queries"]
 #                 17 tokens at pf 8 -> 6, 6, 5).
 #   "fixed_tail": groups of pf tokens and a shorter tail (17 at pf 8 -> 8, 8, 1): format-1 behaviour.
 PoolingGroups = Literal["balanced", "fixed_tail"]
+# How a backbone's sliding-window layers (Gemma 3) attend in the bidirectional encoder.
+#   "band": token i sees j when |i - j| < sliding_window // 2 + 1: 256 tokens each side for
+#           Gemma 3's 512 (HF's bidirectional Gemma 3, ``use_bidirectional_attention``, as in
+#           EmbeddingGemma). The default: benchmarks/README.md "Gemma 3's sliding-window layers".
+#   "full": every token sees the whole chunk, as in full-attention layers.
+SlidingWindowLayers = Literal["full", "band"]
 ProjectorActivation = Literal["none", "gelu", "silu"]
 # How a new projector's weights start.
 #   "reference":     torch's default Linear init (the reference's).
@@ -183,8 +189,9 @@ class EncoderConfig:
     """How the encoder is cut out of a pretrained LM and how its last block pools.
 
     ``base_model`` is a local path (or hub id) of a Llama-family causal LM (Llama, Mistral,
-    Qwen2, Qwen3), a GPT-NeoX-family LM or a BERT-style encoder. The last ``layers_removed``
-    blocks are dropped (paper: 2); the last remaining block pools by ``pooling_factor``.
+    Qwen2, Qwen3), a Gemma 3 text model, a GPT-NeoX-family LM or a BERT-style encoder. The
+    last ``layers_removed`` blocks are dropped (paper: 2); the last remaining block pools by
+    ``pooling_factor``.
 
     The defaults compute what the ARC-Encoder reference computes (README "How it works"): in
     the last block ``pooled_h`` = mean of the block input over balanced groups, queries from
@@ -230,6 +237,8 @@ class EncoderConfig:
     """tuning lora: the last blocks trained in full, without adapters (1: the pooled block)"""
     base_sha256: str = ""
     """tuning lora: identity of the base model's weights (set when the encoder is built; a delta loads on no other)"""
+    sliding_window_layers: SlidingWindowLayers = "band"
+    """Gemma 3's sliding layers: band: |i - j| <= window // 2 (HF's bidirectional Gemma 3); full: the whole chunk"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model:
@@ -274,6 +283,7 @@ class EncoderConfig:
         _check_literal("pooled_query_input", self.pooled_query_input, PooledQueryInput)
         _check_literal("pooling_groups", self.pooling_groups, PoolingGroups)
         _check_literal("attn_implementation", self.attn_implementation, AttnImplementation)
+        _check_literal("sliding_window_layers", self.sliding_window_layers, SlidingWindowLayers)
         if self.pooled_query_positions == "group_mean" and self.pooled_query_input != "pooled_queries":
             raise ValueError(
                 "pooled_query_positions='group_mean' rotates per-token queries before averaging them; "

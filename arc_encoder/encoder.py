@@ -1,7 +1,7 @@
 """ARCEncoder: a pretrained Hugging Face transformer turned into a bidirectional, pooling text encoder.
 
 Every block but the last is the backbone's own block (and attention kernel), called with a
-padding-only mask, so attention is bidirectional. The last block pools, as the ARC-Encoder
+padding-only mask (Gemma 3's sliding layers: also their band), so attention is bidirectional. The last block pools, as the ARC-Encoder
 reference does (kyutai-labs/ARC-Encoder, ``embed_llm/models/enhanced_transformer.py``
 ``forward_embedder`` + ``transformer_layers.py`` ``TransformerBlock``; README "How it works"):
 
@@ -14,20 +14,37 @@ so a chunk of n tokens becomes ceil(n / pf) vectors. ``EncoderConfig`` keeps the
 semantics as explicit options (no residual, mean of per-token queries, fixed-size groups
 with a short tail, final norm).
 
-Three backbone families share that one pooled block through the adapters in ``ADAPTERS``:
+Four backbone families share that one pooled block through the adapters in ``ADAPTERS``:
 
 * "llama": Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3 with its per-head q/k
   norms): pre-norm blocks, ``self_attn.{q,k,v,o}_proj``, rotary positions. The paper's setting.
+* "gemma3": Gemma 3 text models: Llama's attention plus per-head q/k norms and the
+  ``query_pre_attn_scalar`` score scale, embeddings scaled by sqrt(hidden) (HF's own module),
+  four (1 + weight) RMSNorms per block, the attention and MLP outputs normed before their
+  residual adds, so ``h' = pooled_h + post_attention_norm(r)`` and
+  ``out = h' + post_feedforward_norm(FFN(pre_feedforward_norm(h')))``; each block takes its own
+  layer type's RoPE table (sliding layers the local one, full layers the global one, the pooled
+  queries too). Sliding-window layers keep HF's bidirectional band by default (token i reads j
+  when |i - j| < 512 // 2 + 1, as ``use_bidirectional_attention`` / EmbeddingGemma;
+  ``sliding_window_layers="full"`` reads the whole chunk): with the real 270M model frozen at x4
+  over 1,024-token chunks, BAND_NUMBERS (benchmarks/README.md "Gemma 3's sliding-window layers").
 * "neox": GPT-NeoX-family LMs (Pythia): fused ``query_key_value``, partial rotary, and a
   parallel residual, whose pooled analogue is ``out = pooled_h + r + FFN(ffn_norm(pooled_h))``.
 * "bert": BERT-style post-norm encoders (BERT, MiniLM): absolute positions, so pooled queries
   need no rotation; ``h' = LN1(pooled_h + r)``, ``out = LN2(h' + FFN(h'))``.
+
+An adapter accepts only the ``config.model_type`` values it was checked against (Gemma 1,
+Granite and Llama share module names, not math) and only blocks whose every parameter lives in a
+module it runs; any other backbone is refused with one ValueError naming its model type and the
+supported ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -114,6 +131,21 @@ class GroupPooling:
         self.weights = member.to(dtype)  # [batch, m, n]
         self.counts = self.weights.sum(-1, keepdim=True).clamp(min=1)  # [batch, m, 1]; empty groups -> 0
 
+    def reach(self, window: int, n: int, device: torch.device) -> torch.Tensor:
+        """[batch or 1, m, n] bool: key j lies within ``window`` of some token of group g (|i - j| < window).
+
+        Groups are contiguous, so group g (tokens first..last) reaches first - window < j < last + window.
+        A group with no token (past its row's count) reaches nothing.
+        """
+        t = torch.arange(n, device=device)
+        if self.weights is None:  # every token is its own group
+            first = last = t[None, :]  # [1, n]
+        else:
+            member = self.weights > 0  # [batch, m, n]
+            first = torch.where(member, t, n).amin(-1)  # [batch, m]
+            last = torch.where(member, t, -1).amax(-1)
+        return (t > first[..., None] - window) & (t < last[..., None] + window) & (last >= 0)[..., None]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, ..., n, d] -> [batch, ..., m, d]."""
         if self.weights is None:
@@ -159,11 +191,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------- adapters
-BackboneFamily = Literal["llama", "neox", "bert"]
-_SUPPORTED = (
-    "only Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3, ...), GPT-NeoX-family LMs "
-    "and BERT-style encoders are supported"
-)
+BackboneFamily = Literal["llama", "gemma3", "neox", "bert"]
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -180,33 +208,49 @@ def _lacks(obj: object, dotted: str) -> bool:
     return False
 
 
+def _model_type(backbone: PreTrainedModel) -> str:
+    return getattr(backbone.config, "model_type", None) or "?"
+
+
 class BackboneAdapter:
     """Where one backbone family keeps the parts the encoder needs.
 
     ``ARCEncoder`` is written once over these methods: the full-length blocks run as the
     backbone runs them, and the pooled block is assembled from the family's own modules.
+    An adapter accepts only the ``model_types`` it was checked against (layouts alike in
+    their module names can differ in their math: Gemma 1, Granite and Llama share names), and
+    only blocks whose every parameter lives in a module it runs (``block_modules``).
     """
 
     family: ClassVar[BackboneFamily]
+    model_types: ClassVar[tuple[str, ...]]  # the config.model_type values this adapter computes correctly
     rotary: ClassVar[bool] = True  # positions enter through RoPE in every block
     final_norm_name: ClassVar[str | None] = None  # attribute of the norm after the last block
     # Dotted attributes the encoder uses: on the backbone, or on its first block ("block.").
     required: ClassVar[tuple[str, ...]] = ()
-
-    def matches(self, backbone: PreTrainedModel) -> bool:
-        raise NotImplementedError
+    # Block submodules the encoder runs (each as a whole: what it holds is computed by HF's code).
+    # A block parameter outside all of them would be ignored by the pooled block: refused.
+    block_modules: ClassVar[tuple[str, ...]] = ()
 
     def check(self, backbone: PreTrainedModel) -> None:
-        """ValueError naming the model type and every missing part."""
-        block = self.blocks(backbone)[0]
+        """ValueError naming the model type, every missing part and every part the adapter would ignore."""
+        blocks = self.blocks(backbone)
         missing = [p for p in self.required
-                   if (_lacks(block, p.removeprefix("block.")) if p.startswith("block.") else _lacks(backbone, p))]
-        if missing:
-            model_type = getattr(backbone.config, "model_type", "?")
+                   if (_lacks(blocks[0], p.removeprefix("block.")) if p.startswith("block.") else _lacks(backbone, p))]
+        ignored = sorted({name.rsplit(".", 1)[0] for block in blocks for name, _ in block.named_parameters()
+                          if not any(name.startswith(m + ".") for m in self.block_modules)})
+        problems = ([f"lacks {missing}"] if missing else []) + (
+            [f"has block modules the {self.family!r} encoder would ignore: {ignored}"] if ignored else [])
+        problems += self.config_problems(backbone.config)
+        if problems:
             raise ValueError(
-                f"backbone model_type={model_type!r} looks like the {self.family!r} family but lacks "
-                f"{missing}: {_SUPPORTED}"
+                f"backbone model_type={_model_type(backbone)!r} ({self.family!r} family) "
+                f"{'; '.join(problems)}: {supported_backbones()}"
             )
+
+    def config_problems(self, config: PretrainedConfig) -> list[str]:
+        """Settings of the backbone config the encoder would not compute (each a short phrase)."""
+        return []
 
     def prepare(self, backbone: PreTrainedModel, config: EncoderConfig) -> None:
         """Checks and trimming when an encoder is built.
@@ -227,6 +271,19 @@ class BackboneAdapter:
     def self_attention(self, block: nn.Module) -> nn.Module:
         """The module whose ``is_causal`` HF's attention kernels read."""
         raise NotImplementedError
+
+    def layer_kind(self, block: nn.Module) -> str:
+        """Which RoPE table and attention window the block uses (one kind unless the family mixes them)."""
+        return "all"
+
+    def rope(self, backbone: PreTrainedModel, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str):
+        """The backbone's RoPE (cos, sin) at ``position_ids`` for blocks of ``kind``."""
+        return backbone.rotary_emb(hidden, position_ids=position_ids)
+
+    def window(self, backbone: PreTrainedModel, kind: str) -> int | None:
+        """Sliding-window band of blocks of ``kind`` in a bidirectional encoder: token i sees j
+        when |i - j| < window; None: every token (the family has no sliding layers)."""
+        return None
 
     def embed(self, backbone: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
         return backbone.get_input_embeddings()(input_ids)
@@ -268,13 +325,15 @@ class BackboneAdapter:
 
 class LlamaAdapter(BackboneAdapter):
     family = "llama"
+    # Granite (residual multipliers), Gemma 1 (embedding scale in the model's forward), SmolLM3
+    # (NoPE layers) and others share these module names but not the math: not listed.
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
     final_norm_name = "norm"
     required = ("embed_tokens", "layers", "norm", "rotary_emb", "block.self_attn.q_proj",
                 "block.self_attn.k_proj", "block.self_attn.v_proj", "block.self_attn.o_proj",
                 "block.input_layernorm", "block.post_attention_layernorm", "block.mlp")
-
-    def matches(self, backbone):
-        return hasattr(backbone, "embed_tokens") and hasattr(backbone, "layers")
+    block_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm", "mlp")
 
     def self_attention(self, block):
         return block.self_attn
@@ -282,7 +341,7 @@ class LlamaAdapter(BackboneAdapter):
     def queries(self, block, x):
         attn = block.self_attn
         q = attn.q_proj(x).view(*x.shape[:2], -1, attn.head_dim)  # [b, n, heads, hd]
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
             q = attn.q_norm(q)
         return q.transpose(1, 2)
 
@@ -300,15 +359,91 @@ class LlamaAdapter(BackboneAdapter):
         return block.self_attn.o_proj(context)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes(fn, name: str) -> bool:
+    """True when function ``fn`` has a parameter called ``name`` (signature read through decorators)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Gemma3Adapter(LlamaAdapter):
+    """Gemma 3 text models: Llama's attention with q/k norms and ``query_pre_attn_scalar``
+    scaling, four (1 + weight) RMSNorms per block (the attention and MLP outputs are normed before
+    their residual adds), embeddings scaled by sqrt(hidden) inside HF's own embedding module, and
+    two RoPE tables: sliding-window layers use the local one, full-attention layers the global one.
+
+    The pooled block, by analogy with the reference's pre-norm block:
+    ``r = post_attention_layernorm(o_proj(attention))``, ``h' = pooled_h + r``,
+    ``out = h' + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h')))``.
+    """
+
+    family = "gemma3"
+    model_types = ("gemma3_text",)  # "gemma3" is the image-text model: its text model is "gemma3_text"
+    required = LlamaAdapter.required + ("block.self_attn.q_norm", "block.self_attn.k_norm",
+                                        "block.pre_feedforward_layernorm", "block.post_feedforward_layernorm")
+    block_modules = LlamaAdapter.block_modules + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+    def check(self, backbone):
+        super().check(backbone)
+        # transformers 5.x (checked: 5.17, 5.25) keeps one RoPE table per layer type in one module and
+        # takes the type as an argument; the 4.x layout (a second module, other block arguments) is refused.
+        if not _takes(type(backbone.rotary_emb).forward, "layer_type"):
+            raise ValueError(
+                f"backbone model_type={_model_type(backbone)!r}: this transformers version's Gemma 3 rotary "
+                "embedding takes no layer_type (the transformers 4.x layout); use transformers 5"
+            )
+
+    def config_problems(self, config):
+        if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2's; SDPA cannot cap logits
+            return [f"sets attn_logit_softcapping={config.attn_logit_softcapping} (not supported)"]
+        return []
+
+    def prepare(self, backbone, config):
+        super().prepare(backbone, config)
+        # HF's flash-attention path takes a sliding layer's band from its module (window (w-1, w-1)
+        # when is_causal is False), SDPA and eager from the mask: keep both on the encoder's band.
+        for block in self.blocks(backbone):
+            kind = self.layer_kind(block)
+            block.self_attn.sliding_window = (
+                self.window(backbone, kind) if config.sliding_window_layers == "band" else None)
+
+    def layer_kind(self, block):
+        attn = block.self_attn
+        kind = getattr(attn, "layer_type", None) or getattr(block, "attention_type", None)
+        if kind is None:
+            kind = "sliding_attention" if getattr(attn, "is_sliding", False) else "full_attention"
+        return kind
+
+    def rope(self, backbone, hidden, position_ids, kind):
+        return backbone.rotary_emb(hidden, position_ids, layer_type=kind)  # the local or the global table
+
+    def window(self, backbone, kind):
+        """HF's bidirectional Gemma 3 band (``use_bidirectional_attention``, EmbeddingGemma): its
+        config halves the causal window, ``w = sliding_window // 2 + 1``, and a token sees
+        ``|i - j| < w`` (512 -> 256 tokens on each side): the same span as the causal window."""
+        window = getattr(backbone.config, "sliding_window", None)
+        if kind != "sliding_attention" or window is None:
+            return None
+        if getattr(backbone.config, "use_bidirectional_attention", False):
+            return window  # the config already holds the halved window
+        return window // 2 + 1
+
+    def block_output(self, block, attn, pooled_in, residual):
+        r = block.post_attention_layernorm(attn)
+        h = r + pooled_in if residual else r
+        return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
+
 
 class NeoXAdapter(BackboneAdapter):
     family = "neox"
+    model_types = ("gpt_neox",)
     final_norm_name = "final_layer_norm"
     required = ("embed_in", "layers", "final_layer_norm", "rotary_emb", "block.attention.query_key_value",
                 "block.attention.dense", "block.input_layernorm", "block.post_attention_layernorm", "block.mlp")
-
-    def matches(self, backbone):
-        return hasattr(backbone, "embed_in") and hasattr(backbone, "layers")
+    block_modules = ("attention.query_key_value", "attention.dense", "input_layernorm", "post_attention_layernorm",
+                     "mlp")
 
     def self_attention(self, block):
         return block.attention
@@ -342,13 +477,13 @@ class NeoXAdapter(BackboneAdapter):
 
 class BertAdapter(BackboneAdapter):
     family = "bert"
+    model_types = ("bert",)
     rotary = False
     required = ("embeddings", "encoder.layer", "block.attention.self.query", "block.attention.self.key",
                 "block.attention.self.value", "block.attention.output.dense",
                 "block.attention.output.LayerNorm", "block.intermediate", "block.output")
-
-    def matches(self, backbone):
-        return hasattr(backbone, "embeddings") and hasattr(getattr(backbone, "encoder", None), "layer")
+    block_modules = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                     "attention.output.LayerNorm", "intermediate", "output")
 
     def prepare(self, backbone, config):
         super().prepare(backbone, config)
@@ -399,22 +534,32 @@ class BertAdapter(BackboneAdapter):
         return block.output(block.intermediate(h), h)  # LN2(h + FFN(h))
 
 
-# Checked in this order: the first whose layout matches is the family.
 ADAPTERS: dict[BackboneFamily, BackboneAdapter] = {
-    "bert": BertAdapter(),
-    "neox": NeoXAdapter(),
     "llama": LlamaAdapter(),
+    "gemma3": Gemma3Adapter(),
+    "neox": NeoXAdapter(),
+    "bert": BertAdapter(),
 }
 
 
+def supported_backbones() -> str:
+    """One phrase listing every family and the model types it accepts."""
+    listed = "; ".join(f"{family}: {', '.join(a.model_types)}" for family, a in ADAPTERS.items())
+    return f"supported backbone model types ({listed})"
+
+
 def backbone_adapter(backbone: PreTrainedModel) -> BackboneAdapter:
-    """The adapter for ``backbone``'s block layout; ValueError naming the model type if none fits."""
+    """The adapter for ``backbone``'s ``config.model_type``, after checking its layout.
+
+    ValueError naming the model type (and the supported ones) when no adapter accepts it or when
+    its blocks lack a part the adapter needs or hold one it would ignore.
+    """
+    model_type = _model_type(backbone)
     for adapter in ADAPTERS.values():
-        if adapter.matches(backbone):
+        if model_type in adapter.model_types:
             adapter.check(backbone)
             return adapter
-    model_type = getattr(backbone.config, "model_type", "?")
-    raise ValueError(f"backbone model_type={model_type!r} has an unknown layout: {_SUPPORTED}")
+    raise ValueError(f"backbone model_type={model_type!r} is not supported: {supported_backbones()}")
 
 
 def backbone_family(backbone: PreTrainedModel) -> BackboneFamily:
@@ -562,19 +707,35 @@ class ARCEncoder(nn.Module):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ forward
-    def _layer_mask(self, valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """Padding-only mask in the form the backbone's attention implementation expects."""
-        impl = self.backbone.config._attn_implementation
-        if valid is None:
+    def _window(self, kind: str) -> int | None:
+        """The attention band of the encoder's blocks of ``kind`` (None: the whole chunk)."""
+        if self.config.sliding_window_layers == "full":
             return None
-        if impl == "flash_attention_2":
-            return valid.long()  # [batch, n]; HF unpads with it
-        b, n = valid.shape
-        keys = valid[:, None, None, :].expand(b, 1, n, n)  # [batch, 1, query, key]
+        return self.adapter.window(self.backbone, kind)
+
+    def _layer_mask(
+        self, valid: torch.Tensor | None, hidden: torch.Tensor, window: int | None = None
+    ) -> torch.Tensor | None:
+        """Padding-only mask in the form the backbone's attention implementation expects; with
+        ``window``, keys also need |i - j| < window (a bidirectional sliding-window band)."""
+        impl = self.backbone.config._attn_implementation
+        b, n = hidden.shape[:2]
+        banded = window is not None and window < n  # a band at least as wide as the chunk is no band
+        if valid is None and not banded:
+            return None
+        if impl == "flash_attention_2":  # the band is the kernel's window (set by the adapter's prepare)
+            return None if valid is None else valid.long()  # [batch, n]; HF unpads with it
+        if banded:
+            t = torch.arange(n, device=hidden.device)
+            keys = ((t[:, None] - t[None, :]).abs() < window).expand(b, 1, n, n)  # [batch, 1, query, key]
+            if valid is not None:  # a padding query keeps its band (never an empty row, whose NaNs would spread)
+                keys = keys & (valid[:, None, None, :] | ~valid[:, None, :, None])
+        else:
+            keys = valid[:, None, None, :].expand(b, 1, n, n)
         if impl == "sdpa":
             return keys
-        additive = torch.zeros(keys.shape, dtype=dtype, device=valid.device)
-        return additive.masked_fill(~keys, torch.finfo(dtype).min)
+        additive = torch.zeros(keys.shape, dtype=hidden.dtype, device=hidden.device)
+        return additive.masked_fill(~keys, torch.finfo(hidden.dtype).min)
 
     def row_pooling_factors(self, batch: int, pooling_factors: int | Sequence[int] | None) -> list[int]:
         """One pooling factor per row: the config's by default, one int for all, or a list."""
@@ -590,10 +751,10 @@ class ARCEncoder(nn.Module):
                 raise ValueError(f"pooling factors must be integers >= 1, got {pf!r}")
         return pfs
 
-    def _positions(self, hidden: torch.Tensor, count: int):
-        """Position ids 0..count-1 per row and the backbone's RoPE (cos, sin) at them."""
+    def _positions(self, hidden: torch.Tensor, count: int, kind: str = "all"):
+        """Position ids 0..count-1 per row and the backbone's RoPE (cos, sin) at them, for blocks of ``kind``."""
         pos = torch.arange(count, device=hidden.device).unsqueeze(0).expand(hidden.shape[0], count)
-        return pos, self.backbone.rotary_emb(hidden, position_ids=pos)
+        return pos, self.adapter.rope(self.backbone, hidden, pos, kind)
 
     def forward(
         self,
@@ -634,15 +795,18 @@ class ARCEncoder(nn.Module):
 
         adapter, bb = self.adapter, self.backbone
         hidden = adapter.embed(bb, input_ids)  # [batch, n, hidden]
-        position_ids = position_embeddings = None
-        if adapter.rotary:
-            position_ids, position_embeddings = self._positions(hidden, input_ids.shape[1])
-        mask = self._layer_mask(valid, hidden.dtype)
         blocks = self.blocks
-        for block in blocks[:-1]:
-            hidden = adapter.run_block(block, hidden, mask, position_ids, position_embeddings)
+        # One RoPE table and one mask per kind of block (Gemma 3: sliding / full; others: one kind).
+        kinds = [adapter.layer_kind(block) for block in blocks]
+        position_ids, tables = None, {}
+        if adapter.rotary:
+            position_ids = torch.arange(input_ids.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            tables = {kind: adapter.rope(bb, hidden, position_ids, kind) for kind in dict.fromkeys(kinds)}
+        masks = {kind: self._layer_mask(valid, hidden, self._window(kind)) for kind in dict.fromkeys(kinds[:-1])}
+        for block, kind in zip(blocks[:-1], kinds):
+            hidden = adapter.run_block(block, hidden, masks[kind], position_ids, tables.get(kind))
         pooling = self._pooling(hidden, valid, pfs)
-        pooled = self._pooled_block(blocks[-1], hidden, valid, pooling, position_embeddings)
+        pooled = self._pooled_block(blocks[-1], hidden, valid, pooling, tables.get(kinds[-1]))
         norm = adapter.final_norm(bb) if self.config.final_norm else None
         if norm is not None:
             pooled = norm(pooled)
@@ -692,9 +856,14 @@ class ARCEncoder(nn.Module):
     def _pooled_attention(
         self, layer, hidden, pooled_in, valid, pooling: GroupPooling, position_embeddings
     ) -> torch.Tensor:
-        """m pooled queries attend over all n valid keys, bidirectionally: [batch, m, hidden]."""
+        """m pooled queries attend over all n valid keys, bidirectionally: [batch, m, hidden].
+
+        In a sliding layer with ``sliding_window_layers="band"`` a group's query reads the keys
+        any of its tokens would read (with pooling factor 1: exactly HF's band).
+        """
         ad, cfg = self.adapter, self.config
         b, m = hidden.shape[0], pooling.num_groups
+        kind = ad.layer_kind(layer)
         x = ad.attention_norm(layer, hidden)
         k, v = ad.keys_values(layer, x)  # [b, kv_heads, n, hd]
         if cfg.pooled_query_input == "pooled_hidden":  # reference: queries of the averaged input
@@ -710,9 +879,16 @@ class ARCEncoder(nn.Module):
             q = pooling(q)
         if position_embeddings is not None:
             k = apply_rope(k, *position_embeddings)
-            if rotate_pooled:  # pooled queries sit at positions 0..m-1
-                q = apply_rope(q, *self._positions(hidden, m)[1])
+            if rotate_pooled:  # pooled queries sit at positions 0..m-1, in this block's RoPE table
+                q = apply_rope(q, *self._positions(hidden, m, kind)[1])
         key_mask = None if valid is None else valid[:, None, None, :]  # [b, 1, 1, n]
+        window = self._window(kind)
+        n = hidden.shape[1]
+        if window is not None and window < n:  # a sliding layer's band: a group sees what its tokens see
+            keys = key_mask if valid is not None else torch.ones(1, 1, 1, n, dtype=torch.bool, device=hidden.device)
+            allowed = pooling.reach(window, n, hidden.device)[:, None] & keys  # [b, 1, m, n]
+            # a row that reaches no valid key holds no group (zeroed later): it reads every valid key, never NaN
+            key_mask = allowed | (~allowed.any(-1, keepdim=True) & keys)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask, scale=ad.attention_scale(layer), enable_gqa=q.shape[1] != k.shape[1]
         )  # [b, heads, m, hd]

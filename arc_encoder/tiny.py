@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-Family = Literal["llama", "mistral", "qwen2", "gpt_neox"]
+Family = Literal["llama", "mistral", "qwen2", "gpt_neox", "gemma3_text"]
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
@@ -41,6 +41,13 @@ def tiny_config(
         eos_token_id=2,
         pad_token_id=0,
     )
+    if family == "gemma3_text":
+        # Gemma 3's defaults are real-model sizes (head_dim 256, window 4096): tiny ones, both layer
+        # types (a full layer every second one), a band narrower than a test sequence, and a score
+        # scale (query_pre_attn_scalar) that is not head_dim.
+        head_dim = hidden_size // num_heads
+        kwargs.update(head_dim=head_dim, query_pre_attn_scalar=head_dim + 5, sliding_window=6,
+                      layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)])
     kwargs.update(overrides)
     return AutoConfig.for_model(family, **kwargs)
 

@@ -15,8 +15,9 @@ bidirectional block; in the last one ``pooled_h`` = mean of the block input over
 ``split_integer(n, -pf)``, ``TransformerBlock(x=pooled_h, other_kv=h)`` computes
 ``r = attention(attention_norm(pooled_h) at positions 0..m-1, attention_norm(h) at 0..n-1)``,
 ``h' = pooled_h + r``, ``out = h' + FFN(ffn_norm(h'))``, and no final norm follows.
-GPT-NeoX (parallel residual) and BERT (post-norm) are the same block by analogy, with the
-pooled input as the residual.
+GPT-NeoX (parallel residual), BERT (post-norm) and Gemma 3 (norms on the attention and MLP
+outputs, two RoPE tables, sliding-window layers) are the same block by analogy, with the pooled
+input as the residual.
 """
 
 from __future__ import annotations
@@ -304,3 +305,77 @@ def reference_layout_encoder(tensors: dict[str, Tensor], model_args: dict, ids: 
 def project(x: Tensor, layer1: Tensor, layer2: Tensor) -> Tensor:
     """``EmbProjector`` type "mlp": two bias-free linear layers, no activation."""
     return linear(linear(x.double(), layer1.detach().double()), layer2.detach().double())
+
+
+# ---------------------------------------------------------------------------- Gemma 3
+def gemma_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Gemma's RMSNorm scales by (1 + weight)."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:  # HF's "gelu_pytorch_tanh"
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, allowed: Tensor) -> Tensor:
+    """``attention`` with a [m, n] bool mask of the keys each query may read."""
+    repeats = q.shape[1] // k.shape[1]
+    k = torch.repeat_interleave(k, repeats, dim=1)
+    v = torch.repeat_interleave(v, repeats, dim=1)
+    scores = torch.einsum("mhd,nhd->hmn", q, k) * scale
+    probs = torch.softmax(scores.masked_fill(~allowed[None], float("-inf")), dim=-1)
+    return torch.einsum("hmn,nhd->mhd", probs, v).reshape(q.shape[0], -1)
+
+
+def gemma_band(config) -> int:
+    """HF's bidirectional Gemma 3 (``use_bidirectional_attention``): its config replaces the causal
+    window w by w // 2 + 1 and a token sees keys at distance < that (EmbeddingGemma)."""
+    w = config.sliding_window
+    return w if getattr(config, "use_bidirectional_attention", False) else w // 2 + 1
+
+
+def hf_gemma3_encoder(backbone, ids: list[int], pooling_factor: int, sliding: str = "full") -> Tensor:
+    """Gemma 3 text blocks on one sequence, bidirectional, the last block pooling.
+
+    Block: ``h' = x + post_attn_norm(attn(input_norm))``, ``out = h' + post_ffw_norm(mlp(pre_ffw_norm(h')))``
+    with x = the block input (the pooled input in the last block, whose queries sit at positions
+    0..m-1); per-head q/k RMSNorms before RoPE; scores scaled by query_pre_attn_scalar^-0.5; the
+    sliding layers use the local RoPE theta, the full layers the global one. ``sliding="band"``:
+    in sliding layers a query reads the keys within ``gemma_band`` of ANY token of its group (with
+    one token per group: HF's band); "full": every key.
+    """
+    cfg, sd = backbone.config, {k: v.detach().double() for k, v in backbone.state_dict().items()}
+    heads, kv_heads, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    scale = cfg.query_pre_attn_scalar**-0.5
+    n = len(ids)
+    h = sd["embed_tokens.weight"][torch.tensor(ids)] * math.sqrt(cfg.hidden_size)
+    count = _layer_count(sd)
+    for i in range(count):
+        p = f"layers.{i}."
+        kind = cfg.layer_types[i]
+        theta = cfg.rope_parameters[kind]["rope_theta"]
+        sizes = group_sizes(n, pooling_factor) if i == count - 1 else [1] * n
+        x = mean_pool(h, sizes)
+        m = x.shape[0]
+        members = torch.arange(n).split(sizes)  # token positions of each group
+        if kind == "sliding_attention" and sliding == "band":
+            band = gemma_band(cfg)
+            allowed = torch.stack([(g[:, None] - torch.arange(n)[None, :]).abs().min(0).values < band for g in members])
+        else:
+            allowed = torch.ones(m, n, dtype=torch.bool)
+
+        def norm(t, name):
+            return gemma_rms_norm(t, sd[p + name + ".weight"], eps)
+
+        xq, xkv = norm(x, "input_layernorm"), norm(h, "input_layernorm")
+        q = norm(linear(xq, sd[p + "self_attn.q_proj.weight"]).view(m, heads, hd), "self_attn.q_norm")
+        k = norm(linear(xkv, sd[p + "self_attn.k_proj.weight"]).view(n, kv_heads, hd), "self_attn.k_norm")
+        v = linear(xkv, sd[p + "self_attn.v_proj.weight"]).view(n, kv_heads, hd)
+        q, k = rope_rotate_half(q, torch.arange(m), theta), rope_rotate_half(k, torch.arange(n), theta)
+        r = norm(linear(masked_attention(q, k, v, scale, allowed), sd[p + "self_attn.o_proj.weight"]),
+                 "post_attention_layernorm")
+        h2 = x + r
+        f = norm(h2, "pre_feedforward_layernorm")
+        up = gelu_tanh(linear(f, sd[p + "mlp.gate_proj.weight"])) * linear(f, sd[p + "mlp.up_proj.weight"])
+        h = h2 + norm(linear(up, sd[p + "mlp.down_proj.weight"]), "post_feedforward_layernorm")
+    return h
