@@ -20,9 +20,9 @@ _EXPORTS = {
     "ARCEncoder": "encoder",
     "EncoderOutput": "encoder",
     "ARCModel": "model",
-    "CompressedContext": "model",
-    "freeze_decoder": "model",
-    "DecoderInputs": "objectives",
+    "CompressedContext": "layout",
+    "freeze_decoder": "decoders",
+    "DecoderInputs": "layout",
     "Projector": "projector",
 }
 
@@ -31,8 +31,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import ARCConfig, EncoderConfig, ProjectorConfig, ProjectorOptions
     from .encoder import ARCEncoder, EncoderOutput
-    from .model import ARCModel, CompressedContext, freeze_decoder
-    from .objectives import DecoderInputs
+    from .decoders import freeze_decoder
+    from .layout import CompressedContext, DecoderInputs
+    from .model import ARCModel
     from .projector import Projector
 
 

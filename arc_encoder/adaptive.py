@@ -34,7 +34,8 @@ from .objectives import IGNORE_INDEX, next_token_logits, token_nll
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .model import ARCModel, TokenIds
+    from .model import ARCModel
+    from .chunking import TokenIds
 
 Density = Literal["zlib", "decoder_nll"]
 ChunkScorer = Callable[[Sequence[str]], list[float]]  # chunk texts -> information in bits

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .chunking import check_pooling_factor, compressed_len
+
 # Where the pooled queries sit in RoPE space.
 #   "pooled_index": the m pooled queries take positions 0..m-1 (ARC-Encoder reference).
 #   "group_mean":   each token query is rotated at its own position, then the group is
@@ -268,8 +270,7 @@ class EncoderConfig:
             raise ValueError(f"pooling_factors must be a list of integers, got {self.pooling_factors!r}")
         self.pooling_factors = tuple(self.pooling_factors)
         for pf in self.pooling_factors:
-            if isinstance(pf, bool) or not isinstance(pf, int) or not 1 <= pf <= self.chunk_len:
-                raise ValueError(f"pooling_factors must be integers in [1, chunk_len={self.chunk_len}], got {pf!r}")
+            check_pooling_factor(pf, self.chunk_len, "pooling_factors: ")
         if self.pooling_factors:
             if len(set(self.pooling_factors)) != len(self.pooling_factors):
                 raise ValueError(f"pooling_factors has duplicates: {list(self.pooling_factors)}")
@@ -321,7 +322,7 @@ class EncoderConfig:
 
     def compressed_len(self, num_tokens: int, pooling_factor: int | None = None) -> int:
         """Number of vectors a chunk of ``num_tokens`` tokens becomes (either grouping: ceil(n / pf))."""
-        return -(-num_tokens // (pooling_factor or self.pooling_factor))
+        return compressed_len(num_tokens, pooling_factor or self.pooling_factor)
 
 
 @dataclass

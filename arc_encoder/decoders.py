@@ -1,4 +1,6 @@
-"""Per-decoder input conventions: what a frozen decoder expects before the first token of a sequence.
+"""The frozen decoders: their input conventions, identity, loading and where they are on disk.
+
+Input conventions: what a frozen decoder expects before the first token of a sequence.
 
 A pretrained causal LM was trained on sequences that started the way its tokenizer starts them.
 Gemma 3's tokenizer puts ``<bos>`` first, and the model depends on it: on held-out text its NLL
@@ -16,12 +18,33 @@ probe) uses ``decoder_prefix_ids`` so that a decoder always sees its own convent
 
 ``attention_windows`` reads the other per-decoder fact that sizes and costs depend on: which
 layers attend to a sliding window (the KV-cache bytes of ``arc-encoder cache info`` and the
-planner's attention FLOPs). Nothing here imports torch.
+planner's attention FLOPs).
+
+Identity: a projector records the decoder it was trained for as ``decoder_identity`` (sha256 of
+its input embeddings); ``check_decoder`` refuses another one. Loading: ``load_frozen_decoder`` is
+the one loader (eval mode, no gradients). Paths: ``resolve_decoder_path`` finds a projector's
+decoder where the checkpoint records it, relative to the checkpoint, or as a converted known
+model with the recorded identity. torch and transformers are imported only by the functions
+that need them: the planner and the command line's parser read ``attention_windows`` torch-free.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+import weakref
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import ArcEncoderWarning
+from .storage import check_model_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .config import ProjectorConfig
 
 SAMPLE_TEXT = "Hello world. A plain sentence."
 
@@ -77,3 +100,165 @@ def attention_windows(config) -> list[int | None]:
         return [None] * layers
     start = _field(config, "max_window_layers", 0) if _field(config, "use_sliding_window") is not None else 0
     return [window if i >= (start or 0) else None for i in range(layers)]
+
+
+# ---------------------------------------------------------------------------- identity
+# Per decoder object (its weights are frozen): its identity, computed once, and the projectors
+# that accepted it. Weak keys: an entry goes with its decoder, and a later decoder at the same
+# address never inherits it.
+_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ACCEPTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_identity(decoder: PreTrainedModel) -> str:
+    """sha256 of the decoder's input-embedding table, rounded to bfloat16, with its shape.
+
+    What a projector is trained against; the same decoder loaded in float32, bfloat16 or on
+    another device gives the same value, a different decoder of the same shape does not.
+    Computed once per decoder object (its weights are frozen).
+    """
+    cached = _IDENTITIES.get(decoder)
+    if cached is None:
+        from .gguf import embedding_sha256
+
+        cached = _IDENTITIES[decoder] = embedding_sha256(decoder.get_input_embeddings().weight.detach())
+    return cached
+
+
+def check_decoder(name: str, cfg: ProjectorConfig, decoder: PreTrainedModel, allow_other_decoder: bool = False) -> None:
+    """Refuse a decoder whose width or vocabulary does not match projector ``name`` (config ``cfg``),
+    or that is not the decoder it was trained for (``decoder_sha256``; ``allow_other_decoder``: warn
+    instead, and accept this decoder object for this projector from then on)."""
+    width = decoder.config.hidden_size
+    vocab = decoder.get_input_embeddings().weight.shape[0]
+    if width != cfg.output_dim:
+        raise ValueError(
+            f"decoder {name!r} has hidden size {width} but its projector outputs {cfg.output_dim}"
+        )
+    if cfg.decoder_vocab_size is not None and vocab != cfg.decoder_vocab_size:
+        raise ValueError(
+            f"decoder {name!r} has vocabulary {vocab} but the projector was trained for "
+            f"{cfg.decoder_vocab_size}: wrong decoder or tokenizer"
+        )
+    accepted = _ACCEPTED.setdefault(decoder, set())
+    if (name, cfg.decoder_sha256) in accepted:
+        return
+    if not cfg.decoder_sha256:
+        warnings.warn(f"projector {name!r} records no decoder identity (a checkpoint from before it was "
+                      "recorded): cannot check that this is the decoder it was trained for", ArcEncoderWarning,
+                      stacklevel=3)
+    elif decoder_identity(decoder) != cfg.decoder_sha256:
+        where = getattr(decoder.config, "_name_or_path", "") or "the given decoder"
+        message = (f"decoder {name!r} ({where}) is not the decoder its projector was trained for: its input "
+                   f"embeddings have sha256 {decoder_identity(decoder)[:12]}..., the projector records "
+                   f"{cfg.decoder_sha256[:12]}... ({cfg.decoder or 'path not recorded'})")
+        if not allow_other_decoder:
+            raise ValueError(message + "; pass --allow-other-decoder (allow_other_decoder=True) to use it anyway")
+        warnings.warn(message + "; used anyway (allow_other_decoder)", ArcEncoderWarning, stacklevel=3)
+    accepted.add((name, cfg.decoder_sha256))
+
+
+def record_decoder(cfg: ProjectorConfig, decoder: PreTrainedModel, path: str = "") -> None:
+    """Make ``decoder`` (at ``path``) the one the projector of config ``cfg`` is trained for (a fine-tune on it)."""
+    cfg.decoder_sha256 = decoder_identity(decoder)
+    if path:
+        cfg.decoder, cfg.decoder_relative = absolute_if_local(path), ""
+
+
+# ---------------------------------------------------------------------------- loading
+def freeze_decoder(decoder: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no gradients: the decoder is only ever read."""
+    decoder.eval()
+    decoder.requires_grad_(False)
+    return decoder
+
+
+def compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a frozen decoder scores in: bfloat16 on a GPU, float32 elsewhere."""
+    import torch
+
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_frozen_decoder(
+    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, what: str = "decoder"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved HF causal LM, frozen on ``device`` (``dtype``: None keeps the default), and its tokenizer.
+
+    The one decoder loader: ``path`` must be a local model directory (errors name ``what``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .loading import load_pretrained, quiet_transformers
+
+    check_model_dir(path, what)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    try:
+        decoder = freeze_decoder(load_pretrained(AutoModelForCausalLM, path, what, **kwargs).to(device))
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{what}: cannot load the model in {path} ({type(err).__name__}: {err})") from err
+    return decoder, tokenizer
+
+
+# ---------------------------------------------------------------------------- generation
+def check_generation_length(decoder: PreTrainedModel, input_len: int, max_new_tokens: int) -> None:
+    """Refuse a generation that cannot fit the decoder's positions (``max_position_embeddings``):
+    past them a decoder computes nothing it was trained for, and a huge request never ends."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    config = decoder.config.get_text_config() if hasattr(decoder.config, "get_text_config") else decoder.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and input_len + max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: the decoder input already takes {input_len} of the "
+                         f"decoder's {limit} positions (max_position_embeddings), so at most "
+                         f"{max(0, limit - input_len)} new tokens fit (--max-new-tokens)")
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a generated answer: the EOS and every other special token of the decoder's
+    tokenizer. A chat model may close an answer with a turn marker (SmolLM2: ``<|im_start|>``) rather
+    than its EOS, and decoding drops special tokens, so without this the next turn's text would be
+    glued to the answer ("7293997assistant")."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids + sorted(set(tokenizer.all_special_ids) - set(ids))
+
+
+# ---------------------------------------------------------------------------- paths
+def absolute_if_local(path: str) -> str:
+    """Record local decoder paths absolutely, so the checkpoint works from any directory."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
+def decoder_paths(cfg: ProjectorConfig, checkpoint_dir: Path | None) -> list[str]:
+    """Where the decoder of projector config ``cfg`` may be, in order: the recorded path, then the path
+    recorded relative to ``checkpoint_dir`` (the checkpoint the model was loaded from)."""
+    paths = [cfg.decoder] if cfg.decoder else []
+    if cfg.decoder_relative and checkpoint_dir is not None:
+        relative = str(Path(os.path.normpath(checkpoint_dir / cfg.decoder_relative)))
+        if relative not in paths:
+            paths.append(relative)
+    return paths
+
+
+def resolve_decoder_path(name: str, cfg: ProjectorConfig, checkpoint_dir: Path | None, path: str | None = None) -> str:
+    """``path`` when given (it must exist), else the first of `decoder_paths` that exists, else a
+    converted known model with the recorded identity; the error names every path tried."""
+    if path:
+        check_model_dir(path, f"decoder {name!r}")
+        return path
+    tried = decoder_paths(cfg, checkpoint_dir)
+    for candidate in tried:
+        if Path(candidate).is_dir():
+            return candidate
+    from .gguf import find_decoder
+
+    found = find_decoder(cfg.decoder_sha256) if cfg.decoder_sha256 else None
+    if found is not None:  # a converted known model (e.g. a shipped checkpoint's decoder on a new machine)
+        return str(found)
+    if not tried:
+        raise FileNotFoundError(f"decoder {name!r}: the checkpoint records no local path for it; "
+                                "pass its directory with --decoder-path")
+    raise FileNotFoundError(f"decoder {name!r}: not found at {' or '.join(tried)} (recorded in the checkpoint"
+                            "; moved?); pass its directory with --decoder-path")

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from .chunking import check_pooling_factor
 from .config import EncoderConfig, PoolingGroups
 from .lora import add_lora, is_lora_parameter
 from .storage import check_model_dir
@@ -747,8 +748,7 @@ class ARCEncoder(nn.Module):
         if len(pfs) != batch:
             raise ValueError(f"pooling_factors has {len(pfs)} entries for {batch} rows")
         for pf in pfs:
-            if isinstance(pf, bool) or not isinstance(pf, int) or pf < 1:
-                raise ValueError(f"pooling factors must be integers >= 1, got {pf!r}")
+            check_pooling_factor(pf, self.config.chunk_len)
         return pfs
 
     def _positions(self, hidden: torch.Tensor, count: int, kind: str = "all"):

@@ -24,8 +24,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .storage import PathLike, atomic_write_json, make_temp_dir, replace_directory, sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import EncoderConfig
 
 PROVENANCE_NAME = "provenance.json"
 
@@ -111,6 +117,53 @@ def find_converted(weights_sha256: str) -> Path | None:
         if data and data.get("weights_sha256") == weights_sha256:
             return directory
     return None
+
+
+def find_decoder(decoder_sha256: str) -> Path | None:
+    """A converted known model whose input embeddings have the identity ``decoder_sha256``
+    (`decoders.decoder_identity`, computed from the weights file without loading the model)."""
+    from safetensors import safe_open
+
+    for name in KNOWN_MODELS:
+        directory = known_model_dir(name)
+        for weights in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(weights), framework="pt") as f:
+                key = next((k for k in f.keys() if k.endswith("embed_tokens.weight")), None)
+                if key is None:
+                    continue
+                weight = f.get_tensor(key)
+            if embedding_sha256(weight) == decoder_sha256:
+                return directory
+    return None
+
+
+def resolve_base_model(config: EncoderConfig, override: str | None = None) -> str:
+    """Where a delta encoder's base model is: ``override``, the recorded path, or a converted known
+    model (`models_home`) whose weights identity is the recorded one."""
+    from .storage import check_model_dir
+
+    if override:
+        check_model_dir(override, "base model")
+        return override
+    if config.base_model and Path(config.base_model).is_dir():
+        return config.base_model
+    found = find_converted(config.base_sha256) if config.base_sha256 else None
+    if found is not None:
+        return str(found)
+    raise FileNotFoundError(
+        f"the encoder is a delta on base model {config.base_model!r} (weights sha256 {config.base_sha256[:12]}...), "
+        "which is not on this machine: convert it (e.g. `arc-encoder convert-gguf smollm2-135m "
+        "~/.cache/arc-encoder/models/smollm2-135m`) or pass its directory as base_model / --base-model")
+
+
+def embedding_sha256(weight: torch.Tensor) -> str:
+    """sha256 of an input-embedding table [vocab, dim]: its shape, then its rows rounded to bfloat16."""
+    import torch
+
+    h = hashlib.sha256(f"{tuple(weight.shape)}".encode())
+    for rows in weight.split(8192):  # bounded host memory for large vocabularies
+        h.update(rows.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def weights_identity(model_dir: PathLike) -> str:

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .model import ARCModel, PoolingPlan
+from .model import ARCModel
+from .chunking import PoolingPlan
 from .bleu import corpus_bleu
 from .objectives import RowScores, target_scores
 from .samples import Batch, collate, decoder_prefix, split_windows, text_sample

@@ -27,26 +27,17 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from .layout import IGNORE_INDEX, DecoderInputs
 from .samples import Batch
 
 if TYPE_CHECKING:
     from .model import ARCModel
 
-IGNORE_INDEX = -100
 # Under this open-book gain (nats/token: closed-book minus open-book loss) a decoder barely uses its
 # context, and the share of that gap a compressed context closes says nothing (issue 12).
 MIN_GAIN_FOR_GAP = 0.2
 ContextMode = Literal["compressed", "none", "full"]
 Targets = Literal["task", "continuation", "reconstruction"]
-
-
-@dataclass
-class DecoderInputs:
-    """What a frozen HF decoder consumes instead of token ids."""
-
-    inputs_embeds: torch.Tensor  # [batch, seq, decoder_dim]
-    attention_mask: torch.Tensor  # [batch, seq], long
-    labels: torch.Tensor | None  # [batch, seq], IGNORE_INDEX off-target
 
 
 # ---------------------------------------------------------------------------- the core
@@ -94,7 +85,7 @@ def _keeps_logits(decoder: PreTrainedModel) -> bool:
 
 
 def predict(decoder: PreTrainedModel, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``next_token_logits`` for decoder inputs built by ``ARCModel.build_decoder_inputs``."""
+    """``next_token_logits`` for decoder inputs laid out by ``arc_encoder.layout``."""
     if inputs.labels is None:
         raise ValueError("scoring needs labels (pass target_ids)")
     return next_token_logits(decoder, inputs.labels, inputs.attention_mask, inputs_embeds=inputs.inputs_embeds)

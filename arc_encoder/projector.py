@@ -94,5 +94,27 @@ class Projector(nn.Module):
             mean + torch.randn_like(self.special_tokens, dtype=torch.float32) * std
         )
 
+    @torch.no_grad()
+    def match_decoder_scale(self, encoder_states: torch.Tensor, decoder_embeddings: nn.Embedding,
+                            generator: torch.Generator | None = None) -> float:
+        """Rescale the output layer so that projected ``encoder_states`` [..., input_dim] have the median
+        norm of the decoder's input embeddings (of 1,024 random tokens drawn with ``generator``, default
+        seeded 0); returns the factor.
+
+        The embeddings are taken as the decoder's embedding module returns them, so a decoder that
+        scales them (Gemma: by sqrt(hidden)) is matched at the scale its blocks read.
+        """
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        projected = self(encoder_states.reshape(-1, encoder_states.shape[-1]).to(self.net[0].weight.dtype))
+        weight = decoder_embeddings.weight
+        dec_ids = torch.randint(0, weight.shape[0], (1024,), generator=generator).to(weight.device)
+        target = decoder_embeddings(dec_ids).float().norm(dim=-1).median()
+        current = projected.float().norm(dim=-1).median()
+        factor = float(target / current.clamp(min=1e-12))
+        self.net[-1].weight.mul_(factor)
+        if self.net[-1].bias is not None:
+            self.net[-1].bias.mul_(factor)
+        return factor
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

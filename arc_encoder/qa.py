@@ -555,7 +555,8 @@ class QAEvaluator:
         return [list(self.prefix) + c for c in ctx], prompts
 
     def _generate_text(self, prefixes: list[list[int]], prompts: list[list[int]]) -> list[str]:
-        from .model import CompressedContext, stop_token_ids
+        from .decoders import stop_token_ids
+        from .layout import CompressedContext
 
         weight = self.decoder.get_input_embeddings().weight
         empty = CompressedContext(weight.new_zeros(len(prompts), 0, weight.shape[1]),

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from .layout import IGNORE_INDEX
 LOGIT_CHUNK_BYTES = 256 * 2**20  # float32 logits per head chunk: 256 positions of a 262k vocabulary
 
 

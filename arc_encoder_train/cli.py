@@ -792,6 +792,8 @@ def adapt(cfg: AdaptConfig) -> str:
 def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
     import lightning as L
 
+    from arc_encoder.decoders import record_decoder
+
     from .data import DecoderTokenizers
     from .module import ARCTrainingModule
 
@@ -811,7 +813,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[ARCTrainingModule, ARCDataMod
         for spec in cfg.decoders:
             model.check_decoder(spec.name, decoders[spec.name], spec.allow_other_decoder)
             if spec.allow_other_decoder:  # the export is trained for this decoder from now on
-                model.record_decoder(spec.name, decoders[spec.name], paths[spec.name])
+                record_decoder(model.projector(spec.name).config, decoders[spec.name], paths[spec.name])
         module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps,
                                    train_encoder=not cfg.freeze_encoder, train_projectors=list(decoders))
         dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedModel
 
-from arc_encoder.model import ARCModel, freeze_decoder
+from arc_encoder.model import ARCModel
+from arc_encoder.decoders import freeze_decoder
 from arc_encoder.objectives import evaluate_batch
 from arc_encoder.samples import Batch, mixed_pooling
 

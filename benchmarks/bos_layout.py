@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 def main(argv: list[str] | None = None) -> int:
     from arc_encoder import ARCModel
-    from arc_encoder.model import CompressedContext, load_frozen_decoder
+    from arc_encoder.decoders import load_frozen_decoder
+    from arc_encoder.layout import CompressedContext
     from arc_encoder.objectives import IGNORE_INDEX, predict, token_nll
     from arc_encoder.storage import atomic_write_json
     from arc_encoder_train.cli import BUNDLED_TINY_LM

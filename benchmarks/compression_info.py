@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from arc_encoder import ARCModel
     from arc_encoder.cache.build import DocumentStream
     from arc_encoder.info import InfoEvaluator, eval_batches
-    from arc_encoder.model import compute_dtype, load_frozen_decoder
+    from arc_encoder.decoders import compute_dtype, load_frozen_decoder
     from arc_encoder.storage import atomic_write_json
 
     decoder, dec_tok = load_frozen_decoder(dec_a, device, compute_dtype(device))

@@ -517,7 +517,7 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------- probe command
 def cmd_probe(args) -> int:
-    from arc_encoder.model import load_frozen_decoder
+    from arc_encoder.decoders import load_frozen_decoder
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.time()

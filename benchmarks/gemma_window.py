@@ -192,7 +192,7 @@ def r2_per_window(pred: torch.Tensor, y: torch.Tensor, on: torch.Tensor) -> list
 
 
 def run_arm(arm: str, args, decoder, train: list[dict], held: list[dict]) -> tuple[dict, torch.Tensor]:
-    from arc_encoder.model import CompressedContext
+    from arc_encoder.layout import CompressedContext
 
     model, states, encode_s = encode(arm, args, train + held)
     encoder = model.encoder

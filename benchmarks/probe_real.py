@@ -65,7 +65,7 @@ def cmd_controls(args) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from arc_encoder.model import load_frozen_decoder
+    from arc_encoder.decoders import load_frozen_decoder
 
     out = Path(args.out)
     for name, path in named(args.decoder).items():
@@ -122,7 +122,7 @@ def local_decoder(path: str, window: int, sink: bool):
     import torch
     from transformers import AutoModelForCausalLM, masking_utils
 
-    from arc_encoder.model import freeze_decoder
+    from arc_encoder.decoders import freeze_decoder
 
     model = freeze_decoder(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     module = importlib.import_module(type(model).__module__)
@@ -161,7 +161,7 @@ def cmd_one(args) -> int:
 
     from arc_encoder.cache.build import read_corpus
     from arc_encoder.decoders import decoder_prefix_ids
-    from arc_encoder.model import load_frozen_decoder
+    from arc_encoder.decoders import load_frozen_decoder
     from arc_encoder.probe import ProbeConfig, probe_decoder, text_windows
 
     control = None

@@ -22,7 +22,7 @@ from arc_encoder import ARCModel, EncoderConfig
 from arc_encoder.cache.build import read_corpus
 from arc_encoder.config import ProjectorOptions
 from arc_encoder.info import eval_batches
-from arc_encoder.model import load_frozen_decoder
+from arc_encoder.decoders import load_frozen_decoder
 from arc_encoder.objectives import continuation_loss, decoder_loss
 
 

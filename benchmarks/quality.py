@@ -165,7 +165,7 @@ def adapt_variant(args, preset: dict, source: str, decoder_b: str) -> tuple[str,
 def score(args, preset: dict, checkpoint: str, decoder_name: str, decoder_path: str) -> dict:
     """Mean test metrics of one checkpoint + decoder over fixed held-out batches."""
     from arc_encoder import ARCModel
-    from arc_encoder.model import compute_dtype, load_frozen_decoder
+    from arc_encoder.decoders import compute_dtype, load_frozen_decoder
     from arc_encoder.objectives import evaluate_batch, gap_closed
     from arc_encoder_train.data import DecoderTokenizers, pretrain_samples, validation_batches
 
@@ -205,7 +205,7 @@ def read_texts(path: Path) -> list[str]:
 
 def probe_decoder_dir(path: str, texts: list[str], overrides: dict | None = None, device: str | None = None) -> dict:
     """Issue 12's gates for one saved decoder on held-out texts (``overrides``: probe lengths)."""
-    from arc_encoder.model import compute_dtype, load_frozen_decoder
+    from arc_encoder.decoders import compute_dtype, load_frozen_decoder
     from arc_encoder.probe import ProbeConfig, probe_texts
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

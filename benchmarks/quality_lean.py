@@ -286,7 +286,7 @@ def build_variant(spec: VariantSpec, decoders: dict[str, str], runs: Path, devic
 
     from arc_encoder import ARCModel, EncoderConfig
     from arc_encoder.config import ProjectorOptions
-    from arc_encoder.model import compute_dtype, load_frozen_decoder
+    from arc_encoder.decoders import compute_dtype, load_frozen_decoder
 
     options = ProjectorOptions(hidden_dim=spec.projector_hidden, activation=spec.projector_activation)
     dtype = torch.float32 if spec.train_decoder else compute_dtype(device)  # fp32 weights for AdamW

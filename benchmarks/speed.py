@@ -67,7 +67,7 @@ from arc_encoder.encoder import flash_attn_available  # noqa: E402
 from arc_encoder.planner.flops import (  # noqa: E402
     attention_dims, decoder_forward_flops, encoder_forward_flops, projector_flops,
 )
-from arc_encoder.model import freeze_decoder  # noqa: E402
+from arc_encoder.decoders import freeze_decoder  # noqa: E402
 from arc_encoder.objectives import decoder_loss  # noqa: E402
 from arc_encoder.storage import (  # noqa: E402
     atomic_save_figure,

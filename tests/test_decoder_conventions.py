@@ -108,7 +108,7 @@ def test_qa_sample_and_prefix_compose(tokenizer):
 def test_an_answer_ends_at_any_special_token_of_the_decoder(tokenizer, monkeypatch):
     """A chat decoder may close an answer with a turn marker rather than its EOS; decoding drops special
     tokens, so generation must stop there or the next turn's text is glued to the answer."""
-    from arc_encoder.model import stop_token_ids
+    from arc_encoder.decoders import stop_token_ids
 
     ids = stop_token_ids(tokenizer)
     assert ids[0] == tokenizer.eos_token_id and set(ids) == set(tokenizer.all_special_ids)

@@ -20,7 +20,7 @@ from arc_encoder import ARCConfig, ARCModel
 from arc_encoder.checkpoint import verify_checkpoint
 from arc_encoder.cli.main import main
 from arc_encoder.config import ArcEncoderWarning
-from arc_encoder.model import decoder_identity, load_frozen_decoder
+from arc_encoder.decoders import decoder_identity, load_frozen_decoder
 from arc_encoder.tiny import tiny_causal_lm, tiny_config
 from conftest import make_encoder, make_model, rehash
 

@@ -261,7 +261,8 @@ def test_eval_info_needs_at_least_one_sample_and_explains_negative_bits(project,
     assert "--max-samples" in line and ">= 1" in line
     point = {"label": "pf4", "chunk_len": 16, "rate_vectors_per_token": 0.25, "bits_none_per_token": 5.0,
              "bits_recovered_per_token": -0.3, "bits_per_vector": -1.2, "info_retained": -0.06,
-             "loss_compressed": 3.1, "gap_closed": -0.2, "em_at_k": 0.0, "loss_none": 3.0, "loss_full": 2.5}
+             "loss_compressed": 3.1, "gap_closed": -0.2, "em_at_k": 0.0, "recon_acc": 0.1, "loss_none": 3.0,
+             "loss_full": 2.5}
     table = format_table([point])
     assert "negative recov (pf4)" in table and "worse than with no context" in table
     assert "negative" not in format_table([{**point, "bits_recovered_per_token": 0.3}])

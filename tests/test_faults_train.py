@@ -278,7 +278,7 @@ def test_finetune_refuses_another_decoder_unless_allowed_and_then_records_it(set
         cli.prepare_finetune(ft)
     ft.decoders[0].allow_other_decoder = True
     module, *_ = cli.prepare_finetune(ft)
-    from arc_encoder.model import decoder_identity
+    from arc_encoder.decoders import decoder_identity
 
     assert module.model.projector("a").config.decoder_sha256 == decoder_identity(module.decoders["a"])
     assert module.model.projector("a").config.decoder == other

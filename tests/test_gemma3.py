@@ -225,7 +225,7 @@ def test_sliding_window_layers_is_validated_and_saved(tmp_path):
 
 # ---------------------------------------------------------------------------- decoder
 def test_gemma3_decoder_gets_a_projector_and_its_loss_decreases():
-    from arc_encoder.model import freeze_decoder
+    from arc_encoder.decoders import freeze_decoder
     from arc_encoder.samples import Sample, collate
     from conftest import make_encoder
 

@@ -120,6 +120,7 @@ def test_a_shipped_checkpoint_finds_its_base_and_decoder_among_converted_models(
     """On a new machine the recorded paths do not exist; the converted known models are found by identity."""
     import shutil
 
+    from arc_encoder.decoders import resolve_decoder_path
     from arc_encoder.gguf import known_model_dir
     from arc_encoder.storage import atomic_write_json
 
@@ -141,6 +142,7 @@ def test_a_shipped_checkpoint_finds_its_base_and_decoder_among_converted_models(
                       {"weights_sha256": weights_identity(known_model_dir("smollm2-135m"))})
     shutil.move(str(decoder_dir), known_model_dir("gemma3-270m"))
     loaded = ARCModel.from_pretrained(out)
-    assert loaded.resolve_decoder_path("dec") == str(known_model_dir("gemma3-270m"))
+    found = resolve_decoder_path("dec", loaded.projector("dec").config, loaded.checkpoint_dir)
+    assert found == str(known_model_dir("gemma3-270m"))
     decoder2, _, _ = loaded.load_decoder("dec")
     assert decoder2.config.hidden_size == 24

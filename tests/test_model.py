@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from arc_encoder import ARCConfig, ARCModel, CompressedContext
-from arc_encoder.model import freeze_decoder
+from arc_encoder.decoders import freeze_decoder
 from arc_encoder.objectives import IGNORE_INDEX, decoder_loss
 from arc_encoder.tiny import tiny_causal_lm, tiny_config
 from conftest import FAMILIES, TEXT, make_encoder, make_model

@@ -231,7 +231,7 @@ def heldout_texts() -> list[str]:
 
 def test_bundled_tiny_decoder_does_not_read_its_context():
     """The bundled tiny decoder (a real trained LM, 0.6M params) is a non-reader: every ratio near or past 1."""
-    from arc_encoder.model import load_frozen_decoder
+    from arc_encoder.decoders import load_frozen_decoder
     from arc_encoder.probe import probe_texts
 
     model, tok = load_frozen_decoder(str(Path(resources_dir()) / "tiny_lm"), "cpu", torch.float32)
@@ -253,7 +253,7 @@ SMOLLM2 = Path("/work/models/smollm2")
 @pytest.mark.skipif(not SMOLLM2.is_dir(), reason=f"needs the converted SmolLM2-135M-Instruct directory {SMOLLM2}")
 def test_real_llm_passes_the_gates():
     """SmolLM2-135M reads its context: all three gates with a wide margin (4 passages, 4 induction rows)."""
-    from arc_encoder.model import load_frozen_decoder
+    from arc_encoder.decoders import load_frozen_decoder
     from arc_encoder.probe import probe_texts
 
     model, tok = load_frozen_decoder(str(SMOLLM2), "cpu", torch.float32)

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from ..adaptive import AdaptivePooling, ChunkScorer, chunk_scorer, plan_pooling
-from ..model import ARCModel, compute_dtype
+from ..chunking import check_length, length_problem
+from ..model import ARCModel
+from ..decoders import compute_dtype
 from ..storage import PathLike, atomic_write_json, read_json_file, sha256_file
 from .store import (
     BUILD_CONFIG,
@@ -211,16 +213,11 @@ def tokenize_documents(model: ARCModel, texts: Sequence[str], ids: Sequence[str]
     """Encoder token ids per document; an empty or too-long document is an error naming it."""
     cfg = model.encoder.config
     token_ids = model.tokenize(list(texts))
-    limit = cfg.chunk_len * cfg.max_chunks
     for i, t in enumerate(token_ids):
         name = ids[i] if ids is not None else i
         if not t:
             raise ValueError(f"document {name!r} has no tokens after tokenization")
-        if len(t) > limit:
-            raise ValueError(
-                f"document {name!r} has {len(t)} tokens, over the limit of {limit} "
-                f"({cfg.max_chunks} chunks x {cfg.chunk_len}); split it or raise max_chunks"
-            )
+        check_length(len(t), cfg.chunk_len, cfg.max_chunks, f"document {name!r}")
     return token_ids
 
 
@@ -268,9 +265,9 @@ def check_document_lengths(stream: DocumentStream, tokenizer, chunk_len: int, ma
     for doc_id, text in zip(stream.ids, stream.texts):
         if 4 * len(text.encode("utf-8")) >= limit:
             n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if n > limit:
-                raise ValueError(f"document {doc_id!r} has {n} tokens, over the limit of {limit} ({max_chunks} "
-                                 f"chunks x {chunk_len}); split it or raise max_chunks (nothing was written)")
+            problem = length_problem(n, chunk_len, max_chunks, f"document {doc_id!r}")
+            if problem:
+                raise ValueError(f"{problem} (nothing was written)")
 
 
 @torch.no_grad()

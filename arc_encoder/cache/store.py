@@ -26,7 +26,8 @@ from ..adaptive import AdaptivePooling
 from ..checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from ..checkpoint import read_config
 from ..config import dataclass_from_dict, torch_dtype
-from ..model import ARCModel, CompressedContext
+from ..model import ARCModel
+from ..layout import CompressedContext
 from .names import CorpusFormat, StorageDtype
 from ..storage import (
     DirectoryLock,

@@ -40,7 +40,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..adaptive import chunk_scorer, plan_pooling
     from ..cache.build import DocumentStream
     from ..info import InfoEvaluator, chunk_len_override, eval_batches
-    from ..model import ARCModel, compute_dtype
+    from ..model import ARCModel
+    from ..decoders import compute_dtype
     from ..checkpoint import read_config
     from ..storage import atomic_write_json
 
@@ -227,7 +228,8 @@ def cmd_qa(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import read_config
-    from ..model import ARCModel, compute_dtype
+    from ..model import ARCModel
+    from ..decoders import compute_dtype
     from ..qa import QAEvaluator, format_qa_table, read_qa_rows
     from ..storage import atomic_write_json, sha256_file
 

@@ -49,7 +49,8 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], int]:
 
 def cmd_init(args: argparse.Namespace) -> None:
     from ..config import EncoderConfig
-    from ..model import ARCModel, load_frozen_decoder
+    from ..model import ARCModel
+    from ..decoders import load_frozen_decoder
     from ..storage import check_model_dir
 
     inputs = {"base model": args.base_model}
@@ -148,7 +149,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             print(f"warning: {err}", file=sys.stderr)
     if policy is not None:
         from ..adaptive import chunk_scorer, plan_pooling
-        from ..model import compute_dtype
+        from ..decoders import compute_dtype
 
         decoder, dec_tok = None, None
         if policy.density == "decoder_nll":

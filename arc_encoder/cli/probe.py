@@ -35,7 +35,7 @@ def peak_rss_mib() -> float | None:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from ..cache.build import read_corpus
-    from ..model import compute_dtype, load_frozen_decoder
+    from ..decoders import compute_dtype, load_frozen_decoder
     from ..probe import ProbeConfig, probe_texts
     from ..storage import atomic_write_json, check_model_dir
 
