@@ -1,41 +1,25 @@
 """The one token-scoring core: the frozen decoder's next-token predictions, scored.
 
-Training (``ARCModel.forward``), validation (``evaluate_batch``), ``arc_encoder.info`` and
+Training (``ARCModel.forward``), validation (``arc_encoder.metrics``), ``arc_encoder.info`` and
 ``arc_encoder.adaptive`` all score text the same way: ``next_token_logits`` runs the decoder
 once (``use_cache=False``: scoring needs no KV cache, and HF builds one by default, even in
 training) and shifts logits against labels; ``mean_loss`` / ``token_nll`` / ``target_scores``
 turn them into a loss, per-token NLL, or per-row sums. Only labelled tokens count
-(``IGNORE_INDEX`` elsewhere).
-
-Validation metrics on a ``Batch`` score the same tokens whatever the context
-(``decoder_inputs(..., comparable=True)``: a pretraining window has no BOS, so without context
-nothing precedes its first target token, which no mode then scores):
-
-* ``continuation_loss`` with ``context`` = "compressed" (our vectors), "none" (closed-book
-  lower bound) or "full" (the context's decoder tokens; the open-book upper bound);
-* ``reconstruction_accuracy``: teacher-forced next-token accuracy of decoding the context
-  back from its compressed form, and the share of rows reproduced exactly.
+(``IGNORE_INDEX`` elsewhere). Below the model: it scores decoder inputs, whoever laid them out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from .layout import IGNORE_INDEX, DecoderInputs
-from .samples import Batch
 
-if TYPE_CHECKING:
-    from .model import ARCModel
-
-# Under this open-book gain (nats/token: closed-book minus open-book loss) a decoder barely uses its
-# context, and the share of that gap a compressed context closes says nothing (issue 12).
-MIN_GAIN_FOR_GAP = 0.2
 ContextMode = Literal["compressed", "none", "full"]
 Targets = Literal["task", "continuation", "reconstruction"]
 
@@ -144,59 +128,3 @@ def target_scores(decoder: PreTrainedModel, inputs: DecoderInputs, em_k: int = 4
                            (nll * head).sum(-1), head.sum(-1).float()]).cpu()
     return RowScores(stacked[0].tolist(), [int(x) for x in stacked[1]], [int(x) for x in stacked[2]],
                      [bool(x) for x in stacked[3]], stacked[4].tolist(), [int(x) for x in stacked[5]])
-
-
-# ---------------------------------------------------------------------------- validation metrics
-@torch.no_grad()
-def continuation_loss(
-    model: ARCModel, decoder: PreTrainedModel, batch: Batch, context: ContextMode = "compressed"
-) -> float:
-    """Continuation (or QA answer) loss with compressed, no, or full-text context."""
-    return float(decoder_loss(decoder, model.decoder_inputs(decoder, batch, context, "continuation", comparable=True)))
-
-
-@dataclass
-class ReconstructionScore:
-    token_accuracy: float  # share of context tokens predicted exactly (teacher forcing)
-    exact_match: float  # share of rows whose every token was predicted exactly
-    loss: float
-
-
-@torch.no_grad()
-def reconstruction_accuracy(model: ARCModel, decoder: PreTrainedModel, batch: Batch) -> ReconstructionScore:
-    """How well the decoder reads the context back out of its compressed form."""
-    inputs = model.decoder_inputs(decoder, batch, "compressed", "reconstruction", comparable=True)
-    logits, labels = predict(decoder, inputs)
-    on = labels != IGNORE_INDEX
-    right = (logits.argmax(-1) == labels) & on
-    rows_exact = (right.sum(-1) == on.sum(-1)).float().mean()
-    return ReconstructionScore(
-        token_accuracy=float(right.sum() / on.sum().clamp(min=1)),
-        exact_match=float(rows_exact),
-        loss=float(mean_loss(logits, labels)),
-    )
-
-
-def gap_closed(loss_none: float, loss_full: float, loss_compressed: float,
-               min_gain: float = MIN_GAIN_FOR_GAP) -> float | None:
-    """Share of the closed- to open-book loss gap that the compressed context closes,
-    (none - compressed) / (none - full); None when the open-book gain (none - full) is under
-    ``min_gain`` nats/token: report the absolute losses then, not a ratio of noise."""
-    gain = loss_none - loss_full
-    if not gain >= min_gain:  # also NaN
-        return None
-    return (loss_none - loss_compressed) / gain
-
-
-@torch.no_grad()
-def evaluate_batch(model: ARCModel, decoder: PreTrainedModel, batch: Batch) -> dict[str, float]:
-    """Every validation metric for one batch (keys are stable metric names)."""
-    out = {
-        "loss_compressed": continuation_loss(model, decoder, batch, "compressed"),
-        "loss_none": continuation_loss(model, decoder, batch, "none"),
-        "loss_full": continuation_loss(model, decoder, batch, "full"),
-    }
-    if batch.task != "qa":
-        score = reconstruction_accuracy(model, decoder, batch)
-        out.update(recon_acc=score.token_accuracy, recon_exact=score.exact_match, recon_loss=score.loss)
-    return out

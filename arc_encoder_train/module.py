@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from arc_encoder.model import ARCModel
 from arc_encoder.decoders import freeze_decoder
-from arc_encoder.objectives import evaluate_batch
+from arc_encoder.metrics import evaluate_batch
 from arc_encoder.samples import Batch, mixed_pooling
 
 from .config import OptimSpec  # noqa: F401 - re-exported: defined with the other config sections

@@ -23,7 +23,8 @@ from arc_encoder.cache.build import read_corpus
 from arc_encoder.config import ProjectorOptions
 from arc_encoder.info import eval_batches
 from arc_encoder.decoders import load_frozen_decoder
-from arc_encoder.objectives import continuation_loss, decoder_loss
+from arc_encoder.objectives import decoder_loss
+from arc_encoder.metrics import continuation_loss
 
 
 def main() -> None:

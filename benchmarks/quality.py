@@ -166,7 +166,7 @@ def score(args, preset: dict, checkpoint: str, decoder_name: str, decoder_path: 
     """Mean test metrics of one checkpoint + decoder over fixed held-out batches."""
     from arc_encoder import ARCModel
     from arc_encoder.decoders import compute_dtype, load_frozen_decoder
-    from arc_encoder.objectives import evaluate_batch, gap_closed
+    from arc_encoder.metrics import evaluate_batch, gap_closed
     from arc_encoder_train.data import DecoderTokenizers, pretrain_samples, validation_batches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

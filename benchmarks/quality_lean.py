@@ -58,7 +58,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(REPO))  # the repository, when not installed
 
-from arc_encoder.objectives import MIN_GAIN_FOR_GAP, gap_closed  # noqa: E402
+from arc_encoder.metrics import MIN_GAIN_FOR_GAP, gap_closed  # noqa: E402
 from arc_encoder.storage import atomic_write_json  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -327,7 +327,7 @@ def build_variant(spec: VariantSpec, decoders: dict[str, str], runs: Path, devic
 def eval_curve_point(model, decoder, batches: list, device: torch.device, baseline: dict | None) -> dict:
     """Validation point: compressed continuation loss and teacher-forced reconstruction accuracy,
     weighted by batch size; ``baseline`` (no / full context losses) is computed once and reused."""
-    from arc_encoder.objectives import continuation_loss, reconstruction_accuracy
+    from arc_encoder.metrics import continuation_loss, reconstruction_accuracy
 
     model.eval()
     tot: dict[str, float] = {}
@@ -382,7 +382,7 @@ def greedy_reconstruction(model, decoder, decoder_tokenizer, batch, device: torc
 def test_metrics(model, decoder, decoder_tokenizer, windows: Windows, spec: VariantSpec, device: torch.device) -> dict:
     """Every test number of one variant (see the module docstring)."""
     from arc_encoder.bleu import corpus_bleu
-    from arc_encoder.objectives import evaluate_batch
+    from arc_encoder.metrics import evaluate_batch
 
     model.eval()
     name = spec.decoder

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from arc_encoder.bleu import corpus_bleu
-from arc_encoder.objectives import gap_closed
+from arc_encoder.metrics import gap_closed
 
 
 def test_bleu_hand_computed():
