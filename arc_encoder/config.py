@@ -109,7 +109,7 @@ def _check_literal(name: str, value: Any, allowed_type: Any) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
     """An int (never a bool or a string) >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -153,7 +153,7 @@ def check_hf_config(data: Any, where: str) -> None:
     try:
         for key in HF_INT_KEYS:
             if data.get(key) is not None:
-                _check_int(key, data[key], 1)
+                check_int(key, data[key], 1)
         for key in HF_FLOAT_KEYS:
             if data.get(key) is not None:
                 _check_number(key, data[key])
@@ -246,8 +246,8 @@ class EncoderConfig:
         if not isinstance(self.base_model, str) or not self.base_model:
             raise ValueError("base_model must be a non-empty path or model id")
         _check_literal("tuning", self.tuning, EncoderTuning)
-        _check_int("lora_rank", self.lora_rank, 1)
-        _check_int("full_blocks", self.full_blocks, 0)
+        check_int("lora_rank", self.lora_rank, 1)
+        check_int("full_blocks", self.full_blocks, 0)
         _check_number("lora_alpha", self.lora_alpha)
         if isinstance(self.lora_targets, (str, bytes)) or not isinstance(self.lora_targets, (list, tuple)) or not all(
                 isinstance(t, str) and t for t in self.lora_targets) or not self.lora_targets:
@@ -256,10 +256,10 @@ class EncoderConfig:
         if not isinstance(self.base_sha256, str) or (self.base_sha256 and not (
                 len(self.base_sha256) == 64 and all(c in "0123456789abcdef" for c in self.base_sha256))):
             raise ValueError(f"base_sha256 must be empty or 64 lowercase hex digits, got {self.base_sha256!r}")
-        _check_int("pooling_factor", self.pooling_factor, 1)
-        _check_int("layers_removed", self.layers_removed, 0)
-        _check_int("chunk_len", self.chunk_len, 1)
-        _check_int("max_chunks", self.max_chunks, 1)
+        check_int("pooling_factor", self.pooling_factor, 1)
+        check_int("layers_removed", self.layers_removed, 0)
+        check_int("chunk_len", self.chunk_len, 1)
+        check_int("max_chunks", self.max_chunks, 1)
         _check_bool("pooled_residual", self.pooled_residual)
         _check_bool("final_norm", self.final_norm)
         if self.chunk_len < self.pooling_factor:
@@ -357,7 +357,7 @@ class ProjectorOptions:
     reference)"""
 
     def __post_init__(self) -> None:
-        _check_int("hidden_dim", self.hidden_dim, 1)
+        check_int("hidden_dim", self.hidden_dim, 1)
         _check_literal("bos", self.bos, DecoderBosOption)
         _check_literal("init", self.init, ProjectorInit)
         _check_bool("bias", self.bias)
@@ -406,9 +406,9 @@ class ProjectorConfig(ProjectorOptions):
     def __post_init__(self) -> None:
         _check_literal("bos", self.bos, DecoderBos)
         for name in ("input_dim", "output_dim"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         if self.decoder_vocab_size is not None:
-            _check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
+            check_int("decoder_vocab_size", self.decoder_vocab_size, 1)
         for name in ("decoder", "decoder_relative", "decoder_sha256"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")

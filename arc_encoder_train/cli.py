@@ -27,10 +27,23 @@ from pathlib import Path
 
 import yaml
 
-from arc_encoder.config import ARCConfig, ArcEncoderWarning, DtypeName, EncoderConfig, ProjectorOptions, torch_dtype
+from arc_encoder.config import ARCConfig, ArcEncoderWarning, torch_dtype
 from arc_encoder.storage import atomic_write_text, check_apart, check_model_dir
 
-from .config import DataSpec, LMSpec, OptimSpec
+from .config import (
+    BUILTIN_TINY,
+    JOB_SKIPS,
+    AdaptConfig,
+    DataConfig,
+    DecoderConfig,
+    EncoderBuildConfig,
+    FinetuneConfig,
+    LMConfig,
+    PretrainConfig,
+    RunConfig,
+    TinyLMConfig,
+    TrainerConfig,
+)
 from .ranks import launched_as_rank_zero, rank_prefix
 
 # torch, Lightning, transformers and the modules that use them are imported inside the functions
@@ -48,209 +61,21 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-BUILTIN_TINY = "builtin:tiny-lm"
 # A tiny decoder trained by this project and shipped in the package, so the quickstart
 # needs no LM training; used when run.tiny_lm is left at its defaults.
 BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder.resources") / "tiny_lm"))
 
 
-# ---------------------------------------------------------------------------- config dataclasses
-@dataclass
-class DecoderSpec:
-    """A frozen decoder: a local HF causal-LM directory (or builtin:tiny-lm), and its projector.
-
-    ``projector`` IS the library's ``ProjectorOptions`` (every option a user chooses: hidden
-    width, activation, bias, special tokens and their space); the widths and the vocabulary
-    come from the encoder and this decoder.
-    """
-
-    name: str = "tiny"
-    """the projector's name (what --decoder NAME selects in `arc-encoder` commands)"""
-    path: str = BUILTIN_TINY
-    """local HF causal-LM directory, or builtin:tiny-lm (the tiny decoder shipped in the package)"""
-    tokenizer: str = ""
-    """its tokenizer's directory (default: path)"""
-    dtype: DtypeName = "float32"
-    """dtype the frozen decoder is held in"""
-    projector: ProjectorOptions = field(default_factory=ProjectorOptions)
-    """the projector's options (the library's ProjectorOptions: hidden_dim (paper 2048), activation, bias,
-    special_token_space, special_tokens); its widths come from the models"""
-    allow_padded_vocab: bool = False
-    """accept an embedding table larger than the tokenizer (models that round their vocabulary up)"""
-    allow_other_decoder: bool = False
-    """finetune: accept a decoder other than the one the checkpoint's projector was trained for
-    (its identity is then re-recorded in the export)"""
-
-
-def tiny_encoder() -> EncoderConfig:
-    """The default encoder: initialised from the tiny decoder LM, minus its last layer (of 4).
-
-    ``encoder`` in a job's YAML IS the library's EncoderConfig (every field settable); its
-    base_model may be builtin:tiny-lm. Mixed-pooling training: set ``pooling_factors``.
-    """
-    return EncoderConfig(base_model=BUILTIN_TINY, layers_removed=1)
-
-
-@dataclass
-class EncoderBuild:
-    """Training-only settings of the encoder (beside encoder)."""
-
-    tokenizer: str = ""
-    """the encoder tokenizer's directory (default: encoder.base_model)"""
-    allow_padded_vocab: bool = False
-    """the embedding table may have more rows than the tokenizer has tokens"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (less memory, ~30% more compute)"""
-    compile_blocks: bool = False
-    """torch.compile the encoder's blocks (GPU: ~1.3x faster forward)"""
-
-
-@dataclass
-class TrainerSpec:
-    """Lightning Trainer settings (a subset)."""
-
-    max_steps: int = 300
-    """optimizer steps to train"""
-    accelerator: str = "auto"
-    """cpu, gpu or auto (a GPU when there is one)"""
-    devices: int | str = "auto"
-    """devices per node (processes; with several, data.batch_size is per device)"""
-    num_nodes: int = 1
-    """nodes (runs_dir and checkpoints_dir must be on a filesystem they all share)"""
-    strategy: str = "auto"
-    """auto, ddp (replicated) or fsdp (sharded encoder and projectors)"""
-    precision: str = "auto"
-    """Lightning precision (auto: bf16-mixed on a GPU, else 32-true)"""
-    gradient_clip_val: float = 1.0
-    """clip the gradient norm to this (0: no clipping)"""
-    accumulate_grad_batches: int = 1
-    """batches per optimizer step (the global batch grows by this factor)"""
-    val_check_interval: int = 100
-    """validate (and export checkpoints/<name>/) every this many steps"""
-    log_every_n_steps: int = 10
-    """CSV metrics (runs/<name>/logs/) every this many steps"""
-    checkpoint_every_n_steps: int = 100
-    """write runs/<name>/checkpoints/last.ckpt (for --run.resume) every this many steps"""
-    progress_bar: bool = True
-    """show progress: a bar on a terminal, else a status line every status_every_s seconds"""
-    status_every_s: float = 30.0
-    """seconds between status lines when the output is not a terminal (log files, pipes, batch jobs)"""
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "num_nodes", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
-                     "checkpoint_every_n_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"trainer.{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.gradient_clip_val, bool) or not self.gradient_clip_val >= 0:
-            raise ValueError(f"trainer.gradient_clip_val must be >= 0, got {self.gradient_clip_val!r}")
-
-
-# A run name is one directory name: never empty, never a path (an empty name made the export
-# replace the whole checkpoints directory).
-_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-@dataclass
-class RunSpec:
-    """Where the run writes, resuming, seed."""
-
-    name: str = "tiny"
-    """the run's name: it writes runs_dir/<name>/ and exports checkpoints_dir/<name>/ (adapt: auto is
-    <from_checkpoint's directory name>-<decoder.name>)"""
-    runs_dir: str = "runs"
-    """directory of run directories (configs, Lightning checkpoints, CSV logs, summary)"""
-    checkpoints_dir: str = "checkpoints"
-    """directory of exported checkpoints (the from_pretrained format, what `arc-encoder` reads)"""
-    resume: bool = False
-    """continue runs/<name>/checkpoints/last.ckpt (same step, optimizer and data position)"""
-    allow_config_changes: bool = False
-    """with resume: accept settings that differ from the run's (recorded in launches.json); otherwise
-    a resume refuses them (max_steps, devices, workers and logging may always change)"""
-    seed: int = 0
-    """seed of the weights' initialisation and of everything random in training"""
-    tiny_lm: LMSpec = field(default_factory=LMSpec)
-    """the tiny decoder LM trained for builtin:tiny-lm paths when a setting differs from the shipped one's"""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _RUN_NAME.fullmatch(self.name):
-            raise ValueError(f"run.name {self.name!r} must be one directory name: letters, digits, '.', '_' or '-', "
-                             "not starting with '.' or '-'")
-        for name in ("runs_dir", "checkpoints_dir"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"run.{name} must be a directory path, got {getattr(self, name)!r}")
-
-
-def tiny_optim(lr: float = 1.0e-3, projector_lr_ratio: float = 5.0) -> OptimSpec:
-    """The CPU defaults: the reference's optimiser and schedule at a CPU-scale learning rate and
-    warm-up (the paper's 1e-5 with 1000 warm-up steps would not move a tiny model in 1000 steps)."""
-    return OptimSpec(lr=lr, projector_lr_ratio=projector_lr_ratio, warmup_steps=20)
-
-
-@dataclass
-class PretrainConfig:
-    """The pretrain job: encoder + one projector per decoder on raw text."""
-
-    encoder: EncoderConfig = field(default_factory=tiny_encoder)
-    encoder_build: EncoderBuild = field(default_factory=EncoderBuild)
-    decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
-    """frozen decoders, one projector each (a YAML list; its keys: --decoders.help DecoderSpec)"""
-    data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=tiny_optim)
-    trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    run: RunSpec = field(default_factory=RunSpec)
-
-
-@dataclass
-class AdaptConfig:
-    """The adapt job: a projector for a new decoder; the encoder stays frozen."""
-
-    from_checkpoint: str = "checkpoints/tiny"
-    """the trained checkpoint to add a projector to (it stays untouched; the export is a copy)"""
-    decoder: DecoderSpec = field(default_factory=DecoderSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    # The projector and its special tokens at one rate (paper, OLMo adaptation: 1e-4 for both).
-    optim: OptimSpec = field(default_factory=lambda: tiny_optim(1e-3, projector_lr_ratio=1.0))
-    trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    run: RunSpec = field(default_factory=lambda: RunSpec(name="auto"))
-
-
-@dataclass
-class FinetuneConfig:
-    """The finetune job: context + question -> answer, loss on the answer only."""
-
-    from_checkpoint: str = "checkpoints/tiny"
-    """the trained checkpoint to fine-tune"""
-    decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
-    """the decoders to fine-tune for (each must have a projector in from_checkpoint)"""
-    freeze_encoder: bool = False
-    """train the projectors only"""
-    pooling_factor: int = 0
-    """0: the checkpoint's pooling factor; else fine-tune and export at this factor (the paper's ARC4 is
-    pretrained at x8 and fine-tuned at x4: configs/paper_finetune_arc4.yaml)"""
-    data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=lambda: tiny_optim(1e-4))
-    trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    run: RunSpec = field(default_factory=lambda: RunSpec(name="finetune"))
-
-
-@dataclass
-class LMConfig:
-    """The lm job: a small plain causal LM to serve as a frozen decoder."""
-
-    lm: LMSpec = field(default_factory=LMSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-
-
 # ---------------------------------------------------------------------------- building blocks
 
-def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
+def resolve_path(path: str, run: RunConfig, progress: bool = True) -> str:
     """builtin:tiny-lm -> a trained tiny decoder dir (trained once, then reused)."""
     if path != BUILTIN_TINY:
         return path
     from .lm import is_decoder_dir, train_lm
 
     out = Path(run.tiny_lm.out_dir)
-    if not is_decoder_dir(out) and run.tiny_lm == LMSpec() and is_decoder_dir(BUNDLED_TINY_LM):
+    if not is_decoder_dir(out) and run.tiny_lm == TinyLMConfig() and is_decoder_dir(BUNDLED_TINY_LM):
         return str(BUNDLED_TINY_LM)  # the shipped tiny decoder (see arc_encoder/data/README.md)
     if not is_decoder_dir(out) and not launched_as_rank_zero():
         raise FileNotFoundError(f"the tiny decoder LM {out} does not exist; only rank 0 trains it (before "
@@ -260,13 +85,13 @@ def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
         if out.exists():
             raise ValueError(f"{out} exists but is not a complete decoder (config, tokenizer, weights); remove it")
         print(f"training the tiny decoder LM into {out} (once; reused afterwards)", file=sys.stderr)
-        summary = train_lm(run.tiny_lm, DataSpec(), progress=progress)
+        summary = train_lm(run.tiny_lm, DataConfig(), progress=progress)
         print(f"lm done: {summary['steps']} steps in {summary['seconds']} s, loss "
               f"{summary['loss_first']:.2f} -> {summary['loss_last']:.2f}", file=sys.stderr)
     return str(out)
 
 
-def check_decoder_spec(spec: DecoderSpec, run: RunSpec) -> tuple[str, object, int]:
+def check_decoder_spec(spec: DecoderConfig, run: RunConfig) -> tuple[str, object, int]:
     """Before any weights load: the path exists and the tokenizer matches the vocabulary."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -284,7 +109,7 @@ def check_decoder_spec(spec: DecoderSpec, run: RunSpec) -> tuple[str, object, in
     return path, tokenizer, vocab
 
 
-def load_decoders(specs: list[DecoderSpec], run: RunSpec) -> tuple[dict, dict, dict]:
+def load_decoders(specs: list[DecoderConfig], run: RunConfig) -> tuple[dict, dict, dict]:
     """Check every decoder first, then load them. Returns (models, tokenizers, paths)."""
     from transformers import AutoModelForCausalLM
 
@@ -302,7 +127,7 @@ def load_decoders(specs: list[DecoderSpec], run: RunSpec) -> tuple[dict, dict, d
     return models, toks, paths
 
 
-def encoder_tokenizer(build: EncoderBuild, base: str):
+def encoder_tokenizer(build: EncoderBuildConfig, base: str):
     from transformers import AutoTokenizer
 
     tok_path = build.tokenizer or base
@@ -411,7 +236,7 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def run_dirs(run: RunSpec, job: str = "", cfg=None) -> tuple[Path, Path]:
+def run_dirs(run: RunConfig, job: str = "", cfg=None) -> tuple[Path, Path]:
     """runs/<name> and checkpoints/<name>, checked by global rank 0 only (the other ranks start
     after rank 0 created them), under the run's lock (`runs.lock_run`: another launch training
     this run is refused; rank 0 keeps the lock until the run ends, `fit`). A new run's
@@ -478,7 +303,7 @@ def _released_on_error(run_dir: Path):
         raise
 
 
-def make_trainer(t: TrainerSpec, run_dir: Path, callbacks: list, resume: bool = False,
+def make_trainer(t: TrainerConfig, run_dir: Path, callbacks: list, resume: bool = False,
                  unused_parameters: bool = False, log=None) -> L.Trainer:
     """The Lightning trainer of a job; ``log``: the run's log (`runs.RunLog`) that the progress lines
     also go to. Status and validation lines are printed with the bar off too (progress_bar: false)."""
@@ -681,7 +506,7 @@ def prepare_pretrain(cfg: PretrainConfig) -> tuple[ARCTrainingModule, ARCDataMod
         return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
 
 
-def _checked_data(spec: DataSpec, dec_toks: list[DecoderTokenizers], tokenizer, task: str) -> ARCDataModule:
+def _checked_data(spec: DataConfig, dec_toks: list[DecoderTokenizers], tokenizer, task: str) -> ARCDataModule:
     """The data module, after its first samples were built here: bad data fails before a run exists."""
     from .data import ARCDataModule
 
@@ -731,7 +556,7 @@ def _inputs(cfg) -> dict[str, str]:
     return {k: v for k, v in inputs.items() if v}
 
 
-def _outputs_apart(run: RunSpec, inputs: dict[str, str]) -> None:
+def _outputs_apart(run: RunConfig, inputs: dict[str, str]) -> None:
     """runs/<name> and checkpoints/<name> neither are, hold nor lie inside an input of the job."""
     check_apart(Path(run.runs_dir) / run.name, "the run directory", inputs, both_ways=True)
     check_apart(Path(run.checkpoints_dir) / run.name, "the export", inputs, both_ways=True)
@@ -848,30 +673,6 @@ JOBS = {
 }
 
 
-def default_config() -> str:
-    """The packaged tiny.yaml: what `pretrain` runs when no --config is given."""
-    from importlib import resources
-
-    return str(resources.files("arc_encoder_train") / "configs" / "tiny.yaml")
-
-
-# Keys a job never reads: left out of its parser, so that its --help lists only what it uses
-# and setting one is an unknown-key error rather than a silent no-op.
-JOB_SKIPS: dict[str, set[str]] = {
-    "pretrain": {"data.max_context_tokens"},
-    "adapt": {"data.max_context_tokens"},
-    "finetune": {"data.context_tokens", "data.target_tokens", "data.reconstruction_ratio", "data.text_field"},
-    "lm": {"data.validation_files", "data.context_tokens", "data.target_tokens", "data.max_context_tokens",
-           "data.batch_size", "data.val_batches", "data.reconstruction_ratio"},
-}
-
-
-def _tiny_default(argv: list[str]) -> bool:
-    """`pretrain` without --config runs the packaged tiny.yaml."""
-    return bool(argv) and argv[0] == "pretrain" and not any(a == "--config" or a.startswith("--config=")
-                                                            for a in argv[1:])
-
-
 def add_job_arguments(parser, cls: type, skip: set[str]) -> None:
     """``cls``'s fields as --key / --group.key arguments, each dataclass field as its own group
     (its docstring the header, each field's docstring its help), leaving out the keys in ``skip``."""
@@ -924,10 +725,10 @@ def _help_formatter():
     return Formatter
 
 
-@functools.lru_cache(maxsize=2)  # parsing the field docstrings takes ~0.5 s; a parser serves many parses
-def build_parser(tiny_default: bool = False):
-    """The `arc-encoder-train` parser; ``tiny_default``: pretrain's defaults are tiny.yaml's (what
-    it runs without --config), so its --help shows them."""
+@functools.lru_cache(maxsize=1)  # parsing the field docstrings takes ~0.5 s; a parser serves many parses
+def build_parser():
+    """The `arc-encoder-train` parser: one subcommand per job, its keys and defaults from the job's
+    config dataclass (`arc_encoder_train.config`: the defaults are what the job runs with no arguments)."""
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
@@ -939,24 +740,22 @@ def build_parser(tiny_default: bool = False):
         "default. `arc-encoder-train cache-build --help`: the cache build through Lightning, several GPUs.")
     sub = parser.add_subcommands(dest="job")
     for name, (cls, _, help_text) in JOBS.items():
-        defaults = [default_config()] if name == "pretrain" and tiny_default else []
         p = ArgumentParser(prog=f"arc-encoder-train {name}", description=help_text, exit_on_error=False,
-                           default_config_files=defaults, formatter_class=formatter,
+                           formatter_class=formatter,
                            usage=f"arc-encoder-train {name} [-h] [--config YAML] [--KEY VALUE ...]")
-        p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below"
-                       + (" (instead of the tiny CPU default, arc_encoder_train/configs/tiny.yaml)"
-                          if name == "pretrain" else ""))
+        p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below, over their "
+                       "defaults (a preset: arc_encoder_train/configs/NAME.yaml)")
         add_job_arguments(p, cls, JOB_SKIPS.get(name, set()))
         sub.add_subcommand(name, p, help=help_text)
     return parser
 
 
 def parse(argv: list[str]) -> tuple[str, object]:
-    """argv -> (job, typed config); unknown keys and bad values raise. `pretrain` without
-    --config starts from the packaged tiny.yaml. A default warm-up longer than the run is scaled
+    """argv -> (job, typed config); unknown keys and bad values raise. Without --config a job runs its
+    config's defaults (`pretrain`: the tiny CPU run). A default warm-up longer than the run is scaled
     down (`fit_warmup`); one the user set is kept (and refused later, naming both values)."""
     keys = user_keys(argv)  # also checks every --config file: one error line naming it
-    parser = build_parser(_tiny_default(argv))
+    parser = build_parser()
     ns = parser.parse_args(argv)
     job = ns.job
     _check_sections(JOBS[job][0], ns[job], "")

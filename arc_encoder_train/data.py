@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from arc_encoder.loading import quiet_datasets
 from arc_encoder.samples import Batch, Sample, Task, collate, decoder_prefix, is_reconstruction, qa_sample, split_windows, text_sample
 
-from .config import DataSpec, bundled_corpus  # noqa: F401 - re-exported: defined with the other config sections
+from .config import DataConfig, bundled_corpus  # noqa: F401 - re-exported: defined with the other config sections
 
 
 def _builder(path: str) -> str:
@@ -40,7 +40,7 @@ def _builder(path: str) -> str:
     raise ValueError(f"{path}: unsupported data file type (use .txt, .json, .jsonl, .parquet, optionally .gz)")
 
 
-def iter_records(spec: DataSpec, split: str, epoch: int = 0, shuffle: bool = False) -> Iterator[dict]:
+def iter_records(spec: DataConfig, split: str, epoch: int = 0, shuffle: bool = False) -> Iterator[dict]:
     """Stream records of one split; shuffled with a bounded buffer (never loads a corpus whole)."""
     import datasets
 
@@ -69,7 +69,7 @@ def iter_records(spec: DataSpec, split: str, epoch: int = 0, shuffle: bool = Fal
                 yield {c: rows[c][i] for c in columns}
 
 
-def iter_texts(spec: DataSpec, split: str, epoch: int = 0, shuffle: bool = False) -> Iterator[str]:
+def iter_texts(spec: DataConfig, split: str, epoch: int = 0, shuffle: bool = False) -> Iterator[str]:
     for i, rec in enumerate(iter_records(spec, split, epoch, shuffle)):
         if spec.text_field not in rec:
             raise ValueError(f"{split} record {i} has no field {spec.text_field!r}; fields: {sorted(rec)}")
@@ -123,17 +123,17 @@ class DecoderTokenizers:
 # A sample not built yet: a process finds every sample's place in the stream but builds
 # (encoder-tokenizes) only the samples it trains on.
 LazySample = Callable[[], Sample]
-SampleFn = Callable[[DataSpec, DecoderTokenizers, object, str, int, bool], Iterator[LazySample]]
+SampleFn = Callable[[DataConfig, DecoderTokenizers, object, str, int, bool], Iterator[LazySample]]
 
 
-def pretrain_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[LazySample]:
+def pretrain_samples(spec: DataConfig, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[LazySample]:
     for text in iter_texts(spec, split, epoch, shuffle):
         ids = _CACHE(dec.tokenizer, text)
         for ctx, cont in split_windows(text, dec.tokenizer, spec.context_tokens, spec.target_tokens, ids=ids):
             yield partial(text_sample, ctx, cont, enc_tok, dec.tokenizer, dec.same_as_encoder)
 
 
-def qa_samples(spec: DataSpec, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[LazySample]:
+def qa_samples(spec: DataConfig, dec: DecoderTokenizers, enc_tok, split: str, epoch: int, shuffle: bool) -> Iterator[LazySample]:
     """Finetune records: {"context", "question", "answer"} (see arc_encoder_train/README.md)."""
     for i, rec in enumerate(iter_records(spec, split, epoch, shuffle)):
         missing = [k for k in ("context", "question", "answer") if k not in rec]
@@ -220,7 +220,7 @@ class BatchStream(IterableDataset):
     the windows; cached after the first epoch) but builds only its own samples.
     """
 
-    def __init__(self, spec: DataSpec, decoders: list[DecoderTokenizers], enc_tok, sample_fn: SampleFn,
+    def __init__(self, spec: DataConfig, decoders: list[DecoderTokenizers], enc_tok, sample_fn: SampleFn,
                  qa: bool = False, start: DataPosition | int = 0, rank: DataRank = DataRank()) -> None:
         self.spec, self.decoders, self.enc_tok, self.sample_fn = spec, decoders, enc_tok, sample_fn
         self.qa, self.rank = qa, rank
@@ -267,7 +267,7 @@ class BatchStream(IterableDataset):
             yield batch
 
 
-def validation_batches(spec: DataSpec, decoders: list[DecoderTokenizers], enc_tok, sample_fn: SampleFn,
+def validation_batches(spec: DataConfig, decoders: list[DecoderTokenizers], enc_tok, sample_fn: SampleFn,
                        qa: bool = False, rank: DataRank = DataRank()) -> list[Batch]:
     """A fixed validation set: per decoder the first ``val_batches * world_size`` batches in file
     order, dealt to the ranks in turn (every rank gets as many of each decoder's batches)."""
@@ -295,7 +295,7 @@ def _identity(x):
 class ARCDataModule(L.LightningDataModule):
     """Train: endless `BatchStream`; validation: a fixed list of batches."""
 
-    def __init__(self, spec: DataSpec, decoders: list[DecoderTokenizers], encoder_tokenizer,
+    def __init__(self, spec: DataConfig, decoders: list[DecoderTokenizers], encoder_tokenizer,
                  task: str = "pretrain") -> None:
         super().__init__()
         if task not in ("pretrain", "qa"):

@@ -27,8 +27,8 @@ from arc_encoder.objectives import mean_loss
 from arc_encoder.storage import atomic_write_json, make_temp_dir
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
-from .config import LMSpec  # noqa: F401 - re-exported: defined with the other config sections
-from .data import _CACHE, DataRank, DataSpec, iter_texts, worker_builds
+from .config import TinyLMConfig  # noqa: F401 - re-exported: defined with the other config sections
+from .data import _CACHE, DataRank, DataConfig, iter_texts, worker_builds
 from .distributed import RankAgreement, all_reduce_sum, launched_as_rank_zero, stop_launched_ranks
 from .progress import TrainProgress, quiet_lightning
 
@@ -37,7 +37,7 @@ class _TokenBlocks(IterableDataset):
     """Endless [batch, seq_len + 1] blocks of concatenated documents: this rank's slice of every
     global batch of ``batch_size * world_size`` blocks (loader worker w builds every W-th)."""
 
-    def __init__(self, data: DataSpec, tokenizer, spec: LMSpec, rank: DataRank = DataRank()) -> None:
+    def __init__(self, data: DataConfig, tokenizer, spec: TinyLMConfig, rank: DataRank = DataRank()) -> None:
         self.data, self.tok, self.spec, self.rank = data, tokenizer, spec, rank
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -66,7 +66,7 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
 
 
 class CausalLMModule(L.LightningModule):
-    def __init__(self, model, spec: LMSpec, data: DataSpec, tokenizer) -> None:
+    def __init__(self, model, spec: TinyLMConfig, data: DataConfig, tokenizer) -> None:
         super().__init__()
         self.model, self.spec, self.data, self.tokenizer = model, spec, data, tokenizer
         self.losses: list[torch.Tensor] = []  # detached; read once at the end (no per-step sync)
@@ -101,7 +101,7 @@ def is_decoder_dir(path: str | Path) -> bool:
     ).is_file()
 
 
-def train_lm(spec: LMSpec, data: DataSpec, accelerator: str = "auto", progress: bool = True) -> dict | None:
+def train_lm(spec: TinyLMConfig, data: DataConfig, accelerator: str = "auto", progress: bool = True) -> dict | None:
     """Train and save the LM to ``spec.out_dir`` (which must not exist); return a summary
     (None on ranks other than global rank 0, which neither save nor report)."""
     import time

@@ -22,12 +22,12 @@ from arc_encoder.decoders import freeze_decoder
 from arc_encoder.metrics import evaluate_batch
 from arc_encoder.samples import Batch, mixed_pooling
 
-from .config import OptimSpec  # noqa: F401 - re-exported: defined with the other config sections
+from .config import OptimConfig  # noqa: F401 - re-exported: defined with the other config sections
 from .data import DataPosition
 from .distributed import all_reduce_sum, gathered_model, shard_for_fsdp
 
 
-def param_groups(model: ARCModel, optim: OptimSpec) -> list[dict]:
+def param_groups(model: ARCModel, optim: OptimConfig) -> list[dict]:
     """The reference's AdamW groups over ``model``'s trainable parameters: the encoder and every
     projector's special tokens at ``optim.lr``, the projector MLPs at the projector rate (empty
     groups left out). Shared by the Lightning module and lean loops (benchmarks/quality_lean.py)."""
@@ -40,7 +40,7 @@ def param_groups(model: ARCModel, optim: OptimSpec) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(groups: list[dict], optim: OptimSpec,
+def build_optimizer(groups: list[dict], optim: OptimConfig,
                     max_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """AdamW over ``groups`` (`param_groups`) with the reference's betas, eps and weight decay, and its
     one-cycle schedule over ``max_steps`` (step the scheduler once per optimizer step)."""
@@ -88,7 +88,7 @@ class ARCTrainingModule(L.LightningModule):
         self,
         model: ARCModel,
         decoders: dict[str, PreTrainedModel],
-        optim: OptimSpec,
+        optim: OptimConfig,
         max_steps: int,
         train_encoder: bool = True,
         train_projectors: list[str] | None = None,

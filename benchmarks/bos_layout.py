@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from arc_encoder.objectives import IGNORE_INDEX, predict, token_nll
     from arc_encoder.storage import atomic_write_json
     from arc_encoder_train.cli import BUNDLED_TINY_LM
-    from arc_encoder_train.data import DataSpec, DecoderTokenizers, bundled_corpus, pretrain_samples, validation_batches
+    from arc_encoder_train.data import DataConfig, DecoderTokenizers, bundled_corpus, pretrain_samples, validation_batches
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", action="append", required=True, metavar="LABEL=DIR")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     decoder, tok = load_frozen_decoder(args.decoder_path)
     emb = decoder.get_input_embeddings()
     path = bundled_corpus(args.split)
-    spec = DataSpec(train_files=[path], validation_files=[path], context_tokens=args.context_tokens,
+    spec = DataConfig(train_files=[path], validation_files=[path], context_tokens=args.context_tokens,
                     target_tokens=args.target_tokens, batch_size=8, val_batches=args.batches)
 
     @torch.no_grad()

@@ -55,7 +55,7 @@ METRICS_Y = ("loss_compressed", "gap_closed", "em_at_k", "cont_acc")
 def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, ...], stages) -> list[tuple[int, str]]:
     """Pretrain in stages (resuming; one LR schedule over the last stage); copy the checkpoint after each."""
     from arc_encoder.config import EncoderConfig, ProjectorOptions
-    from arc_encoder_train.cli import DecoderSpec, OptimSpec, PretrainConfig, RunSpec, TrainerSpec, pretrain
+    from arc_encoder_train.cli import DecoderConfig, OptimConfig, PretrainConfig, RunConfig, TrainerConfig, pretrain
 
     q = quality.PRESETS[preset["base"]]
     ck_dir = Path(args.work_dir) / "checkpoints"
@@ -68,14 +68,14 @@ def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, 
             cfg = PretrainConfig(
                 encoder=EncoderConfig(base_model=dec_a, layers_removed=q["layers_removed"], pooling_factor=4,
                                       pooling_factors=tuple(factors), chunk_len=q["context_tokens"] * 4),
-                decoders=[DecoderSpec(name="A", path=dec_a, projector=ProjectorOptions(hidden_dim=q["projector_hidden"]),
+                decoders=[DecoderConfig(name="A", path=dec_a, projector=ProjectorOptions(hidden_dim=q["projector_hidden"]),
                                       dtype="bfloat16" if torch.cuda.is_available() else "float32")],
                 data=quality._data(args, q),
-                optim=OptimSpec(lr=q["lr"], projector_lr_ratio=q["projector_lr_ratio"], warmup_steps=q["warmup"],
+                optim=OptimConfig(lr=q["lr"], projector_lr_ratio=q["projector_lr_ratio"], warmup_steps=q["warmup"],
                                 total_steps=stages[-1]),
-                trainer=TrainerSpec(max_steps=steps, val_check_interval=stages[-1] + 1,
+                trainer=TrainerConfig(max_steps=steps, val_check_interval=stages[-1] + 1,
                                     checkpoint_every_n_steps=math.gcd(*stages), progress_bar=not args.no_progress),
-                run=RunSpec(name=name, runs_dir=str(Path(args.work_dir) / "runs"), checkpoints_dir=str(ck_dir),
+                run=RunConfig(name=name, runs_dir=str(Path(args.work_dir) / "runs"), checkpoints_dir=str(ck_dir),
                             resume=i > 0),
             )
             print(pretrain(cfg), flush=True)

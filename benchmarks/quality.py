@@ -79,10 +79,10 @@ PRESETS = {
 
 
 def _data(args, preset: dict, split_file: str | None = None):
-    from arc_encoder_train.data import DataSpec
+    from arc_encoder_train.data import DataConfig
 
     d = Path(args.data_dir)
-    return DataSpec(
+    return DataConfig(
         train_files=[str(d / "train.jsonl.gz")],
         validation_files=[split_file or str(d / "validation.jsonl.gz")],
         context_tokens=preset["context_tokens"],
@@ -101,19 +101,19 @@ def _warmup(preset: dict, steps: int) -> int:
 
 
 def _trainer(args, steps: int):
-    from arc_encoder_train.cli import TrainerSpec
+    from arc_encoder_train.cli import TrainerConfig
 
-    return TrainerSpec(max_steps=steps, val_check_interval=max(steps // 2, 1),
+    return TrainerConfig(max_steps=steps, val_check_interval=max(steps // 2, 1),
                        checkpoint_every_n_steps=max(steps, 1), progress_bar=not args.no_progress)
 
 
 def train_decoder(args, name: str, spec: dict) -> tuple[str, dict]:
-    from arc_encoder_train.lm import LMSpec, is_decoder_dir, train_lm
+    from arc_encoder_train.lm import TinyLMConfig, is_decoder_dir, train_lm
 
     out = Path(args.work_dir) / "decoders" / name
     if is_decoder_dir(out):
         return str(out), json.loads((out / "lm_summary.json").read_text())
-    lm = LMSpec(out_dir=str(out), **spec)
+    lm = TinyLMConfig(out_dir=str(out), **spec)
     summary = train_lm(lm, _data(args, PRESETS[args.preset]), progress=not args.no_progress)
     return str(out), summary
 
@@ -121,18 +121,18 @@ def train_decoder(args, name: str, spec: dict) -> tuple[str, dict]:
 def pretrain_variant(args, preset: dict, name: str, base_model: str, decoder_a: str, pf: int,
                      layers_removed: int, chunk_len: int) -> tuple[str, float, int]:
     from arc_encoder.config import EncoderConfig, ProjectorOptions
-    from arc_encoder_train.cli import DecoderSpec, OptimSpec, PretrainConfig, RunSpec, pretrain
+    from arc_encoder_train.cli import DecoderConfig, OptimConfig, PretrainConfig, RunConfig, pretrain
 
     cfg = PretrainConfig(
         encoder=EncoderConfig(base_model=base_model, layers_removed=layers_removed, pooling_factor=pf,
                               chunk_len=chunk_len),
-        decoders=[DecoderSpec(name="A", path=decoder_a, projector=ProjectorOptions(hidden_dim=preset["projector_hidden"]),
+        decoders=[DecoderConfig(name="A", path=decoder_a, projector=ProjectorOptions(hidden_dim=preset["projector_hidden"]),
                               dtype="bfloat16" if torch.cuda.is_available() else "float32")],
         data=_data(args, preset),
-        optim=OptimSpec(lr=preset["lr"], projector_lr_ratio=preset["projector_lr_ratio"],
+        optim=OptimConfig(lr=preset["lr"], projector_lr_ratio=preset["projector_lr_ratio"],
                         warmup_steps=_warmup(preset, preset["steps"])),
         trainer=_trainer(args, preset["steps"]),
-        run=RunSpec(name=name, runs_dir=str(Path(args.work_dir) / "runs"),
+        run=RunConfig(name=name, runs_dir=str(Path(args.work_dir) / "runs"),
                     checkpoints_dir=str(Path(args.work_dir) / "checkpoints")),
     )
     t0 = time.time()
@@ -143,16 +143,16 @@ def pretrain_variant(args, preset: dict, name: str, base_model: str, decoder_a: 
 
 def adapt_variant(args, preset: dict, source: str, decoder_b: str) -> tuple[str, float, int]:
     from arc_encoder.config import ProjectorOptions
-    from arc_encoder_train.cli import AdaptConfig, DecoderSpec, OptimSpec, RunSpec, adapt
+    from arc_encoder_train.cli import AdaptConfig, DecoderConfig, OptimConfig, RunConfig, adapt
 
     cfg = AdaptConfig(
         from_checkpoint=source,
-        decoder=DecoderSpec(name="B", path=decoder_b, projector=ProjectorOptions(hidden_dim=preset["projector_hidden"]),
+        decoder=DecoderConfig(name="B", path=decoder_b, projector=ProjectorOptions(hidden_dim=preset["projector_hidden"]),
                             dtype="bfloat16" if torch.cuda.is_available() else "float32"),
         data=_data(args, preset),
-        optim=OptimSpec(lr=1e-3, projector_lr_ratio=1.0, warmup_steps=_warmup(preset, preset["adapt_steps"])),
+        optim=OptimConfig(lr=1e-3, projector_lr_ratio=1.0, warmup_steps=_warmup(preset, preset["adapt_steps"])),
         trainer=_trainer(args, preset["adapt_steps"]),
-        run=RunSpec(name="adapt-B", runs_dir=str(Path(args.work_dir) / "runs"),
+        run=RunConfig(name="adapt-B", runs_dir=str(Path(args.work_dir) / "runs"),
                     checkpoints_dir=str(Path(args.work_dir) / "checkpoints")),
     )
     t0 = time.time()

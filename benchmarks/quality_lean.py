@@ -459,7 +459,7 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
     from transformers import AutoTokenizer
 
     from arc_encoder.samples import is_reconstruction
-    from arc_encoder_train.module import OptimSpec, build_optimizer, param_groups
+    from arc_encoder_train.module import OptimConfig, build_optimizer, param_groups
 
     t_start = time.time()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -490,7 +490,7 @@ def train_variant(spec: VariantSpec, data: Path, decoders: dict[str, str], runs:
     def write():
         atomic_write_json(out / "log.json", log)
 
-    optim = OptimSpec(lr=spec.lr, projector_lr_ratio=spec.projector_lr_ratio, warmup_steps=2)
+    optim = OptimConfig(lr=spec.lr, projector_lr_ratio=spec.projector_lr_ratio, warmup_steps=2)
     groups = param_groups(model, optim)
     if spec.train_decoder:
         groups.append({"params": list(decoder.parameters()), "lr": spec.lr, "name": "decoder"})

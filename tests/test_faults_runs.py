@@ -22,6 +22,7 @@ import pytest
 
 from arc_encoder.config import ArcEncoderWarning, ProjectorOptions
 from arc_encoder_train import cli
+from arc_encoder_train.config import AdaptConfig, DecoderConfig, OptimConfig, RunConfig
 from test_faults_train import run_main, tree, write_config
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
 
@@ -235,11 +236,11 @@ def test_adapt_runs_get_a_name_per_checkpoint_and_decoder(setup, tmp_path):
     cli.pretrain(cfg)
     lines = []
     for name in ("b", "b2"):
-        acfg = cli.AdaptConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"),
-                               decoder=cli.DecoderSpec(name=name, path=decs["b"],
+        acfg = AdaptConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"),
+                               decoder=DecoderConfig(name=name, path=decs["b"],
                                                        projector=ProjectorOptions(hidden_dim=16)),
-                               data=cfg.data, optim=cli.OptimSpec(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
-                               run=replace(cfg.run, name=cli.AdaptConfig().run.name))
+                               data=cfg.data, optim=OptimConfig(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
+                               run=replace(cfg.run, name=AdaptConfig().run.name))
         lines.append(cli.adapt(acfg))
     assert f"checkpoint: {tmp_path / 'ckpt' / 't-b'}/" in lines[0] and f"{tmp_path / 'ckpt' / 't-b2'}/" in lines[1]
     assert (tmp_path / "runs" / "t-b" / "log.txt").is_file() and (tmp_path / "runs" / "t-b2" / "log.txt").is_file()
@@ -250,8 +251,8 @@ def test_a_run_never_writes_over_its_own_inputs(setup, tmp_path):
     cli.pretrain(cfg)
     source = tmp_path / "ckpt" / "t"
     before = tree(source)
-    acfg = cli.AdaptConfig(from_checkpoint=str(source), decoder=cfg.decoders[0], data=cfg.data,
-                           run=cli.RunSpec(name="t", runs_dir=str(tmp_path / "ckpt"),
+    acfg = AdaptConfig(from_checkpoint=str(source), decoder=cfg.decoders[0], data=cfg.data,
+                           run=RunConfig(name="t", runs_dir=str(tmp_path / "ckpt"),
                                            checkpoints_dir=str(tmp_path / "x")))
     with pytest.raises(ValueError, match=r"the run directory .*ckpt/t: is the from_checkpoint"):
         cli.prepare_adapt(acfg)

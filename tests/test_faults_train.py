@@ -17,6 +17,7 @@ import torch
 
 from arc_encoder import ARCModel, ProjectorOptions
 from arc_encoder_train import cli
+from arc_encoder_train.config import DecoderConfig, FinetuneConfig, RunConfig, TrainerConfig
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
 
 
@@ -40,8 +41,8 @@ def run_main(argv, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("name", [".", "..", "a/b", "../escape", " ", "x\n", "-x", ".hidden"])
 def test_run_name_must_be_one_plain_directory_name(name):
     with pytest.raises(ValueError, match="run.name .* must be one directory name"):
-        cli.RunSpec(name=name)
-    cli.RunSpec(name="tiny-2.b_c")
+        RunConfig(name=name)
+    RunConfig(name="tiny-2.b_c")
 
 
 def test_an_empty_run_name_is_refused_before_anything(setup, tmp_path, capsys):
@@ -206,7 +207,7 @@ def test_a_run_that_fails_after_a_checkpoint_is_kept_for_resume(setup, tmp_path,
                                  "accumulate_grad_batches", "num_nodes"])
 def test_meaningless_trainer_settings_are_refused(key):
     with pytest.raises(ValueError, match=rf"trainer.{key} must be an integer >= 1"):
-        cli.TrainerSpec(**{key: 0})
+        TrainerConfig(**{key: 0})
 
 
 def test_max_steps_0_is_refused_on_the_command_line(setup, tmp_path, capsys):
@@ -259,7 +260,7 @@ def test_last_ckpt_is_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 1
-    trainer = cli.make_trainer(cli.TrainerSpec(accelerator="cpu", devices=1, progress_bar=False), tmp_path, [])
+    trainer = cli.make_trainer(TrainerConfig(accelerator="cpu", devices=1, progress_bar=False), tmp_path, [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
@@ -271,8 +272,8 @@ def test_finetune_refuses_another_decoder_unless_allowed_and_then_records_it(set
     cli.pretrain(cfg)
     other = save_decoder(tmp_path / "other", tok, seed=9)  # decoder a's shape, other weights
     qa = replace(cfg.data, train_files=[str(root / "qa.jsonl")], validation_files=[str(root / "qa.jsonl")])
-    ft = cli.FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), data=qa, trainer=cfg.trainer, optim=cfg.optim,
-                            decoders=[cli.DecoderSpec(name="a", path=other, projector=ProjectorOptions(hidden_dim=16))],
+    ft = FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), data=qa, trainer=cfg.trainer, optim=cfg.optim,
+                            decoders=[DecoderConfig(name="a", path=other, projector=ProjectorOptions(hidden_dim=16))],
                             run=replace(cfg.run, name="ft"))
     with pytest.raises(ValueError, match="is not the decoder its projector was trained for"):
         cli.prepare_finetune(ft)

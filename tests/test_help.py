@@ -10,15 +10,16 @@ import pytest
 import yaml
 
 from arc_encoder_train import cli
+from arc_encoder_train.config import JOB_SKIPS
 
 
 @functools.lru_cache
-def _parser(tiny_default: bool = False):
-    return cli.build_parser(tiny_default)  # ~0.5 s each: built once per test session
+def _parser():
+    return cli.build_parser()  # ~0.5 s: built once per test session
 
 
-def _subparser(job: str, tiny_default: bool = False):
-    return _parser(tiny_default)._subcommands_action._name_parser_map[job]
+def _subparser(job: str):
+    return _parser()._subcommands_action._name_parser_map[job]
 
 
 def _keys(parser) -> dict[str, argparse.Action]:
@@ -60,7 +61,7 @@ def _fields(cls, prefix=""):
 @pytest.mark.parametrize("job", list(cli.JOBS))
 def test_each_job_lists_exactly_the_keys_it_reads(job):
     cls = cli.JOBS[job][0]
-    skipped = cli.JOB_SKIPS.get(job, set())
+    skipped = JOB_SKIPS.get(job, set())
     fields = set(_fields(cls))
     assert skipped <= fields  # every skip names a real key
     assert set(_keys(_subparser(job))) == fields - skipped
@@ -80,17 +81,48 @@ def test_lm_help_leaves_out_the_arc_data_keys(capsys):
 
 
 def test_pretrain_help_shows_the_defaults_it_runs_with(capsys):
-    """No --config means tiny.yaml; its values are what --help shows, and what parse returns."""
-    tiny = yaml.safe_load(open(cli.default_config()))
+    """No --config means the job's defaults: PretrainConfig() is the tiny preset, what --help shows and
+    what parse returns."""
+    from arc_encoder_train.config import PretrainConfig, TrainerConfig, preset_path
+
+    tiny = yaml.safe_load(open(preset_path("tiny")))
     with pytest.raises(SystemExit):
         cli.main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"optimizer steps to train (type: int, default: {tiny['trainer']['max_steps']})" in text
     assert f"'hidden_dim': {tiny['decoders'][0]['projector']['hidden_dim']}" in text
-    assert cli.PretrainConfig().trainer.max_steps != tiny["trainer"]["max_steps"]  # so the check means something
-    _, cfg = cli.parse(["pretrain"])
-    assert cfg.trainer.max_steps == tiny["trainer"]["max_steps"]
-    assert cfg.decoders[0].projector.hidden_dim == tiny["decoders"][0]["projector"]["hidden_dim"]
+    assert TrainerConfig().max_steps != tiny["trainer"]["max_steps"]  # so the check means something
+    assert cli.parse(["pretrain"]) == ("pretrain", PretrainConfig()) == ("pretrain", PretrainConfig.from_name("tiny"))
+    assert PretrainConfig().trainer.max_steps == tiny["trainer"]["max_steps"]
+    assert PretrainConfig().decoders[0].projector.hidden_dim == tiny["decoders"][0]["projector"]["hidden_dim"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "single_gpu", "paper_fsdp", "paper_finetune_arc4", "smollm2_h200",
+                                  "gemma3_adapt_h200", "qa_finetune_h200"])
+def test_every_preset_is_its_yaml_file(name):
+    """The presets are the one source of the shipped configs: each YAML file is generated from its
+    preset (`python -m arc_encoder_train.config`), and `--config` on it gives `from_name`'s config."""
+    from arc_encoder_train.config import PRESETS, preset_path, preset_yaml
+
+    assert sorted(p.stem for p in preset_path(name).parent.glob("*.yaml")) == sorted(PRESETS)
+    assert preset_path(name).read_text() == preset_yaml(name), "run `python -m arc_encoder_train.config`"
+    preset = PRESETS[name]
+    assert cli.parse([preset.job, "--config", str(preset_path(name))]) == (preset.job,
+                                                                          preset.job_config.from_name(name))
+
+
+def test_from_name_merges_values_over_the_preset():
+    from arc_encoder_train.config import FinetuneConfig, PretrainConfig
+
+    cfg = PretrainConfig.from_name("smollm2_h200", trainer={"max_steps": 7}, run={"name": "x"})
+    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.run.name) == (7, 250, "x")
+    assert cfg.encoder.pooling_factors == (4, 8) and cfg.decoders[0].projector.hidden_dim == 2048
+    with pytest.raises(ValueError, match="no preset named 'nope'"):
+        PretrainConfig.from_name("nope")
+    with pytest.raises(ValueError, match="configures the finetune job"):
+        PretrainConfig.from_name("qa_finetune_h200")
+    with pytest.raises(ValueError, match=r"unknown keys \['max_step'\]"):
+        FinetuneConfig.from_name("qa_finetune_h200", trainer={"max_step": 7})
 
 
 def test_every_arc_encoder_option_has_help():

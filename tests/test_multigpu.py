@@ -22,10 +22,10 @@ from arc_encoder import ARCModel
 from arc_encoder.cache.build import build_cache
 from arc_encoder_train import cli
 from arc_encoder_train.data import (
-    BatchStream, DataPosition, DataRank, DataSpec, DecoderTokenizers, pretrain_samples, qa_samples,
+    BatchStream, DataPosition, DataRank, DataConfig, DecoderTokenizers, pretrain_samples, qa_samples,
 )
 from arc_encoder_train.distributed import check_agreement, launched_as_rank_zero
-from arc_encoder_train.lm import LMSpec, _TokenBlocks
+from arc_encoder_train.lm import TinyLMConfig, _TokenBlocks
 from conftest import TEXT, make_model
 from test_cache_predict import files_of
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
@@ -59,7 +59,7 @@ def _ids(batches) -> list:
 def test_rank_slices_partition_every_stream_and_resume_across_world_sizes(setup):
     root, _, _, tok = setup
     decs = [DecoderTokenizers("a", tok, True), DecoderTokenizers("b", tok, True)]
-    spec = DataSpec(train_files=[str(root / "train.jsonl.gz")], context_tokens=8, target_tokens=4, batch_size=2,
+    spec = DataConfig(train_files=[str(root / "train.jsonl.gz")], context_tokens=8, target_tokens=4, batch_size=2,
                     shuffle_buffer=4, num_workers=0)
 
     def stream(world, rank, batch_size, start=0, sample_fn=pretrain_samples, qa=False, n=6):
@@ -83,13 +83,13 @@ def test_rank_slices_partition_every_stream_and_resume_across_world_sizes(setup)
     assert _ids([resumed[0][0], resumed[1][0]]) == single[3].encoder_ids
     assert DataPosition(3, None).samples_used(["a", "b"], 6) == {"a": 12, "b": 6}  # older checkpoints
     # QA (finetune) streams are sharded the same way.
-    qa = DataSpec(train_files=[str(root / "qa.jsonl")], batch_size=3, num_workers=0, shuffle_buffer=4)
+    qa = DataConfig(train_files=[str(root / "qa.jsonl")], batch_size=3, num_workers=0, shuffle_buffer=4)
     qa_single = iter(BatchStream(replace(qa, batch_size=6), decs[:1], tok, qa_samples, True))
     qa_ranks = [iter(BatchStream(qa, decs[:1], tok, qa_samples, True, 0, DataRank(r, 2))) for r in range(2)]
     for _ in range(3):
         assert _ids([next(qa_ranks[0]), next(qa_ranks[1])]) == next(qa_single).encoder_ids
     # The lm job's token blocks too.
-    lm = LMSpec(seq_len=15, batch_size=2)
+    lm = TinyLMConfig(seq_len=15, batch_size=2)
     blocks = [iter(_TokenBlocks(spec, tok, lm, DataRank(r, 2))) for r in range(2)]
     whole = iter(_TokenBlocks(spec, tok, replace(lm, batch_size=4)))
     for _ in range(3):

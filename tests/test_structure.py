@@ -187,9 +187,12 @@ def test_every_projector_option_is_settable_from_yaml_and_cli(tmp_path):
 def test_tiny_default_encoder_is_kept():
     from arc_encoder_train import cli
 
-    _, cfg = cli.parse(["pretrain", "--config", cli.default_config()])
-    assert cfg.encoder == EncoderConfig(base_model=cli.BUILTIN_TINY, layers_removed=1, pooling_factor=4)
-    assert cli.PretrainConfig().encoder.layers_removed == 1  # the tiny default also without the YAML
+    from arc_encoder_train.config import BUILTIN_TINY, PretrainConfig, preset_path
+
+    for argv in (["pretrain"], ["pretrain", "--config", str(preset_path("tiny"))]):
+        _, cfg = cli.parse(argv)
+        assert cfg.encoder == EncoderConfig(base_model=BUILTIN_TINY, layers_removed=1, pooling_factor=4)
+    assert PretrainConfig().encoder == cfg.encoder  # the tiny default is the dataclass default
 
 
 # ---------------------------------------------------------------------------- loss and scoring

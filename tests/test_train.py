@@ -13,7 +13,8 @@ from arc_encoder.config import EncoderConfig, ProjectorOptions
 from arc_encoder.samples import is_reconstruction
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 from arc_encoder_train import cli
-from arc_encoder_train.data import BatchStream, DataSpec, pretrain_samples
+from arc_encoder_train.config import AdaptConfig, DecoderConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig, TrainerConfig
+from arc_encoder_train.data import BatchStream, DataConfig, pretrain_samples
 from conftest import TEXT
 
 DOCS = [TEXT[i:] + " " + TEXT[: i] for i in range(0, 400, 37)]
@@ -48,18 +49,18 @@ def setup(tmp_path_factory):
     return root, str(enc), decs, tok
 
 
-def pretrain_cfg(setup, tmp_path, decoders=("a",), steps=6, ratio=0.5, name="t") -> cli.PretrainConfig:
+def pretrain_cfg(setup, tmp_path, decoders=("a",), steps=6, ratio=0.5, name="t") -> PretrainConfig:
     root, enc, decs, _ = setup
-    return cli.PretrainConfig(
+    return PretrainConfig(
         encoder=EncoderConfig(base_model=enc, layers_removed=1, pooling_factor=2),
-        decoders=[cli.DecoderSpec(name=n, path=decs[n], projector=ProjectorOptions(hidden_dim=16)) for n in decoders],
-        data=DataSpec(train_files=[str(root / "train.jsonl.gz")], validation_files=[str(root / "validation.jsonl.gz")],
+        decoders=[DecoderConfig(name=n, path=decs[n], projector=ProjectorOptions(hidden_dim=16)) for n in decoders],
+        data=DataConfig(train_files=[str(root / "train.jsonl.gz")], validation_files=[str(root / "validation.jsonl.gz")],
                       context_tokens=12, target_tokens=6, batch_size=3, val_batches=1, reconstruction_ratio=ratio,
                       shuffle_buffer=4),
-        optim=cli.OptimSpec(lr=3e-3, warmup_steps=0),
-        trainer=cli.TrainerSpec(max_steps=steps, accelerator="cpu", devices=1, val_check_interval=3,
+        optim=OptimConfig(lr=3e-3, warmup_steps=0),
+        trainer=TrainerConfig(max_steps=steps, accelerator="cpu", devices=1, val_check_interval=3,
                                 checkpoint_every_n_steps=3, progress_bar=False, log_every_n_steps=1),
-        run=cli.RunSpec(name=name, runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "ckpt")),
+        run=RunConfig(name=name, runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "ckpt")),
     )
 
 
@@ -87,7 +88,7 @@ def test_reconstruction_ratio_is_honoured(setup, tmp_path):
     for ratio in (0.0, 0.2, 0.3, 0.5, 1.0):
         assert sum(is_reconstruction(i, ratio) for i in range(100)) == round(100 * ratio)
     root, _, _, tok = setup
-    spec = DataSpec(train_files=[str(root / "train.jsonl.gz")], context_tokens=8, target_tokens=4, batch_size=2,
+    spec = DataConfig(train_files=[str(root / "train.jsonl.gz")], context_tokens=8, target_tokens=4, batch_size=2,
                     reconstruction_ratio=0.25)
     from arc_encoder_train.data import DecoderTokenizers
     stream = BatchStream(spec, [DecoderTokenizers("a", tok, True), DecoderTokenizers("b", tok, True)], tok,
@@ -101,7 +102,7 @@ def test_reconstruction_ratio_is_honoured(setup, tmp_path):
     recon = next(b for b in batches if b.task == "reconstruction")
     assert recon.target_ids == recon.context_ids and recon.marker == "reconstruction"
     with pytest.raises(ValueError, match="reconstruction_ratio"):
-        DataSpec(reconstruction_ratio=1.5)
+        DataConfig(reconstruction_ratio=1.5)
 
 
 def test_pretrain_two_decoders_loss_decreases(setup, tmp_path):
@@ -121,8 +122,8 @@ def test_adapt_trains_only_the_new_projector(setup, tmp_path):
     line = cli.pretrain(cfg)
     assert line.startswith("pretrain done: 3 steps")
     ckpt = tmp_path / "ckpt" / "t"
-    acfg = cli.AdaptConfig(from_checkpoint=str(ckpt), decoder=cli.DecoderSpec(name="b", path=decs["b"], projector=ProjectorOptions(hidden_dim=16)),
-                           data=cfg.data, optim=cli.OptimSpec(lr=3e-3, warmup_steps=0),
+    acfg = AdaptConfig(from_checkpoint=str(ckpt), decoder=DecoderConfig(name="b", path=decs["b"], projector=ProjectorOptions(hidden_dim=16)),
+                           data=cfg.data, optim=OptimConfig(lr=3e-3, warmup_steps=0),
                            trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, name="adapt"))
     module, dm, _, _ = cli.prepare_adapt(acfg)
     proj_b = module.model.projector("b")
@@ -147,8 +148,8 @@ def test_finetune_loss_on_answer_decreases(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path, steps=1)
     cli.pretrain(cfg)
     data = replace(cfg.data, train_files=[str(root / "qa.jsonl")], validation_files=[str(root / "qa.jsonl")])
-    fcfg = cli.FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), decoders=cfg.decoders, data=data,
-                              optim=cli.OptimSpec(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
+    fcfg = FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), decoders=cfg.decoders, data=data,
+                              optim=OptimConfig(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
                               run=replace(cfg.run, name="ft"))
     module, dm, _, _ = cli.prepare_finetune(fcfg)
     batch = first_batch(dm)
@@ -183,18 +184,20 @@ def test_resume_reproduces_steps_optimizer_and_losses(setup, tmp_path):
 
 
 def test_bad_configs_fail_before_training(setup, tmp_path):
+    from arc_encoder_train.config import preset_path
+
     root, _, decs, tok = setup
     cfg = pretrain_cfg(setup, tmp_path)
-    missing = replace(cfg, decoders=[cli.DecoderSpec(name="a", path=str(tmp_path / "nope"))])
+    missing = replace(cfg, decoders=[DecoderConfig(name="a", path=str(tmp_path / "nope"))])
     with pytest.raises(FileNotFoundError, match="decoder 'a'.*nope does not exist"):
         cli.prepare_pretrain(missing)
     wrong = save_decoder(tmp_path / "wrong", tok, vocab=len(tok) + 7)
     with pytest.raises(ValueError, match="decoder 'w'.*mismatched tokenizer"):
-        cli.prepare_pretrain(replace(cfg, decoders=[cli.DecoderSpec(name="w", path=wrong)]))
+        cli.prepare_pretrain(replace(cfg, decoders=[DecoderConfig(name="w", path=wrong)]))
     with pytest.raises(FileNotFoundError, match="data file"):
         cli.prepare_pretrain(replace(cfg, data=replace(cfg.data, train_files=[str(tmp_path / "x.jsonl")])))
     assert not (tmp_path / "runs" / "t").exists()  # nothing written before the checks pass
-    assert cli.main(["pretrain", "--config", cli.default_config(), "--data.no_such_key", "1"]) != 0
+    assert cli.main(["pretrain", "--config", str(preset_path("tiny")), "--data.no_such_key", "1"]) != 0
 
 
 def _paper_config(setup, tmp_path, name: str, extra=()) -> Path:
@@ -260,7 +263,7 @@ def test_optimizer_follows_the_reference(setup, tmp_path):
     import math
 
     cfg = pretrain_cfg(setup, tmp_path, decoders=("a", "b"), steps=40)
-    cfg.optim = cli.OptimSpec(lr=2e-3, warmup_steps=10, initial_lr=1e-6, final_lr=1e-5)
+    cfg.optim = OptimConfig(lr=2e-3, warmup_steps=10, initial_lr=1e-6, final_lr=1e-5)
     module, _, _, _ = cli.prepare_pretrain(cfg)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -291,7 +294,7 @@ def test_optimizer_follows_the_reference(setup, tmp_path):
         cli.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, total_steps=20)))
     with pytest.raises(ValueError, match="warmup_steps=40 must be < the schedule's 40 steps"):
         cli.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, warmup_steps=40)))
-    assert cli.OptimSpec(lr=1e-4, projector_lr=7e-4).max_projector_lr == 7e-4
+    assert OptimConfig(lr=1e-4, projector_lr=7e-4).max_projector_lr == 7e-4
 
 
 def test_token_cache_returns_tokenizer_ids_and_respects_its_bound():
