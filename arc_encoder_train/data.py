@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from arc_encoder.loading import quiet_datasets
 from arc_encoder.samples import Batch, Sample, Task, collate, decoder_prefix, is_reconstruction, qa_sample, split_windows, text_sample
 
-from .config import DataConfig, bundled_corpus  # noqa: F401 - re-exported: defined with the other config sections
+from .config import DataConfig
 
 
 def _builder(path: str) -> str:

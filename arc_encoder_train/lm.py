@@ -27,7 +27,7 @@ from arc_encoder.objectives import mean_loss
 from arc_encoder.storage import atomic_write_json, make_temp_dir
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 
-from .config import TinyLMConfig  # noqa: F401 - re-exported: defined with the other config sections
+from .config import TinyLMConfig
 from .data import _CACHE, DataRank, DataConfig, iter_texts, worker_builds
 from .distributed import RankAgreement, all_reduce_sum, launched_as_rank_zero, stop_launched_ranks
 from .progress import TrainProgress, quiet_lightning

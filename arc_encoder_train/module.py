@@ -22,7 +22,7 @@ from arc_encoder.decoders import freeze_decoder
 from arc_encoder.metrics import evaluate_batch
 from arc_encoder.samples import Batch, mixed_pooling
 
-from .config import OptimConfig  # noqa: F401 - re-exported: defined with the other config sections
+from .config import OptimConfig
 from .data import DataPosition
 from .distributed import all_reduce_sum, gathered_model, shard_for_fsdp
 

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from arc_encoder.layout import CompressedContext
     from arc_encoder.objectives import IGNORE_INDEX, predict, token_nll
     from arc_encoder.storage import atomic_write_json
-    from arc_encoder_train.cli import BUNDLED_TINY_LM
-    from arc_encoder_train.data import DataConfig, DecoderTokenizers, bundled_corpus, pretrain_samples, validation_batches
+    from arc_encoder_train.jobs import BUNDLED_TINY_LM
+    from arc_encoder_train.config import DataConfig, bundled_corpus
+    from arc_encoder_train.data import DecoderTokenizers, pretrain_samples, validation_batches
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", action="append", required=True, metavar="LABEL=DIR")

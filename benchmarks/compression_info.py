@@ -55,7 +55,8 @@ METRICS_Y = ("loss_compressed", "gap_closed", "em_at_k", "cont_acc")
 def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, ...], stages) -> list[tuple[int, str]]:
     """Pretrain in stages (resuming; one LR schedule over the last stage); copy the checkpoint after each."""
     from arc_encoder.config import EncoderConfig, ProjectorOptions
-    from arc_encoder_train.cli import DecoderConfig, OptimConfig, PretrainConfig, RunConfig, TrainerConfig, pretrain
+    from arc_encoder_train.config import DecoderConfig, OptimConfig, PretrainConfig, RunConfig, TrainerConfig
+    from arc_encoder_train.jobs import pretrain
 
     q = quality.PRESETS[preset["base"]]
     ck_dir = Path(args.work_dir) / "checkpoints"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from arc_encoder.config import ArcEncoderWarning, ProjectorOptions
-from arc_encoder_train import cli
+from arc_encoder_train import cli, jobs, runs
 from arc_encoder_train.config import AdaptConfig, DecoderConfig, OptimConfig, RunConfig
 from test_faults_train import run_main, tree, write_config
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
@@ -144,7 +144,7 @@ def test_a_run_that_fails_after_training_keeps_its_logs_and_only_its_empty_check
 
     monkeypatch.setattr(ARCTrainingModule, "training_step", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        cli.pretrain(cfg)
+        jobs.pretrain(cfg)
     run_dir, export = tmp_path / "runs" / "t", tmp_path / "ckpt" / "t"
     err = capsys.readouterr().err
     assert f"{run_dir} kept with its logs" in err and f"{export} with the export of its last validation" in err
@@ -152,7 +152,7 @@ def test_a_run_that_fails_after_training_keeps_its_logs_and_only_its_empty_check
     assert "validation at step 2:" in log and "validation at step 4:" in log and "simulated failure" in log
     assert not (run_dir / "checkpoints").exists() and (export / "arc_config.json").is_file()
     with pytest.raises(FileExistsError, match="has no checkpoint to resume from.*remove"):
-        cli.prepare_pretrain(cfg)
+        jobs.prepare_pretrain(cfg)
 
 
 def test_status_and_validation_lines_with_the_bar_off_or_on(tmp_path):
@@ -190,7 +190,7 @@ def test_a_short_run_scales_the_default_warm_up_down_and_says_so(setup, tmp_path
     _, cfg = cli.parse(["pretrain", "--trainer.max_steps", "300"])
     assert cfg.optim.warmup_steps == 20  # fits: untouched
     # End to end: a 3-step run from a config that leaves the warm-up at its default.
-    data = cli.config_dict("pretrain", pretrain_cfg(setup, tmp_path, steps=3))
+    data = runs.config_dict("pretrain", pretrain_cfg(setup, tmp_path, steps=3))
     del data["optim"]["warmup_steps"]
     (tmp_path / "c.yaml").write_text(json.dumps(data))
     code = cli.main(["pretrain", "--config", str(tmp_path / "c.yaml")])
@@ -233,7 +233,7 @@ def test_adapt_runs_get_a_name_per_checkpoint_and_decoder(setup, tmp_path):
     """adapt's default run name ("adapt") collided on the second run."""
     _, _, decs, _ = setup
     cfg = pretrain_cfg(setup, tmp_path, steps=1)
-    cli.pretrain(cfg)
+    jobs.pretrain(cfg)
     lines = []
     for name in ("b", "b2"):
         acfg = AdaptConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"),
@@ -241,19 +241,19 @@ def test_adapt_runs_get_a_name_per_checkpoint_and_decoder(setup, tmp_path):
                                                        projector=ProjectorOptions(hidden_dim=16)),
                                data=cfg.data, optim=OptimConfig(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
                                run=replace(cfg.run, name=AdaptConfig().run.name))
-        lines.append(cli.adapt(acfg))
+        lines.append(jobs.adapt(acfg))
     assert f"checkpoint: {tmp_path / 'ckpt' / 't-b'}/" in lines[0] and f"{tmp_path / 'ckpt' / 't-b2'}/" in lines[1]
     assert (tmp_path / "runs" / "t-b" / "log.txt").is_file() and (tmp_path / "runs" / "t-b2" / "log.txt").is_file()
 
 
 def test_a_run_never_writes_over_its_own_inputs(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path, steps=1)
-    cli.pretrain(cfg)
+    jobs.pretrain(cfg)
     source = tmp_path / "ckpt" / "t"
     before = tree(source)
     acfg = AdaptConfig(from_checkpoint=str(source), decoder=cfg.decoders[0], data=cfg.data,
                            run=RunConfig(name="t", runs_dir=str(tmp_path / "ckpt"),
                                            checkpoints_dir=str(tmp_path / "x")))
     with pytest.raises(ValueError, match=r"the run directory .*ckpt/t: is the from_checkpoint"):
-        cli.prepare_adapt(acfg)
+        jobs.prepare_adapt(acfg)
     assert tree(source) == before

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from arc_encoder import ARCModel, ProjectorOptions
-from arc_encoder_train import cli
+from arc_encoder_train import cli, jobs, runs
 from arc_encoder_train.config import DecoderConfig, FinetuneConfig, RunConfig, TrainerConfig
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
 
@@ -27,7 +27,7 @@ def tree(path: Path) -> dict[str, bytes]:
 
 
 def write_config(cfg, path: Path) -> str:
-    path.write_text(json.dumps(cli.config_dict("pretrain", cfg)))  # JSON is YAML; only the keys pretrain reads
+    path.write_text(json.dumps(runs.config_dict("pretrain", cfg)))  # JSON is YAML; only the keys pretrain reads
     return str(path)
 
 
@@ -76,12 +76,12 @@ def test_export_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path, to
 
 def test_new_run_whose_name_matches_an_existing_export_is_refused(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path, steps=1)
-    cli.pretrain(cfg)
+    jobs.pretrain(cfg)
     export = tmp_path / "ckpt" / "t"
     before = tree(export)
     other_runs = replace(cfg, run=replace(cfg.run, runs_dir=str(tmp_path / "runs2")))
     with pytest.raises(FileExistsError, match=r"ckpt/t.*exists"):
-        cli.pretrain(other_runs)
+        jobs.pretrain(other_runs)
     assert tree(export) == before and not (tmp_path / "runs2" / "t").exists()
 
 
@@ -89,20 +89,20 @@ def test_run_and_export_directories_must_not_overlap(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path)
     same = replace(cfg, run=replace(cfg.run, checkpoints_dir=cfg.run.runs_dir))
     with pytest.raises(ValueError, match="same directory"):
-        cli.prepare_pretrain(same)
+        jobs.prepare_pretrain(same)
 
 
 # ---------------------------------------------------------------------------- item 5: resume with changed settings
 def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_recorded(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path, steps=2, name="r")
     cfg = replace(cfg, optim=replace(cfg.optim, total_steps=3))  # a cycle of 3 steps, stopped after 2
-    cli.pretrain(cfg)
+    jobs.pretrain(cfg)
     resume = replace(cfg, trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, resume=True))
     # Without optim.total_steps the cycle is max_steps long: a longer resume would leave it.
     whole = pretrain_cfg(setup, tmp_path, steps=2, name="w")
-    cli.pretrain(whole)
+    jobs.pretrain(whole)
     with pytest.raises(ValueError, match=r"trainer\.max_steps \(the one-cycle length"):
-        cli.prepare_pretrain(replace(whole, trainer=replace(whole.trainer, max_steps=3),
+        jobs.prepare_pretrain(replace(whole, trainer=replace(whole.trainer, max_steps=3),
                                      run=replace(whole.run, resume=True)))
     for changed, key in ((replace(resume, encoder=replace(resume.encoder, pooling_factor=3)), "encoder.pooling_factor"),
                          (replace(resume, optim=replace(resume.optim, lr=1e-2)), "optim.lr"),
@@ -110,17 +110,17 @@ def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_record
                          (replace(resume, decoders=[*resume.decoders, replace(resume.decoders[0], name="b")]),
                           "decoders.#: 1 -> 2")):
         with pytest.raises(ValueError, match=rf"--run\.resume.*{key}"):
-            cli.prepare_pretrain(changed)
+            jobs.prepare_pretrain(changed)
     # The per-device batch may change with the number of devices, the global batch may not.
     with pytest.raises(ValueError, match="--run.resume: the global batch would change from 3 to 4"):
-        cli.pretrain(replace(resume, data=replace(resume.data, batch_size=4)))
+        jobs.pretrain(replace(resume, data=replace(resume.data, batch_size=4)))
     export = ARCModel.from_pretrained(tmp_path / "ckpt" / "r")
     assert export.encoder.config.pooling_factor == 2
     # max_steps (and devices, workers, logging) may change: continuing a run is what resume is for.
-    assert cli.resume_changes(tmp_path / "runs" / "r", "pretrain", resume) == {}
+    assert runs.resume_changes(tmp_path / "runs" / "r", "pretrain", resume) == {}
     # An explicit override is accepted and recorded in launches.json.
     lr = replace(resume, optim=replace(resume.optim, lr=1e-2), run=replace(resume.run, allow_config_changes=True))
-    assert cli.pretrain(lr).startswith("pretrain done: 3 steps")
+    assert jobs.pretrain(lr).startswith("pretrain done: 3 steps")
     launches = json.loads((tmp_path / "runs" / "r" / "launches.json").read_text())["launches"]
     assert "config_changes" not in launches[0] and launches[1]["config_changes"] == {"optim.lr": [cfg.optim.lr, 1e-2]}
 
@@ -151,12 +151,12 @@ def test_bad_data_fails_before_the_run_directory_exists_and_a_retry_works(setup,
         assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
     else:
         with pytest.raises(ValueError) as info:
-            cli.prepare_pretrain(replace(cfg, data=data))
+            jobs.prepare_pretrain(replace(cfg, data=data))
         err = str(info.value)
     assert bad[0] in err and Path(path).name in err, err
     assert not (tmp_path / "runs" / "t").exists() and not (tmp_path / "ckpt" / "t").exists()
     assert "run directory" not in err
-    cli.prepare_pretrain(replace(cfg, data=replace(data, train_files=[good], validation_files=[good])))
+    jobs.prepare_pretrain(replace(cfg, data=replace(data, train_files=[good], validation_files=[good])))
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_can_be_retried(setup, tmp_path, monkeypatch):
@@ -170,10 +170,10 @@ def test_a_run_that_fails_before_its_first_checkpoint_can_be_retried(setup, tmp_
 
     monkeypatch.setattr(ARCTrainingModule, "training_step", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        cli.pretrain(cfg)
+        jobs.pretrain(cfg)
     assert not (tmp_path / "runs" / "t").exists() and not (tmp_path / "ckpt" / "t").exists()
     monkeypatch.setattr(ARCTrainingModule, "training_step", step)
-    assert cli.pretrain(cfg).startswith("pretrain done: 2 steps")
+    assert jobs.pretrain(cfg).startswith("pretrain done: 2 steps")
 
 
 def test_a_run_that_fails_after_a_checkpoint_is_kept_for_resume(setup, tmp_path, monkeypatch):
@@ -190,10 +190,10 @@ def test_a_run_that_fails_after_a_checkpoint_is_kept_for_resume(setup, tmp_path,
 
     monkeypatch.setattr(ARCTrainingModule, "training_step", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        cli.pretrain(cfg)
+        jobs.pretrain(cfg)
     assert (tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt").is_file()
     monkeypatch.setattr(ARCTrainingModule, "training_step", step)
-    assert cli.pretrain(replace(cfg, run=replace(cfg.run, resume=True))).startswith("pretrain done: 4 steps")
+    assert jobs.pretrain(replace(cfg, run=replace(cfg.run, resume=True))).startswith("pretrain done: 4 steps")
     # The resumed log continues the first one: no step is logged twice.
     steps = []
     for path in sorted((tmp_path / "runs" / "t" / "logs").rglob("metrics.csv")):
@@ -237,14 +237,14 @@ def test_encoder_tokenizer_smaller_than_its_embedding_table_is_refused(setup, tm
     cfg = pretrain_cfg(setup, tmp_path)
     cfg = replace(cfg, encoder=replace(cfg.encoder, base_model=str(padded)))
     with pytest.raises(ValueError, match="encoder.*tokenizer has .* tokens.*embedding table"):
-        cli.prepare_pretrain(cfg)
-    module, *_ = cli.prepare_pretrain(replace(cfg, encoder_build=replace(cfg.encoder_build, allow_padded_vocab=True)))
+        jobs.prepare_pretrain(cfg)
+    module, *_ = jobs.prepare_pretrain(replace(cfg, encoder_build=replace(cfg.encoder_build, allow_padded_vocab=True)))
     assert module.model.encoder.backbone.get_input_embeddings().weight.shape[0] == len(tok) + 5
 
 
 def test_last_ckpt_is_written_atomically(tmp_path, monkeypatch):
     """A full disk while saving leaves the previous last.ckpt whole (and no temporary file)."""
-    from arc_encoder_train.cli import AtomicCheckpointIO
+    from arc_encoder_train.jobs import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -260,7 +260,7 @@ def test_last_ckpt_is_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 1
-    trainer = cli.make_trainer(TrainerConfig(accelerator="cpu", devices=1, progress_bar=False), tmp_path, [])
+    trainer = jobs.make_trainer(TrainerConfig(accelerator="cpu", devices=1, progress_bar=False), tmp_path, [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
@@ -269,16 +269,16 @@ def test_finetune_refuses_another_decoder_unless_allowed_and_then_records_it(set
 
     root, _, decs, tok = setup
     cfg = pretrain_cfg(setup, tmp_path, steps=1)
-    cli.pretrain(cfg)
+    jobs.pretrain(cfg)
     other = save_decoder(tmp_path / "other", tok, seed=9)  # decoder a's shape, other weights
     qa = replace(cfg.data, train_files=[str(root / "qa.jsonl")], validation_files=[str(root / "qa.jsonl")])
     ft = FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), data=qa, trainer=cfg.trainer, optim=cfg.optim,
                             decoders=[DecoderConfig(name="a", path=other, projector=ProjectorOptions(hidden_dim=16))],
                             run=replace(cfg.run, name="ft"))
     with pytest.raises(ValueError, match="is not the decoder its projector was trained for"):
-        cli.prepare_finetune(ft)
+        jobs.prepare_finetune(ft)
     ft.decoders[0].allow_other_decoder = True
-    module, *_ = cli.prepare_finetune(ft)
+    module, *_ = jobs.prepare_finetune(ft)
     from arc_encoder.decoders import decoder_identity
 
     assert module.model.projector("a").config.decoder_sha256 == decoder_identity(module.decoders["a"])

@@ -9,7 +9,7 @@ import typing
 import pytest
 import yaml
 
-from arc_encoder_train import cli
+from arc_encoder_train import cli, runs
 from arc_encoder_train.config import JOB_SKIPS
 
 
@@ -145,7 +145,7 @@ def test_every_arc_encoder_option_has_help():
 def test_a_saved_config_is_taken_back_by_config(job, tmp_path):
     """runs/<name>/config.yaml holds exactly the keys the job reads, so `--config` takes it back."""
     cfg = cli.JOBS[job][0]()
-    cli._save_config(tmp_path, job, cfg)
+    runs.save_config(tmp_path, job, cfg)
     text = (tmp_path / "config.yaml").read_text()
     assert text.startswith(f"# arc-encoder-train {job}: the resolved configuration")
     assert cli.parse([job, "--config", str(tmp_path / "config.yaml")]) == (job, cfg)

@@ -20,12 +20,12 @@ import torch
 
 from arc_encoder import ARCModel
 from arc_encoder.cache.build import build_cache
-from arc_encoder_train import cli
-from arc_encoder_train.data import (
-    BatchStream, DataPosition, DataRank, DataConfig, DecoderTokenizers, pretrain_samples, qa_samples,
-)
+from arc_encoder_train import jobs
+from arc_encoder_train.config import DataConfig, TinyLMConfig
+from arc_encoder_train.data import BatchStream, DataPosition, DataRank, DecoderTokenizers, pretrain_samples, qa_samples
 from arc_encoder_train.distributed import check_agreement, launched_as_rank_zero
-from arc_encoder_train.lm import TinyLMConfig, _TokenBlocks
+from arc_encoder_train.runs import config_dict
+from arc_encoder_train.lm import _TokenBlocks
 from conftest import TEXT, make_model
 from test_cache_predict import files_of
 from test_train import pretrain_cfg, setup  # noqa: F401 - setup is the module fixture (tiny LMs + corpus)
@@ -128,7 +128,7 @@ def runs(setup, tmp_path_factory):
     base.trainer = replace(base.trainer, devices=WORLD, strategy="ddp", val_check_interval=4,
                            checkpoint_every_n_steps=2)
     base.data = replace(base.data, batch_size=PER_DEVICE, num_workers=2)
-    (tmp / "base.yaml").write_text(json.dumps(cli.config_dict("pretrain", base)))  # JSON is YAML
+    (tmp / "base.yaml").write_text(json.dumps(config_dict("pretrain", base)))  # JSON is YAML
     model, _ = make_model(tokenizer=setup[3], vocab_size=len(setup[3]), dec_vocab=len(setup[3]), chunk_len=16)
     cache_ckpt = model.save_pretrained(tmp / "cache_ckpt")
     words = TEXT.split()
@@ -162,9 +162,9 @@ def runs(setup, tmp_path_factory):
     try:
         single = replace(base, data=replace(base.data, batch_size=PER_DEVICE * WORLD, num_workers=0),
                          trainer=replace(base.trainer, devices=1, strategy="auto"))
-        cli.pretrain(replace(single, run=replace(base.run, name="one-4")))
-        cli.pretrain(replace(single, trainer=replace(single.trainer, max_steps=2), run=replace(base.run, name="one-2")))
-        _, dm, _, _ = cli.prepare_pretrain(replace(single, run=replace(base.run, name="stream")))
+        jobs.pretrain(replace(single, run=replace(base.run, name="one-4")))
+        jobs.pretrain(replace(single, trainer=replace(single.trainer, max_steps=2), run=replace(base.run, name="one-2")))
+        _, dm, _, _ = jobs.prepare_pretrain(replace(single, run=replace(base.run, name="stream")))
         dm.trainer = None
         stream = iter(dm.train_dataloader())
         single_batches = [next(stream) for _ in range(4)]
@@ -182,11 +182,11 @@ def runs(setup, tmp_path_factory):
     missing = [r for r in range(WORLD) if not (tmp / f"rank{r}.json").is_file()]
     assert not missing, f"ranks {missing} reported nothing; stderr ends with:\n{err[-3000:]}"
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    jobs = [{j["name"]: j for j in r["jobs"]} for r in ranks]
+    per_rank = [{j["name"]: j for j in r["jobs"]} for r in ranks]
     print(f"\n2 ranks + references: {time.perf_counter() - started:.1f} s (references {references:.1f} s), "
           f"CPU s per rank {[round(r['cpu_seconds'], 1) for r in ranks]}, rank 0 per command: "
-          + ", ".join(f"{name} {job['seconds']} s" for name, job in jobs[0].items()))
-    return {"tmp": tmp, "code": proc.returncode, "stderr": err, "jobs": jobs, "single_batches": single_batches}
+          + ", ".join(f"{name} {job['seconds']} s" for name, job in per_rank[0].items()))
+    return {"tmp": tmp, "code": proc.returncode, "stderr": err, "jobs": per_rank, "single_batches": single_batches}
 
 
 def _job(runs, name: str, rank: int = 0, code: int = 0) -> dict:

@@ -12,9 +12,11 @@ import torch
 from arc_encoder.config import EncoderConfig, ProjectorOptions
 from arc_encoder.samples import is_reconstruction
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
-from arc_encoder_train import cli
-from arc_encoder_train.config import AdaptConfig, DecoderConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig, TrainerConfig
-from arc_encoder_train.data import BatchStream, DataConfig, pretrain_samples
+from arc_encoder_train import cli, jobs
+from arc_encoder_train.config import (
+    AdaptConfig, DataConfig, DecoderConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig, TrainerConfig,
+)
+from arc_encoder_train.data import BatchStream, pretrain_samples
 from conftest import TEXT
 
 DOCS = [TEXT[i:] + " " + TEXT[: i] for i in range(0, 400, 37)]
@@ -106,7 +108,7 @@ def test_reconstruction_ratio_is_honoured(setup, tmp_path):
 
 
 def test_pretrain_two_decoders_loss_decreases(setup, tmp_path):
-    module, dm, _, _ = cli.prepare_pretrain(pretrain_cfg(setup, tmp_path, decoders=("a", "b")))
+    module, dm, _, _ = jobs.prepare_pretrain(pretrain_cfg(setup, tmp_path, decoders=("a", "b")))
     assert set(module.model.projectors.keys()) == {"a", "b"}
     # Decoders are plain attributes: not in the trained state, never trainable.
     assert not any(k.startswith("decoders") for k in module.state_dict())
@@ -119,13 +121,13 @@ def test_pretrain_two_decoders_loss_decreases(setup, tmp_path):
 def test_adapt_trains_only_the_new_projector(setup, tmp_path):
     root, _, decs, _ = setup
     cfg = pretrain_cfg(setup, tmp_path, steps=3)
-    line = cli.pretrain(cfg)
+    line = jobs.pretrain(cfg)
     assert line.startswith("pretrain done: 3 steps")
     ckpt = tmp_path / "ckpt" / "t"
     acfg = AdaptConfig(from_checkpoint=str(ckpt), decoder=DecoderConfig(name="b", path=decs["b"], projector=ProjectorOptions(hidden_dim=16)),
                            data=cfg.data, optim=OptimConfig(lr=3e-3, warmup_steps=0),
                            trainer=replace(cfg.trainer, max_steps=3), run=replace(cfg.run, name="adapt"))
-    module, dm, _, _ = cli.prepare_adapt(acfg)
+    module, dm, _, _ = jobs.prepare_adapt(acfg)
     proj_b = module.model.projector("b")
     assert module.num_trainable_parameters() == proj_b.num_parameters()
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
@@ -135,7 +137,7 @@ def test_adapt_trains_only_the_new_projector(setup, tmp_path):
     assert changed and all(k.startswith("projectors.b.") for k in changed), changed
     assert "projectors.b.special_tokens" in changed
     # Full job: exports a copy of the checkpoint plus projector b; the source is untouched.
-    line = cli.adapt(replace(acfg, run=replace(acfg.run, name="adapt2")))
+    line = jobs.adapt(replace(acfg, run=replace(acfg.run, name="adapt2")))
     assert "trainable parameters" in line
     from arc_encoder import ARCModel
     out = ARCModel.from_pretrained(tmp_path / "ckpt" / "adapt2")
@@ -146,12 +148,12 @@ def test_adapt_trains_only_the_new_projector(setup, tmp_path):
 def test_finetune_loss_on_answer_decreases(setup, tmp_path):
     root, _, decs, _ = setup
     cfg = pretrain_cfg(setup, tmp_path, steps=1)
-    cli.pretrain(cfg)
+    jobs.pretrain(cfg)
     data = replace(cfg.data, train_files=[str(root / "qa.jsonl")], validation_files=[str(root / "qa.jsonl")])
     fcfg = FinetuneConfig(from_checkpoint=str(tmp_path / "ckpt" / "t"), decoders=cfg.decoders, data=data,
                               optim=OptimConfig(lr=3e-3, warmup_steps=0), trainer=cfg.trainer,
                               run=replace(cfg.run, name="ft"))
-    module, dm, _, _ = cli.prepare_finetune(fcfg)
+    module, dm, _, _ = jobs.prepare_finetune(fcfg)
     batch = first_batch(dm)
     assert batch.task == "qa" and batch.target_ids == batch.continuation_ids
     losses = steps_on_fixed_batch(module, batch)
@@ -160,13 +162,13 @@ def test_finetune_loss_on_answer_decreases(setup, tmp_path):
 
 def test_resume_reproduces_steps_optimizer_and_losses(setup, tmp_path):
     straight = pretrain_cfg(setup, tmp_path, steps=6, name="straight")
-    cli.pretrain(straight)
+    jobs.pretrain(straight)
     half = pretrain_cfg(setup, tmp_path, steps=3, name="resumed")
     half.optim.total_steps = 6  # "killed" at step 3 of a 6-step schedule
-    cli.pretrain(half)
+    jobs.pretrain(half)
     with pytest.raises(FileExistsError, match="--run.resume"):
-        cli.pretrain(half)
-    cli.pretrain(replace(half, trainer=replace(half.trainer, max_steps=6), run=replace(half.run, resume=True)))
+        jobs.pretrain(half)
+    jobs.pretrain(replace(half, trainer=replace(half.trainer, max_steps=6), run=replace(half.run, resume=True)))
     a = torch.load(tmp_path / "runs/straight/checkpoints/last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "runs/resumed/checkpoints/last.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 6
@@ -190,12 +192,12 @@ def test_bad_configs_fail_before_training(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path)
     missing = replace(cfg, decoders=[DecoderConfig(name="a", path=str(tmp_path / "nope"))])
     with pytest.raises(FileNotFoundError, match="decoder 'a'.*nope does not exist"):
-        cli.prepare_pretrain(missing)
+        jobs.prepare_pretrain(missing)
     wrong = save_decoder(tmp_path / "wrong", tok, vocab=len(tok) + 7)
     with pytest.raises(ValueError, match="decoder 'w'.*mismatched tokenizer"):
-        cli.prepare_pretrain(replace(cfg, decoders=[DecoderConfig(name="w", path=wrong)]))
+        jobs.prepare_pretrain(replace(cfg, decoders=[DecoderConfig(name="w", path=wrong)]))
     with pytest.raises(FileNotFoundError, match="data file"):
-        cli.prepare_pretrain(replace(cfg, data=replace(cfg.data, train_files=[str(tmp_path / "x.jsonl")])))
+        jobs.prepare_pretrain(replace(cfg, data=replace(cfg.data, train_files=[str(tmp_path / "x.jsonl")])))
     assert not (tmp_path / "runs" / "t").exists()  # nothing written before the checks pass
     assert cli.main(["pretrain", "--config", str(preset_path("tiny")), "--data.no_such_key", "1"]) != 0
 
@@ -204,7 +206,7 @@ def _paper_config(setup, tmp_path, name: str, extra=()) -> Path:
     """A packaged paper config with its placeholders pointed at the tiny stand-ins."""
     import yaml
     root, enc, decs, _ = setup
-    text = (Path(cli.__file__).parent / "configs" / name).read_text()
+    text = (Path(jobs.__file__).parent / "configs" / name).read_text()
     for placeholder, real in (("/models/Llama-3.2-3B", enc), ("/models/Llama-3.1-8B", decs["a"]),
                               ("/models/Mistral-7B-v0.3", decs["b"]), *extra):
         assert placeholder in text or placeholder == "/models/Llama-3.2-3B"  # the encoder: pretrain only
@@ -233,7 +235,7 @@ def test_paper_configs_build_with_tiny_stand_ins(setup, tmp_path):
     assert (d.context_tokens, d.target_tokens, d.batch_size, d.reconstruction_ratio) == (256, 256, 16, 0.2)
     assert [spec.projector.bos for spec in cfg.decoders] == ["reference", "reference"]  # repo: no BOS before windows
     assert (cfg.encoder.pooling_factor, cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (8, 80000, 1.0)
-    module, dm, _, _ = cli.prepare_pretrain(cfg)
+    module, dm, _, _ = jobs.prepare_pretrain(cfg)
     assert set(module.model.projectors.keys()) == {"llama3_8b", "mistral_7b"}
     assert module.decoders["llama3_8b"].dtype == torch.bfloat16
     assert module.model.projector("mistral_7b").config.hidden_dim == 2048
@@ -242,7 +244,7 @@ def test_paper_configs_build_with_tiny_stand_ins(setup, tmp_path):
                                          precision="32-true", progress_bar=False), optim=replace(cfg.optim, warmup_steps=0),
                     data=replace(cfg.data, context_tokens=12, target_tokens=6, batch_size=2, val_batches=1))
     small.decoders = [replace(x, dtype="float32", projector=replace(x.projector, hidden_dim=16)) for x in cfg.decoders]
-    cli.pretrain(small)
+    jobs.pretrain(small)
     ft = _paper_config(setup, tmp_path, "paper_finetune_arc4.yaml", (
         ("/data/finetune/train.jsonl", str(root / "qa.jsonl")), ("/data/finetune/validation.jsonl", str(root / "qa.jsonl")),
         ("checkpoints/paper-fsdp", str(tmp_path / "ckpt" / "paper-fsdp"))))
@@ -251,7 +253,7 @@ def test_paper_configs_build_with_tiny_stand_ins(setup, tmp_path):
     assert (fcfg.pooling_factor, o.lr, o.max_projector_lr, o.weight_decay, o.warmup_steps, o.final_lr) == (
         4, 2e-6, 3e-5, 0.05, 50, 1e-8)
     assert (fcfg.trainer.max_steps, fcfg.data.batch_size, fcfg.data.max_context_tokens) == (8000, 8, 2048)
-    module, _, _, _ = cli.prepare_finetune(fcfg)
+    module, _, _, _ = jobs.prepare_finetune(fcfg)
     assert module.model.config.encoder.pooling_factor == 4 and module.model.encoder.config.pooling_factor == 4
     assert module.model.compress([list(range(5, 21))], "llama3_8b").lengths.tolist() == [4]  # 16 tokens at x4
 
@@ -264,7 +266,7 @@ def test_optimizer_follows_the_reference(setup, tmp_path):
 
     cfg = pretrain_cfg(setup, tmp_path, decoders=("a", "b"), steps=40)
     cfg.optim = OptimConfig(lr=2e-3, warmup_steps=10, initial_lr=1e-6, final_lr=1e-5)
-    module, _, _, _ = cli.prepare_pretrain(cfg)
+    module, _, _, _ = jobs.prepare_pretrain(cfg)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     enc, proj = opt.param_groups
@@ -291,9 +293,9 @@ def test_optimizer_follows_the_reference(setup, tmp_path):
         opt.step()
         sched.step()
     with pytest.raises(ValueError, match="optim.total_steps=20 is shorter than trainer.max_steps=40"):
-        cli.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, total_steps=20)))
+        jobs.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, total_steps=20)))
     with pytest.raises(ValueError, match="warmup_steps=40 must be < the schedule's 40 steps"):
-        cli.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, warmup_steps=40)))
+        jobs.prepare_pretrain(replace(cfg, optim=replace(cfg.optim, warmup_steps=40)))
     assert OptimConfig(lr=1e-4, projector_lr=7e-4).max_projector_lr == 7e-4
 
 
@@ -334,16 +336,16 @@ def test_mixed_pooling_pretrain_draws_factors_and_saves_them(setup, tmp_path):
 
     cfg = pretrain_cfg(setup, tmp_path, steps=3, name="mixed")
     cfg.encoder.pooling_factors = [2, 3, 5]
-    module, dm, _, export_dir = cli.prepare_pretrain(cfg)
+    module, dm, _, export_dir = jobs.prepare_pretrain(cfg)
     batch = first_batch(dm)
     module._move_decoders()
     module.training_step(batch, 0)
     assert len(batch.pooling_factors) == len(batch) and set(batch.pooling_factors) <= {2, 3, 5}
-    cli.pretrain(replace(cfg, run=replace(cfg.run, name="mixed-run")))
+    jobs.pretrain(replace(cfg, run=replace(cfg.run, name="mixed-run")))
     model = ARCModel.from_pretrained(tmp_path / "ckpt" / "mixed-run")
     assert model.encoder.config.pooling_factors == (2, 3, 5)
     assert model.compress([[5] * 15], "a", pooling_factors=[[5]]).lengths.tolist() == [3]
     bad = pretrain_cfg(setup, tmp_path, name="bad")
     bad.encoder.pooling_factors = [3, 5]  # the default factor 2 must be one of them
     with pytest.raises(ValueError, match="must be one of"):
-        cli.prepare_pretrain(bad)
+        jobs.prepare_pretrain(bad)
