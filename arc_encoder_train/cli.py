@@ -13,16 +13,19 @@ checkpoints/<name>/ in the `ARCModel.from_pretrained` format.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import sys
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import yaml
 
+from arc_encoder.arguments import DTYPE_CHOICES, add_cache_build_arguments
 from arc_encoder.config import ArcEncoderWarning
 
 from .config import JOB_SKIPS, AdaptConfig, FinetuneConfig, LMConfig, PretrainConfig
@@ -35,28 +38,51 @@ from .runs import RunStopped, one_line, received_signal, stop_on_signals
 
 
 class Job(NamedTuple):
-    """One `arc-encoder-train` subcommand: its config class and help; it runs ``arc_encoder_train.jobs.<name>``."""
+    """One `arc-encoder-train` subcommand; it runs ``arc_encoder_train.jobs.<name>`` (dashes as underscores)
+    with what its parser returns: its ``config`` dataclass (every field a --key, from YAML and the command
+    line), or, for a job that shares the library's argparse group (``arguments``), the parsed namespace."""
 
-    config: type
     help: str
+    config: type | None = None
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def cache_build_arguments(p: argparse.ArgumentParser) -> None:
+    """cache-build: the library's cache-build group (as `arc-encoder cache build`'s) and the trainer's settings."""
+    add_cache_build_arguments(p)
+    g = p.add_argument_group("Lightning")
+    g.add_argument("--model-dtype", choices=DTYPE_CHOICES, help="cast the model (e.g. bfloat16 on GPU)")
+    g.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+    g.add_argument("--devices", default="auto", help="number of devices or 'auto'")
+    g.add_argument("--strategy", default="auto", help="'ddp' for several GPUs")
 
 
 JOBS: dict[str, Job] = {
-    "pretrain": Job(PretrainConfig, "Pretrain encoder + projectors on raw text (reconstruction + continuation) "
-                    "against frozen decoders. With no arguments: the tiny CPU default on the bundled corpus."),
-    "adapt": Job(AdaptConfig, "Add a projector for a new frozen decoder to a trained checkpoint; the encoder "
-                 "stays frozen and only the projector + its special tokens train."),
-    "finetune": Job(FinetuneConfig, "Fine-tune on context + question -> answer (JSONL fields context, "
-                    "question, answer); loss on the answer only."),
-    "lm": Job(LMConfig, "Train a small plain causal LM + BPE tokenizer to use as a frozen decoder."),
+    "pretrain": Job("Pretrain encoder + projectors on raw text (reconstruction + continuation) against frozen "
+                    "decoders. With no arguments: the tiny CPU default on the bundled corpus.", PretrainConfig),
+    "adapt": Job("Add a projector for a new frozen decoder to a trained checkpoint; the encoder stays frozen and "
+                 "only the projector + its special tokens train.", AdaptConfig),
+    "finetune": Job("Fine-tune on context + question -> answer (JSONL fields context, question, answer); loss on "
+                    "the answer only.", FinetuneConfig),
+    "lm": Job("Train a small plain causal LM + BPE tokenizer to use as a frozen decoder.", LMConfig),
+    "cache-build": Job("Build a compressed RAG cache with Lightning Trainer.predict (DDP across GPUs; rank r writes "
+                       "shards k with k % world_size == r). Same files as `arc-encoder cache build`.",
+                       arguments=cache_build_arguments),
 }
 
 
 def run_job(job: str, cfg) -> str:
-    """Run ``job`` (`arc_encoder_train.jobs`) with its typed config; its summary line ('' off rank 0)."""
+    """Run ``job`` (`arc_encoder_train.jobs`) with its parsed config; its summary line ('' off rank 0)."""
     from . import jobs
 
     return getattr(jobs, job.replace("-", "_"))(cfg)
+
+
+def argparse_parser(job: str) -> argparse.ArgumentParser:
+    """The parser of a job that takes the library's argparse group (`Job.arguments`)."""
+    parser = argparse.ArgumentParser(prog=f"arc-encoder-train {job}", description=JOBS[job].help)
+    JOBS[job].arguments(parser)
+    return parser
 
 
 def add_job_arguments(parser, cls: type, skip: set[str]) -> None:
@@ -123,9 +149,13 @@ def build_parser():
         prog="arc-encoder-train", exit_on_error=False, formatter_class=formatter,
         description="Train ARC encoders and projectors (Lightning), configured by YAML (--config) and "
         "--key value overrides. `arc-encoder-train JOB --help` lists every key of JOB with its meaning and "
-        "default. `arc-encoder-train cache-build --help`: the cache build through Lightning, several GPUs.")
+        "default.")
     sub = parser.add_subcommands(dest="job")
-    for name, (cls, help_text) in JOBS.items():
+    for name, (help_text, cls, _) in JOBS.items():
+        if cls is None:  # listed here; parsed by its own argparse parser (`argparse_parser`)
+            sub.add_subcommand(name, ArgumentParser(prog=f"arc-encoder-train {name}", description=help_text),
+                               help=help_text)
+            continue
         p = ArgumentParser(prog=f"arc-encoder-train {name}", description=help_text, exit_on_error=False,
                            formatter_class=formatter,
                            usage=f"arc-encoder-train {name} [-h] [--config YAML] [--KEY VALUE ...]")
@@ -140,6 +170,8 @@ def parse(argv: list[str]) -> tuple[str, object]:
     """argv -> (job, typed config); unknown keys and bad values raise. Without --config a job runs its
     config's defaults (`pretrain`: the tiny CPU run). A default warm-up longer than the run is scaled
     down (`fit_warmup`); one the user set is kept (and refused later, naming both values)."""
+    if argv and argv[0] in JOBS and JOBS[argv[0]].config is None:
+        return argv[0], argparse_parser(argv[0]).parse_args(argv[1:])
     keys = user_keys(argv)  # also checks every --config file: one error line naming it
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -260,10 +292,6 @@ _PYTHON_SHOWWARNING = warnings.showwarning
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "cache-build":  # Lightning cache build: its own argparse CLI
-        from .cache_predict import main as cache_build
-
-        return cache_build(argv[1:], prog="arc-encoder-train cache-build")
     argv = argv or ["pretrain"]  # no arguments: the tiny CPU default
     try:
         with warnings.catch_warnings():

@@ -1,7 +1,7 @@
 """LightningDataModule over `datasets`: raw text -> per-decoder reconstruction/continuation batches.
 
-Sources: local text / JSON(L)(.gz) / parquet files (streamed with ``datasets``, never loaded
-whole), or a dataset saved with ``save_to_disk``. The default is the bundled pydoc_small
+Sources: local text / JSON(L)(.gz) / parquet files, or a dataset saved with ``save_to_disk``, read
+by the library's one corpus reader (``arc_encoder.corpus``: streamed, never loaded whole). The default is the bundled pydoc_small
 corpus (Python 3.11 docs, PSF license; see arc_encoder/resources/README.md).
 
 Global batch ``i`` of the training stream targets decoder ``decoders[i % n]`` and reconstructs
@@ -23,59 +23,21 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from arc_encoder.loading import quiet_datasets
+from arc_encoder.corpus import stream_records, stream_texts
 from arc_encoder.samples import Batch, Sample, Task, collate, decoder_prefix, is_reconstruction, qa_sample, split_windows, text_sample
 
 from .config import DataConfig
 
 
-def _builder(path: str) -> str:
-    name = path.lower().removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz")
-    if name.endswith((".json", ".jsonl")):
-        return "json"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".txt"):
-        return "text"
-    raise ValueError(f"{path}: unsupported data file type (use .txt, .json, .jsonl, .parquet, optionally .gz)")
-
-
 def iter_records(spec: DataConfig, split: str, epoch: int = 0, shuffle: bool = False) -> Iterator[dict]:
-    """Stream records of one split; shuffled with a bounded buffer (never loads a corpus whole)."""
-    import datasets
-
-    if spec.dataset_dir:
-        ds = datasets.load_from_disk(spec.dataset_dir)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{spec.dataset_dir}: no split {split!r}; it has {sorted(ds)}")
-            ds = ds[split]
-        ds = ds.to_iterable_dataset()
-    else:
-        files = spec.files(split)
-        builders = {_builder(f) for f in files}
-        if len(builders) != 1:
-            raise ValueError(f"{split} files mix types {sorted(builders)}; use one type per split")
-        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train", streaming=True)
-    if shuffle:
-        ds = ds.shuffle(seed=spec.seed + epoch, buffer_size=spec.shuffle_buffer)
-    # ``ds.iter`` rather than ``iter(ds)``: inside a DataLoader worker the latter hands each
-    # worker only some of the files (and shifts its shuffle seed); every loader process here
-    # must read the same whole stream and pick its own samples from it.
-    with quiet_datasets():  # a file it cannot parse is reported once, by our error (see probe)
-        for rows in ds.iter(batch_size=256):
-            columns = list(rows)
-            for i in range(len(rows[columns[0]]) if columns else 0):
-                yield {c: rows[c][i] for c in columns}
+    """Stream records of one split (the library's corpus reader); shuffled with a bounded buffer."""
+    files = [] if spec.dataset_dir else spec.files(split)
+    return stream_records(files, spec.dataset_dir, split, spec.seed + epoch if shuffle else None, spec.shuffle_buffer)
 
 
 def iter_texts(spec: DataConfig, split: str, epoch: int = 0, shuffle: bool = False) -> Iterator[str]:
-    for i, rec in enumerate(iter_records(spec, split, epoch, shuffle)):
-        if spec.text_field not in rec:
-            raise ValueError(f"{split} record {i} has no field {spec.text_field!r}; fields: {sorted(rec)}")
-        text = rec[spec.text_field]
-        if isinstance(text, str) and text.strip():
-            yield text
+    """The non-empty texts (field ``spec.text_field``) of one split."""
+    return stream_texts(iter_records(spec, split, epoch, shuffle), spec.text_field, f"{split} ")
 
 
 class TokenCache:

@@ -14,6 +14,7 @@ resume, fit, export, summary. The run directory's life (where, resume, lock, log
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -31,6 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from arc_encoder.arguments import cache_build_settings
 from arc_encoder.config import ARCConfig, torch_dtype
 from arc_encoder.decoders import record_decoder
 from arc_encoder.encoder import ARCEncoder
@@ -39,6 +41,7 @@ from arc_encoder.model import ARCModel
 from arc_encoder.samples import check_tokenizer_pair
 from arc_encoder.storage import atomic_write_bytes, atomic_write_text, check_apart, check_model_dir
 
+from .cache_predict import build_cache_lightning
 from .config import (
     BUILTIN_TINY,
     AdaptConfig,
@@ -461,3 +464,19 @@ def lm(cfg: LMConfig) -> str:
     return (f"lm done: {s['steps']} steps in {s['seconds']} s, {s['parameters']:,} parameters, loss "
             f"{s['loss_first']:.2f} -> {s['loss_last']:.2f}, global batch {s['global_batch']}; "
             f"saved: {cfg.lm.out_dir}/")
+
+
+def cache_build(args: argparse.Namespace) -> str:
+    """The cache build through Lightning ``Trainer.predict`` on several GPUs: the arguments of the library's
+    cache-build group (``arc_encoder.arguments.cache_build_settings``, as `arc-encoder cache build` reads them)
+    plus the trainer's; the same files as the single-process build."""
+    start = time.perf_counter()
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    writer = build_cache_lightning(**cache_build_settings(args), model_dtype=args.model_dtype,
+                                   trainer_kwargs={"accelerator": args.accelerator, "devices": devices,
+                                                   "strategy": args.strategy})
+    if writer.manifest is None:  # not global rank 0
+        return ""
+    m = writer.manifest
+    return (f"wrote {args.output}: {m['num_docs']} docs, {m['tokens']} tokens -> {m['vectors']} vectors in "
+            f"{m['num_shards']} shards ({time.perf_counter() - start:.1f} s)")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from arc_encoder.cache.build import read_corpus
+from arc_encoder.corpus import read_corpus
 from arc_encoder.decoders import load_frozen_decoder
 from arc_encoder.samples import split_windows, tokenizer_adds_bos
 

@@ -41,10 +41,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from arc_encoder import ARCConfig, ARCEncoder, ARCModel, EncoderConfig, freeze_decoder
-from arc_encoder.cache.build import DocumentStream, build_cache
+from arc_encoder.cache.build import build_cache
 from arc_encoder.cache.report import cache_report, kv_cache_bytes_per_token
 from arc_encoder.cache.retrieve import BM25Retriever
-from arc_encoder.cache.store import CompressedCache
+from arc_encoder.cache.reader import CompressedCache
+from arc_encoder.corpus import DocumentStream
 from arc_encoder.objectives import decoder_loss
 from arc_encoder.tiny import train_tokenizer
 
@@ -253,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                 full_ids += q_ids
 
                 def cached_ttft():
-                    return cache.generate(model, decoder, tokenizer, [question], [hits], max_new_tokens=1, do_sample=False)
+                    context = cache.context([hits], decoder.get_input_embeddings().weight.dtype)
+                    return model.generate(decoder, tokenizer, cache.decoder, context, [question], max_new_tokens=1,
+                                          do_sample=False)
 
                 def full_ttft():
                     ids = torch.tensor([full_ids], device=device)

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.time() - t_start
 
     from arc_encoder import ARCModel
-    from arc_encoder.cache.build import DocumentStream
+    from arc_encoder.corpus import DocumentStream
     from arc_encoder.info import InfoEvaluator, eval_batches
     from arc_encoder.decoders import compute_dtype, load_frozen_decoder
     from arc_encoder.storage import atomic_write_json

@@ -159,7 +159,7 @@ def cmd_one(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from arc_encoder.cache.build import read_corpus
+    from arc_encoder.corpus import read_corpus
     from arc_encoder.decoders import decoder_prefix_ids
     from arc_encoder.decoders import load_frozen_decoder
     from arc_encoder.probe import ProbeConfig, probe_decoder, text_windows

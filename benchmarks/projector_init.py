@@ -19,7 +19,7 @@ import time
 import torch
 
 from arc_encoder import ARCModel, EncoderConfig
-from arc_encoder.cache.build import read_corpus
+from arc_encoder.corpus import read_corpus
 from arc_encoder.config import ProjectorOptions
 from arc_encoder.info import eval_batches
 from arc_encoder.decoders import load_frozen_decoder

@@ -7,7 +7,7 @@ The first command launches the ranks the way `arc-encoder-train ... --trainer.de
 which then runs the same plan. Later commands reuse those two processes (the launcher's
 environment variables are set by then), so the heavy imports happen once per rank for the
 whole plan. Each command is the real entry point (`arc_encoder_train.cli.main` or
-`arc_encoder_train.cache_predict.main`) with its argv, or a copy made by rank 0. A plan entry
+`arc-encoder-train cache-build`) with its argv, or a copy made by rank 0. A plan entry
 may give rank 1 other argv (``argv_rank1``), make every rank's training crash just before
 global batch N (``crash_at_batch``: an interrupted run), and accept a failure (``expect_code``).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from arc_encoder_train import cache_predict, cli
+from arc_encoder_train import cli
 from arc_encoder_train.module import ARCTrainingModule
 
 def copy_on_rank_zero(argv: list[str]) -> int:
@@ -39,7 +39,7 @@ def copy_on_rank_zero(argv: list[str]) -> int:
     return 0
 
 
-ENTRIES = {"train": cli.main, "cache": cache_predict.main, "copy": copy_on_rank_zero}
+ENTRIES = {"train": cli.main, "copy": copy_on_rank_zero}
 
 
 def main() -> int:

@@ -6,10 +6,12 @@ import json
 import pytest
 import torch
 
-from arc_encoder.cache.build import DocumentStream, build_cache
+from arc_encoder.cache.build import build_cache
 from arc_encoder.cache.report import cache_report, kv_cache_bytes_per_token
 from arc_encoder.cache.retrieve import BM25Retriever
-from arc_encoder.cache.store import CompressedCache, dequantize_int8, quantize_int8, shard_name, verify_cache
+from arc_encoder.cache.format import dequantize_int8, quantize_int8, shard_name, verify_cache
+from arc_encoder.cache.reader import CompressedCache
+from arc_encoder.corpus import DocumentStream
 from arc_encoder.cli.main import main
 from arc_encoder.objectives import decoder_loss
 from arc_encoder.model import ARCModel
@@ -247,7 +249,8 @@ def test_cli_build_info_verify_query(setup, tmp_path, capsys):
     assert lines[1].startswith("note         only 1 of the top 2 documents share a word with the question")
     # The CLI answer is the decoder's greedy output on [BOS][doc vectors][marker][question].
     cache = CompressedCache(out)
-    expect = cache.generate(model, decoder, tok, [question], [["doc-3"]], max_new_tokens=5, do_sample=False)
+    expect = model.generate(decoder, tok, cache.decoder, cache.context([["doc-3"]]), [question], max_new_tokens=5,
+                            do_sample=False)
     from arc_encoder.cli.cache import format_answer
 
     assert lines[2] == format_answer(expect[0]) and lines[2].startswith("answer       ")

@@ -8,7 +8,7 @@ import torch
 from arc_encoder.adaptive import AdaptivePooling
 from arc_encoder.cache.build import build_cache
 from arc_encoder.cache.report import cache_report
-from arc_encoder.cache.store import CompressedCache
+from arc_encoder.cache.reader import CompressedCache
 from arc_encoder.cli.main import main
 from arc_encoder_train.cache_predict import build_cache_lightning
 from conftest import TEXT, make_model

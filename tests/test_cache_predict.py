@@ -5,8 +5,10 @@ import json
 import pytest
 
 from arc_encoder.cache.build import build_cache
-from arc_encoder.cache.store import CompressedCache, shard_name
-from arc_encoder_train.cache_predict import build_cache_lightning, main
+from arc_encoder.cache.format import shard_name
+from arc_encoder.cache.reader import CompressedCache
+from arc_encoder_train.cache_predict import build_cache_lightning
+from arc_encoder_train.cli import main as train_main
 from conftest import TEXT, make_model
 
 WORDS = TEXT.split()
@@ -56,13 +58,12 @@ def test_lightning_resume_after_lost_shard(setup, tmp_path, capsys):
     writer = build_cache_lightning(ckpt, "dec", corpus, tmp_path / "pl", resume=True, trainer_kwargs=TRAINER, **kw)
     assert writer.written == [1]
     assert files_of(tmp_path / "pl") == files_of(tmp_path / "ref")
-    assert main([str(ckpt), "--decoder", "dec", "--corpus", str(corpus), "--output", str(tmp_path / "pl")]) == 2
-    assert capsys.readouterr().err.startswith("python -m arc_encoder_train.cache_predict: error: ")
+    argv = ["cache-build", str(ckpt), "--decoder", "dec", "--corpus", str(corpus), "--output", str(tmp_path / "pl")]
+    assert train_main(argv) == 2
+    assert capsys.readouterr().err.startswith("arc-encoder-train cache-build: error: ")
 
 
 def test_train_cli_exposes_cache_build(capsys):
-    from arc_encoder_train.cli import main as train_main
-
     with pytest.raises(SystemExit) as e:
         train_main(["cache-build", "--help"])
     assert e.value.code == 0

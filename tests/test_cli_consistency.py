@@ -145,9 +145,9 @@ def test_plan_defaults_to_the_installed_curves(capsys):
 
 
 def test_cache_predict_help_prints_what_it_means(capsys):
-    from arc_encoder_train.cache_predict import main as cache_predict
+    from arc_encoder_train.cli import main
 
     with pytest.raises(SystemExit):
-        cache_predict(["--help"])
+        main(["cache-build", "--help"])
     out = capsys.readouterr().out
     assert "k % world_size == r" in out and "%%" not in out

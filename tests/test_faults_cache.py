@@ -13,17 +13,9 @@ import threading
 import pytest
 import torch
 
-from arc_encoder.cache.build import build_cache, finalize_cache, prepare_build
-from arc_encoder.cache.store import (
-    CACHE_MANIFEST,
-    INDEX_NAME,
-    CacheBuildConfig,
-    CompressedCache,
-    cache_lock,
-    shard_name,
-    sidecar_name,
-    verify_cache,
-)
+from arc_encoder.cache.build import CacheBuild, build_cache
+from arc_encoder.cache.format import CACHE_MANIFEST, INDEX_NAME, cache_lock, shard_name, sidecar_name, verify_cache
+from arc_encoder.cache.reader import CompressedCache
 from arc_encoder.cli.main import main
 from arc_encoder.storage import sha256_file
 from test_cache import make_docs, setup, write_jsonl  # noqa: F401 - setup is the module fixture
@@ -113,12 +105,11 @@ def test_finalize_refuses_a_shard_written_by_another_build(setup, tmp_path):
     _, model, _, _, ckpt, corpus = setup
     out = tmp_path / "c"
     build_cache(ckpt, "dec", corpus, out, model=model, **KW)
-    build = CacheBuildConfig.for_checkpoint(ckpt, "dec", corpus, docs_per_shard=4, batch_size=3)
-    stream, todo = prepare_build(out, build, resume=True)
-    assert todo == []
+    build = CacheBuild.for_checkpoint(ckpt, "dec", corpus, out, docs_per_shard=4, batch_size=3)
+    assert build.open(resume=True) == []
     edit_json(out / sidecar_name(1), lambda d: d.update(build_sha256="0" * 64))
     with pytest.raises(ValueError, match=r"shard-00001.json: written by another build"):
-        finalize_cache(out, build, stream)
+        build.finalize()
 
 
 # ---------------------------------------------------------------------------- item 9: inconsistent caches

@@ -214,7 +214,7 @@ def test_a_checkpoint_without_a_decoder_identity_loads_with_a_warning(with_decod
 # ---------------------------------------------------------------------------- item 12: reproducible bytes, umask
 def test_saving_twice_gives_identical_bytes_and_the_cache_keeps_accepting_it(saved, tmp_path):
     from arc_encoder.cache.build import build_cache
-    from arc_encoder.cache.store import CompressedCache
+    from arc_encoder.cache.reader import CompressedCache
 
     model, path = saved
     for i in range(3):

@@ -286,7 +286,8 @@ def test_every_field_of_the_cache_files_is_type_checked(cache, project, tmp_path
     from arc_encoder import ARCModel
     from arc_encoder.cache.build import build_cache
     from arc_encoder.cache.report import cache_report
-    from arc_encoder.cache.store import CompressedCache, verify_cache
+    from arc_encoder.cache.format import verify_cache
+    from arc_encoder.cache.reader import CompressedCache
     from arc_encoder.storage import sha256_file
 
     model = ARCModel.from_pretrained(project / "ck")

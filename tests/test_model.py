@@ -240,7 +240,7 @@ def test_cached_documents_get_a_marker_each_as_when_compressed_directly(tmp_path
     import json
 
     from arc_encoder.cache.build import build_cache
-    from arc_encoder.cache.store import CompressedCache
+    from arc_encoder.cache.reader import CompressedCache
 
     model, decoder = make_model(tokenizer=tokenizer, vocab_size=len(tokenizer), dec_vocab=len(tokenizer), chunk_len=16)
     _distinct_markers(model)

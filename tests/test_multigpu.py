@@ -118,7 +118,7 @@ def runs(setup, tmp_path_factory):
       ddp          pretrain for 4 steps, 2 decoders, 2 loader workers per rank, crashing on both
                    ranks before step 3 (after the step-2 checkpoint), which is then copied
       ddp-resume   --run.resume from that checkpoint to step 4, validation
-      cache        python -m arc_encoder_train.cache_predict --devices 2 --strategy ddp
+      cache        arc-encoder-train cache-build --devices 2 --strategy ddp
       fail         pretrain whose training file is missing on rank 1 only
     """
     tmp = tmp_path_factory.mktemp("multigpu")
@@ -137,7 +137,7 @@ def runs(setup, tmp_path_factory):
     train = ["pretrain", "--config", str(tmp / "base.yaml")]
     fsdp = [*train, "--trainer.strategy", "fsdp", "--run.name", "fsdp", "--encoder_build.gradient_checkpointing", "true",
             "--data.num_workers", "0", "--trainer.checkpoint_every_n_steps", "1", "--trainer.val_check_interval", "2"]
-    cache = [str(cache_ckpt), "--decoder", "dec", "--corpus", str(tmp / "docs.jsonl"), "--docs-per-shard", "2",
+    cache = ["cache-build", str(cache_ckpt), "--decoder", "dec", "--corpus", str(tmp / "docs.jsonl"), "--docs-per-shard", "2",
              "--batch-size", "3", "--dtype", "bfloat16", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     plan = {"out": str(tmp), "jobs": [
         {"name": "fsdp", "entry": "train", "argv": [*fsdp, "--trainer.max_steps", "1"]},
@@ -145,7 +145,7 @@ def runs(setup, tmp_path_factory):
         {"name": "ddp", "entry": "train", "argv": train, "crash_at_batch": 2, "expect_code": 2},
         {"name": "keep", "entry": "copy", "argv": [str(tmp / "runs/ddp"), str(tmp / "runs/ddp-step2")]},
         {"name": "ddp-resume", "entry": "train", "argv": [*train, "--run.resume", "true"]},
-        {"name": "cache", "entry": "cache", "argv": [*cache, "--output", str(tmp / "cache_ddp")]},
+        {"name": "cache", "entry": "train", "argv": [*cache, "--output", str(tmp / "cache_ddp")]},
         {"name": "fail", "entry": "train", "argv": [*train, "--run.name", "fail"],
          "argv_rank1": [*train, "--run.name", "fail", "--data.train_files", f"[{tmp / 'missing.jsonl'}]"]},
     ]}
@@ -272,7 +272,7 @@ def test_fsdp_trains_saves_resumes_and_exports(runs):
 
 
 def test_two_rank_cache_build_is_byte_identical(runs):
-    """Test 5: python -m arc_encoder_train.cache_predict on 2 ranks writes the single-process files."""
+    """Test 5: arc-encoder-train cache-build on 2 ranks writes the single-process files."""
     _job(runs, "cache")
     got, want = files_of(runs["tmp"] / "cache_ddp"), files_of(runs["tmp"] / "cache_one")
     assert len(got) == 3 + 3 * 5 and got == want

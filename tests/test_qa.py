@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from arc_encoder import ARCConfig, ARCModel, freeze_decoder
-from arc_encoder.cache.build import read_corpus
+from arc_encoder.corpus import read_corpus
 from arc_encoder.cli.main import main
 from arc_encoder.qa import (
     EXAMPLE,

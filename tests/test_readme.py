@@ -143,10 +143,6 @@ def run_command(argv: list[str]) -> None:
 
         if "--help" not in args and args and args[0] in ("pretrain", "adapt", "finetune", "lm"):
             args = args + SHORT_TRAINING
-    elif argv[:3] == ["python", "-m", "arc_encoder_train.cache_predict"]:
-        from arc_encoder_train.cache_predict import main
-
-        args = argv[3:]
     else:
         raise AssertionError(f"README runs {argv[0]!r}: teach tests/test_readme.py to run it, or mark its block")
     try:

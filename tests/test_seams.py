@@ -34,7 +34,7 @@ def test_the_layout_is_a_pure_function_handed_the_marker():
 
 def test_one_context_length_limit(tokenizer, tmp_path):
     from arc_encoder.cache.build import check_document_lengths, tokenize_documents
-    from arc_encoder.cache.build import DocumentStream
+    from arc_encoder.corpus import DocumentStream
 
     model, _ = make_model(tokenizer=tokenizer, vocab_size=len(tokenizer), chunk_len=4, max_chunks=2)
     text = "one two three four five six seven eight nine ten eleven twelve"
@@ -72,3 +72,52 @@ def test_decoder_identity_lives_in_an_explicit_cache():
     assert sha == model.projector("dec").config.decoder_sha256 == decoders.decoder_identity(decoder)
     # The identity is the embedding table's, whatever object holds it.
     assert sha == embedding_sha256(decoder.get_input_embeddings().weight.detach())
+
+
+def test_one_corpus_reader_for_commands_and_training(tmp_path):
+    import gzip
+    import json
+
+    from arc_encoder.corpus import file_format, read_corpus
+    from arc_encoder_train.config import DataConfig
+    from arc_encoder_train.data import iter_texts
+
+    rows = [{"id": "a", "text": "First document."}, {"id": "b", "text": "  "}, {"id": "c", "text": "Third one."}]
+    path = tmp_path / "docs.JSONL.gz"  # the suffix rule is one, case-insensitive, through the compression
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert file_format(path) == "json"
+    ids, texts = read_corpus(path)
+    assert ids == ["a", "b", "c"] and texts == [r["text"] for r in rows]
+    spec = DataConfig(train_files=[str(path)], validation_files=[str(path)])
+    assert list(iter_texts(spec, "train")) == [t for t in texts if t.strip()]
+    with pytest.raises(ValueError, match=r"corpus .*x.csv: cannot tell the format from '.csv'"):
+        file_format(tmp_path / "x.csv")
+
+
+def test_one_cache_build_argument_group():
+    """`arc-encoder cache build` and `arc-encoder-train cache-build` take the library's one group; each
+    adds only where it runs (a device; Lightning's trainer settings)."""
+    import argparse
+
+    from arc_encoder.arguments import add_cache_build_arguments
+    from arc_encoder.cli.main import build_parser
+    from arc_encoder_train.cli import argparse_parser
+
+    group = argparse.ArgumentParser()
+    add_cache_build_arguments(group)
+    shared = {a.dest for a in group._actions} - {"help"}
+    one = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["cache"]
+           ._subparsers._group_actions[0].choices["build"]._actions} - {"help", "func"}
+    many = {a.dest for a in argparse_parser("cache-build")._actions} - {"help"}
+    assert one - shared == {"device"}
+    assert many - shared == {"model_dtype", "accelerator", "devices", "strategy"}
+    assert shared <= one and shared <= many
+
+
+def test_a_cache_is_read_without_a_model_and_answered_by_one():
+    from arc_encoder.cache import format as cache_format
+    from arc_encoder.cache.reader import CompressedCache
+
+    assert not hasattr(CompressedCache, "generate")  # callers call model.generate(..., cache.context(...), ...)
+    assert not any(name == "ARCModel" for name in vars(cache_format))

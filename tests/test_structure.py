@@ -95,10 +95,13 @@ def test_no_import_cycle_in_arc_encoder():
     assert "arc_encoder.checkpoint" in graph["arc_encoder.model"]  # the walk sees lazy and `from . import` edges
     assert "arc_encoder.cli.cache" in graph["arc_encoder.cli.main"]
     assert find_cycle(graph) is None, find_cycle(graph)
-    # The checkpoint layout knows files, not models; helpers shared by commands import no command.
+    # The checkpoint layout and the cache format know files, not models; the layout and the token
+    # scoring know no model either; the argument groups both command lines share import no command.
     assert graph["arc_encoder.checkpoint"] <= {"arc_encoder.config", "arc_encoder.storage"}
-    commands = {f"arc_encoder.cli.{c}" for c in ("main", "cache", "eval", "plan")}
-    assert not graph["arc_encoder.cli.common"] & commands
+    for files_only in ("arc_encoder.checkpoint", "arc_encoder.cache.format", "arc_encoder.cache.reader",
+                       "arc_encoder.layout", "arc_encoder.objectives", "arc_encoder.chunking", "arc_encoder.corpus"):
+        assert "arc_encoder.model" not in graph[files_only], files_only
+    assert "arc_encoder.model" in graph["arc_encoder.metrics"]  # validation metrics stand above the model
     # Library modules never import the command line (the reverse direction only).
     for name, deps in graph.items():
         if not name.startswith("arc_encoder.cli"):
@@ -110,6 +113,15 @@ def test_no_import_cycle_in_the_training_package():
     assert find_cycle(graph) is None, find_cycle(graph)
     assert not any(d.startswith("arc_encoder_train") for name, deps in graph.items()
                    if name.startswith("arc_encoder.") or name == "arc_encoder" for d in deps)
+
+
+def test_the_training_package_never_imports_the_library_command_line():
+    """`arc-encoder-train` shares argument groups with `arc-encoder` through the library
+    (``arc_encoder.arguments``), never through ``arc_encoder.cli``: no exceptions."""
+    graph = import_graph(LIB, TRAIN)
+    for name, deps in graph.items():
+        if name.startswith("arc_encoder_train"):
+            assert not {d for d in deps if d == "arc_encoder.cli" or d.startswith("arc_encoder.cli.")}, name
 
 
 # ---------------------------------------------------------------------------- training config
@@ -286,9 +298,9 @@ def test_lm_schedule():
 
 
 def test_one_adaptive_argument_group():
-    from arc_encoder.cli.common import adaptive_policies, adaptive_policy
+    from arc_encoder.arguments import adaptive_policies, adaptive_policy
     from arc_encoder.cli.main import build_parser
-    from arc_encoder_train.cache_predict import build_parser as gpu_parser
+    from arc_encoder_train.cli import argparse_parser
 
     parser = build_parser()
     head = {"compress": ["compress", "c", "--decoder", "d", "--text", "t", "--output", "o"],
@@ -296,7 +308,8 @@ def test_one_adaptive_argument_group():
             "eval info": ["eval", "info", "c", "--decoder", "d", "--data", "x"]}
     keys = ("adaptive", "adaptive_factors", "adaptive_target", "adaptive_strength")
     parsed = {k: parser.parse_args(v) for k, v in head.items()}
-    parsed["cache-build (GPU)"] = gpu_parser().parse_args(["c", "--decoder", "d", "--corpus", "x", "--output", "o"])
+    parsed["cache-build (GPU)"] = argparse_parser("cache-build").parse_args(["c", "--decoder", "d", "--corpus", "x",
+                                                                              "--output", "o"])
     defaults = {k: tuple(getattr(ns, key) for key in keys) for k, ns in parsed.items()}
     assert len(set(defaults.values())) == 1, defaults  # same shape and defaults everywhere
     for k, v in head.items():

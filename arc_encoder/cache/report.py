@@ -14,7 +14,7 @@ from typing import Any
 
 from ..decoders import attention_windows
 from ..storage import PathLike
-from .store import _ELEMENT_BYTES, read_cache_manifest
+from .format import _ELEMENT_BYTES, read_cache_manifest
 
 
 def kv_bytes_per_layer_position(decoder_config, dtype_bytes: int = 2) -> int:

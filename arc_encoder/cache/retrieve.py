@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .store import CompressedCache
+from .reader import CompressedCache
 
 _WORD = re.compile(r"\w+")
 

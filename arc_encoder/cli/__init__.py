@@ -1,5 +1,5 @@
-"""`arc-encoder` command line: ``main`` (entry point), ``cache``, ``eval``, ``plan`` and ``common``
-(device, dtype, decoder and adaptive-pooling arguments shared by every command).
+"""`arc-encoder` command line: ``main`` (entry point), ``cache``, ``eval``, ``plan``, ``probe`` and
+``convert``. The argument groups they share with `arc-encoder-train` are ``arc_encoder.arguments``.
 
-Nothing is imported here, so a helper can import ``arc_encoder.cli.common`` alone.
+Nothing is imported here, so one command's module can be imported alone.
 """

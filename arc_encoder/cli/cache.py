@@ -1,41 +1,29 @@
 """`arc-encoder cache build|info|verify|query`: the compressed RAG cache from the command line.
 
-Multi-GPU builds: `python -m arc_encoder_train.cache_predict` (Lightning, same files).
+Multi-GPU builds: `arc-encoder-train cache-build` (Lightning, the same arguments and files).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import get_args
 
-from ..cache.names import CorpusFormat, StorageDtype
-from .common import (
-    add_adaptive_args,
+from ..arguments import (
     add_allow_other_decoder_arg,
+    add_cache_build_arguments,
     add_device_arg,
-    adaptive_policy,
-    checkpoint_inputs,
-    output_dir,
+    cache_build_settings,
     positive_int,
     report_problems,
     resolve_device,
 )
-from .probe import positive_int
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     from ..cache.build import build_cache
-    from ..checkpoint import read_config
 
-    output_dir(args.output, "--output",
-               {"--corpus file": args.corpus, **checkpoint_inputs(args.checkpoint, args.decoder)})
-    result = build_cache(
-        args.checkpoint, args.decoder, args.corpus, args.output, dtype=args.dtype,
-        docs_per_shard=args.docs_per_shard, batch_size=args.batch_size, dedupe=args.dedupe,
-        corpus_format=args.format, resume=args.resume, device=resolve_device(args.device),
-        adaptive=adaptive_policy(args, read_config(args.checkpoint).encoder),
-    )
+    settings = cache_build_settings(args)  # bad arguments fail before anything loads
+    result = build_cache(**settings, device=resolve_device(args.device))
     m = result.manifest
     docs_done = sum(min(m["docs_per_shard"], m["num_docs"] - k * m["docs_per_shard"]) for k in result.shards_written)
     rate = docs_done / result.seconds if result.seconds > 0 else float("nan")
@@ -87,15 +75,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ..cache.store import verify_cache
+    from ..cache.format import verify_cache
 
     return report_problems(verify_cache(args.cache, args.checkpoint),
                            f"{args.cache}: every shard and index file matches the manifest")
 
 
 def cmd_query(args: argparse.Namespace) -> None:
+    from ..cache.format import read_cache_manifest
+    from ..cache.reader import CompressedCache
     from ..cache.retrieve import BM25Retriever, bm25_tokens
-    from ..cache.store import CompressedCache, read_cache_manifest
     from ..model import ARCModel
 
     manifest = read_cache_manifest(args.cache)
@@ -128,7 +117,8 @@ def cmd_query(args: argparse.Namespace) -> None:
     model = ARCModel.from_pretrained(checkpoint, decoders=[cache.decoder], device=device).eval()
     decoder, tokenizer, _ = model.load_decoder(cache.decoder, args.decoder_path, device,
                                                allow_other_decoder=args.allow_other_decoder)
-    answer = cache.generate(model, decoder, tokenizer, [args.question], [doc_ids],
+    context = cache.context([doc_ids], decoder.get_input_embeddings().weight.dtype)
+    answer = model.generate(decoder, tokenizer, cache.decoder, context, [args.question],
                             max_new_tokens=args.max_new_tokens, do_sample=False)
     print(format_answer(answer[0]))
 
@@ -149,20 +139,9 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
                              description="Documents are read in corpus order; empty ones are skipped and "
                              "counted; shard k holds documents [k*S, (k+1)*S). An interrupted build "
                              "continues with --resume, redoing only incomplete shards. Multi-GPU: "
-                             "python -m arc_encoder_train.cache_predict.")
-    b.add_argument("checkpoint", help="arc-encoder checkpoint directory")
-    b.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
-    b.add_argument("--corpus", required=True, help="JSONL/JSON, parquet or .txt (fields id, text; .txt: one doc per line)")
-    b.add_argument("--format", choices=get_args(CorpusFormat), default="auto", help="corpus format (default: from the suffix)")
-    b.add_argument("--output", required=True, help="cache directory to create")
-    b.add_argument("--dtype", choices=get_args(StorageDtype), default="float16",
-                   help="storage: float16/bfloat16/float32, or int8 with one absmax scale per vector")
-    b.add_argument("--docs-per-shard", type=positive_int, default=256, help="documents per shard file (the unit of resuming; default 256)")
-    b.add_argument("--batch-size", type=positive_int, default=8, help="documents compressed together")
-    b.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
-    b.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
+                             "arc-encoder-train cache-build (the same arguments and files).")
+    add_cache_build_arguments(b)
     add_device_arg(b)
-    add_adaptive_args(b)
     b.set_defaults(func=cmd_build)
 
     i = cache_sub.add_parser("info", help="sizes: bytes per token vs the decoder's KV cache and raw text")

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..config import torch_dtype
-from .common import DTYPE_CHOICES, output_dir
+from ..arguments import DTYPE_CHOICES, output_dir
 
 
 def decoder_specs(values: list[str] | None) -> list:

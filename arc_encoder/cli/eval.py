@@ -16,8 +16,8 @@ import textwrap
 from pathlib import Path
 from typing import get_args
 
-from ..cache.names import CorpusFormat
-from .common import (
+from ..corpus import CorpusFormat
+from ..arguments import (
     add_adaptive_args,
     add_allow_other_decoder_arg,
     add_device_arg,
@@ -38,7 +38,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..adaptive import chunk_scorer, plan_pooling
-    from ..cache.build import DocumentStream
+    from ..corpus import DocumentStream
     from ..info import InfoEvaluator, chunk_len_override, eval_batches
     from ..model import ARCModel
     from ..decoders import compute_dtype
@@ -199,7 +199,7 @@ def load_tokenizer(path: str, flag: str = "--tokenizer"):
 
 
 def cmd_make_qa(args: argparse.Namespace) -> int:
-    from ..cache.build import read_corpus
+    from ..corpus import read_corpus
     from ..qa import make_qa_rows, read_qa_rows, write_qa_rows
 
     output_file(args.output, "OUTPUT")

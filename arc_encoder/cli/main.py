@@ -12,9 +12,9 @@ import warnings
 from pathlib import Path
 from typing import get_args
 
-from ..cache.names import CorpusFormat
+from ..corpus import CorpusFormat
 from ..config import ArcEncoderWarning, torch_dtype
-from .common import (
+from ..arguments import (
     DTYPE_CHOICES,
     add_adaptive_args,
     add_allow_other_decoder_arg,
@@ -35,7 +35,7 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], int]:
     and how many empty ones were skipped."""
     if args.text:
         return list(args.text), 0
-    from ..cache.build import read_corpus
+    from ..corpus import read_corpus
 
     _, texts = read_corpus(args.input, args.format)
     for row, text in enumerate(texts, 1):

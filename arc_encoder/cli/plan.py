@@ -16,7 +16,7 @@ from typing import get_args
 from ..planner.flops import ModelShape, QueryMode
 from ..planner.plan import METRICS, QUALITY_BENCHMARK, Budget, Candidate, Plan, Query, Shapes, make_plan
 from ..planner.plan import check_speed_model, load_quality_curve, load_speed_curve, summarise_check
-from .common import output_file, pyplot
+from ..arguments import output_file, pyplot
 
 
 def packaged_curves() -> Path:

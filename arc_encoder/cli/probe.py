@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from ..cache.names import CorpusFormat
-from .common import add_device_arg, output_file, positive_int, resolve_device
+from ..corpus import CorpusFormat
+from ..arguments import add_device_arg, output_file, positive_int, resolve_device
 
 
 def peak_rss_mib() -> float | None:
@@ -34,7 +34,7 @@ def peak_rss_mib() -> float | None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ..cache.build import read_corpus
+    from ..corpus import read_corpus
     from ..decoders import compute_dtype, load_frozen_decoder
     from ..probe import ProbeConfig, probe_texts
     from ..storage import atomic_write_json, check_model_dir

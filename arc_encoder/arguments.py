@@ -1,10 +1,14 @@
-"""Arguments every `arc-encoder` command shares: device, dtype, integer lists, the one
-`--adaptive` group, and the FAIL/OK report. Also used by `arc-encoder-train cache-build`.
+"""The argument groups and argument checks that both command lines share (argparse, torch-free).
 
-This module imports no command (``main``, ``cache``, ``eval``, ``plan``), so any of them, and
-the training package, can use it without import cycles. It imports torch and the adaptive
-module only inside the functions that need them: building the parser (``arc-encoder --help``)
-stays fast.
+`arc-encoder` (``arc_encoder.cli``) and `arc-encoder-train` (``arc_encoder_train.cli``) take some
+arguments the same way: the cache build's (`add_cache_build_arguments`, read back by
+`cache_build_settings`: one group for `arc-encoder cache build` and `arc-encoder-train cache-build`),
+the one `--adaptive` group, device and dtype choices, and output paths that never replace an input.
+They live in the library, below both command lines, so that the training package never imports
+``arc_encoder.cli``. Also the FAIL/OK report and small argparse types.
+
+torch and the adaptive module are imported only inside the functions that need them: building a
+parser (``arc-encoder --help``) stays fast.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from ..config import DtypeName
-from ..storage import check_apart
+from .cache.names import StorageDtype
+from .config import DtypeName
+from .corpus import CorpusFormat
+from .storage import check_apart
 
 if TYPE_CHECKING:
-    from ..adaptive import AdaptivePooling
-    from ..config import EncoderConfig
+    from .adaptive import AdaptivePooling
+    from .config import ARCConfig, EncoderConfig
 
 DTYPE_CHOICES = sorted(get_args(DtypeName))
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -93,14 +99,17 @@ def output_dir(path: str, flag: str = "--output", inputs: Mapping[str, str | Non
     return path
 
 
-def checkpoint_inputs(checkpoint: str, decoder: str | None = None, decoder_path: str | None = None) -> dict:
+def checkpoint_inputs(checkpoint: str, decoder: str | None = None, decoder_path: str | None = None,
+                      config: ARCConfig | None = None) -> dict:
     """A command's model inputs ({what: path}) that no output may replace: the checkpoint and the
-    decoder, given or recorded (`output_file`)."""
+    decoder, given or recorded (`output_file`; ``config``: the checkpoint's, when already read)."""
     inputs = {"checkpoint": checkpoint, "decoder": decoder_path}
     if decoder:
-        from ..checkpoint import read_config
+        if config is None:
+            from .checkpoint import read_config
 
-        projector = read_config(checkpoint).projectors.get(decoder)
+            config = read_config(checkpoint)
+        projector = config.projectors.get(decoder)
         if projector is not None and projector.decoder:
             inputs["decoder recorded in the checkpoint"] = projector.decoder
     return inputs
@@ -130,7 +139,7 @@ def int_list(text: str) -> list[int]:
 
 def density_list(text: str) -> list[str]:
     """'zlib' or 'zlib,decoder_nll' -> the chunk scores named (an argparse type)."""
-    from ..adaptive import Density
+    from .adaptive import Density
 
     allowed = get_args(Density)
     values = [x.strip() for x in text.split(",") if x.strip()]
@@ -159,7 +168,7 @@ def adaptive_policies(args: argparse.Namespace, encoder: EncoderConfig) -> list[
     """One AdaptivePooling per density named by --adaptive (none without it); defaults from ``encoder``."""
     if not args.adaptive:
         return []
-    from ..adaptive import AdaptivePooling
+    from .adaptive import AdaptivePooling
 
     factors = tuple(args.adaptive_factors or encoder.trained_pooling_factors)
     if len(set(factors)) < 2:  # one factor: every chunk would get it, a silent fixed pooling
@@ -177,6 +186,41 @@ def adaptive_policy(args: argparse.Namespace, encoder: EncoderConfig) -> Adaptiv
     if len(policies) > 1:
         raise ValueError(f"--adaptive {','.join(args.adaptive)}: this command takes one density")
     return policies[0] if policies else None
+
+
+def add_cache_build_arguments(p: argparse.ArgumentParser) -> None:
+    """The cache build's arguments: `arc-encoder cache build` (one process) and `arc-encoder-train
+    cache-build` (Lightning, several GPUs) add this one group; `cache_build_settings` reads it back."""
+    p.add_argument("checkpoint", help="arc-encoder checkpoint directory")
+    p.add_argument("--decoder", required=True, help="projector name (see `arc-encoder info`)")
+    p.add_argument("--corpus", required=True,
+                   help="JSONL/JSON, parquet or .txt (fields id, text; .txt: one doc per line)")
+    p.add_argument("--format", choices=get_args(CorpusFormat), default="auto",
+                   help="corpus format (default: from the suffix)")
+    p.add_argument("--output", required=True, help="cache directory to create")
+    p.add_argument("--dtype", choices=get_args(StorageDtype), default="float16",
+                   help="storage: float16/bfloat16/float32, or int8 with one absmax scale per vector")
+    p.add_argument("--docs-per-shard", type=positive_int, default=256,
+                   help="documents per shard file (the unit of resuming; default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="documents compressed together")
+    p.add_argument("--dedupe", action="store_true", help="keep the first of duplicate ids instead of failing")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted build in OUTPUT")
+    add_adaptive_args(p)
+
+
+def cache_build_settings(args: argparse.Namespace) -> dict:
+    """The cache build that `add_cache_build_arguments`' arguments ask for, checked before anything loads:
+    the output apart from every input, the checkpoint's config read once, the adaptive policy. The keys
+    are ``arc_encoder.cache.build.build_cache``'s (and the Lightning build's) arguments."""
+    from .checkpoint import read_config
+
+    config = read_config(args.checkpoint)
+    output_dir(args.output, "--output",
+               {"--corpus file": args.corpus, **checkpoint_inputs(args.checkpoint, args.decoder, config=config)})
+    return dict(checkpoint=args.checkpoint, decoder=args.decoder, corpus=args.corpus, output=args.output,
+                dtype=args.dtype, docs_per_shard=args.docs_per_shard, batch_size=args.batch_size,
+                dedupe=args.dedupe, corpus_format=args.format, resume=args.resume,
+                adaptive=adaptive_policy(args, config.encoder), config=config)
 
 
 def pyplot(flag: str = "--plot"):

@@ -1,10 +1,12 @@
-"""The cache on disk: format names, build config, shard writes, verification and lazy loading.
+"""The cache on disk: file names, the build config, shard writes, the build lock, verification.
 
 A cache is the projector output for every document, stored in sharded safetensors (format
 in ``arc_encoder/CACHE_FORMAT.md``). Every file is written atomically; a shard's sidecar JSON
-is written last and marks it done. Loading memory-maps shards with ``safetensors.safe_open``
-and checks each shard's sha256 the first time it is touched, and refuses a cache built with
-another checkpoint or decoder. Building lives in ``arc_encoder.cache.build``.
+is written last and marks it done (`write_shard`); `finalize` merges the sidecars into the index
+and writes the manifest last. Every JSON file is checked field by field when read, and
+`verify_cache` checks every file against the manifest. This module knows files and tensors,
+never the model: building (``arc_encoder.cache.build``) and reading (``arc_encoder.cache.reader``)
+stand on it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,10 +26,8 @@ import torch
 from ..adaptive import AdaptivePooling
 from ..checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from ..checkpoint import read_config
-from ..config import dataclass_from_dict, torch_dtype
-from ..model import ARCModel
-from ..layout import CompressedContext
-from .names import CorpusFormat, StorageDtype
+from ..config import ARCConfig, dataclass_from_dict, torch_dtype
+from ..corpus import CorpusFormat, DocumentStream
 from ..storage import (
     DirectoryLock,
     PathLike,
@@ -40,6 +39,7 @@ from ..storage import (
     read_json_file,
     sha256_file,
 )
+from .names import StorageDtype
 
 CACHE_FORMAT_VERSION = 1
 CACHE_MANIFEST = "cache_manifest.json"
@@ -155,10 +155,12 @@ class CacheBuildConfig:
 
     @classmethod
     def for_checkpoint(
-        cls, checkpoint: PathLike, decoder: str, corpus: PathLike, adaptive: AdaptivePooling | None = None, **kwargs
+        cls, checkpoint: PathLike, decoder: str, corpus: PathLike, adaptive: AdaptivePooling | None = None,
+        config: ARCConfig | None = None, **kwargs
     ) -> CacheBuildConfig:
-        """Fill the checkpoint-derived fields (hash, decoder path and width, chunking)."""
-        config = read_config(checkpoint)
+        """Fill the checkpoint-derived fields (hash, decoder path and width, chunking) from the checkpoint's
+        config (``config``: already read, else read here)."""
+        config = config if config is not None else read_config(checkpoint)
         if decoder not in config.projectors:
             raise ValueError(f"{checkpoint}: no projector for decoder {decoder!r}; it has {sorted(config.projectors)}")
         proj = config.projectors[decoder]
@@ -429,130 +431,117 @@ def verify_cache(directory: PathLike, checkpoint: PathLike | None = None) -> lis
     return problems
 
 
-class CompressedCache:
-    """A built cache, opened lazily: shards are memory-mapped on first use and checksummed then."""
+# ---------------------------------------------------------------------------- the build directory
+def check_build_dir(directory: PathLike, build: CacheBuildConfig, resume: bool) -> None:
+    """Cache ``directory`` may take this build: it does not exist or is empty (but for its lock), or it
+    holds a build of the same settings (``build``) and the build resumes. Writes nothing."""
+    directory = Path(directory)
+    cfg_path = directory / BUILD_CONFIG
+    if cfg_path.is_file():
+        if not resume:
+            raise FileExistsError(f"{directory} already holds a cache (or a partial build); continue it with --resume "
+                                  "(resume=True) or choose another --output")
+        on_disk = CacheBuildConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
+        if on_disk != build:
+            diff = {k: (v, build.to_dict()[k]) for k, v in on_disk.to_dict().items() if build.to_dict()[k] != v}
+            raise ValueError(f"{directory}: cannot resume, the build settings differ (on disk vs now: {diff})")
+    elif directory.exists() and any(p.name != LOCK_NAME for p in directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not an arc-encoder cache; choose an empty directory")
 
-    def __init__(
-        self,
-        directory: PathLike,
-        checkpoint: PathLike | None = None,
-        decoder: str | None = None,
-        verify: VerifyMode = "checksum",
-    ) -> None:
-        if verify not in get_args(VerifyMode):
-            raise ValueError(f"verify={verify!r} is not one of {list(get_args(VerifyMode))}")
-        self.directory = Path(directory)
-        self.manifest = read_cache_manifest(self.directory)
-        self.verify = verify
-        if checkpoint is not None:
-            actual = checkpoint_sha256(checkpoint)
-            if actual != self.manifest["checkpoint_sha256"]:
-                raise ValueError(
-                    f"cache {self.directory} was built with checkpoint {self.manifest['checkpoint']} "
-                    f"(sha256 {self.manifest['checkpoint_sha256'][:12]}...), not {checkpoint} "
-                    f"(sha256 {actual[:12]}...); rebuild the cache for this checkpoint"
-                )
-        if decoder is not None and decoder != self.manifest["decoder"]:
-            raise ValueError(
-                f"cache {self.directory} holds vectors for decoder {self.manifest['decoder']!r}, not {decoder!r}"
-            )
-        index_path = self.directory / INDEX_NAME
-        entry = self.manifest["files"].get(INDEX_NAME)
-        if entry is None or not index_path.is_file() or sha256_file(index_path) != entry["sha256"]:
-            raise ValueError(f"{index_path}: missing or does not match the cache manifest")
-        self.index: dict[str, dict[str, Any]] = read_index(self.directory, self.manifest)
-        self._shards: dict[int, Any] = {}
-        self._texts: dict[str, str] | None = None
 
-    @property
-    def decoder(self) -> str:
-        return self.manifest["decoder"]
+def create_build_dir(directory: PathLike, build: CacheBuildConfig) -> None:
+    """The shard directory and build_config.json (once); leftovers of an interrupted atomic write go.
+    The caller holds the directory's `cache_lock` and checked it (`check_build_dir`)."""
+    directory = Path(directory)
+    (directory / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    if not (directory / BUILD_CONFIG).is_file():
+        atomic_write_json(directory / BUILD_CONFIG, build.to_dict())
+    for tmp in (directory / SHARD_DIR).glob(".*.tmp"):  # never part of the cache
+        tmp.unlink(missing_ok=True)
 
-    @property
-    def doc_ids(self) -> list[str]:
-        return list(self.index)
 
-    def __len__(self) -> int:
-        return len(self.index)
+def shards_to_write(directory: PathLike, build: CacheBuildConfig, stream: DocumentStream) -> list[int]:
+    """The shards of ``stream`` that are not complete in ``directory`` (`shard_is_complete`)."""
+    return [k for k in range(stream.num_shards(build.docs_per_shard))
+            if not shard_is_complete(directory, build, k, *stream.shard(k, build.docs_per_shard))]
 
-    def _check_file(self, rel: str) -> Path:
-        path = self.directory / rel
-        entry = self.manifest["files"].get(rel)
-        if entry is None:
-            raise ValueError(f"{path}: not listed in the cache manifest")
+
+def _doc_keys(ids: Sequence[str], texts: Sequence[str]) -> list[tuple[str, str]]:
+    return [(i, text_sha256(t)) for i, t in zip(ids, texts)]
+
+
+def _sidecar_keys(side: dict) -> list[tuple[str, str]]:
+    return [(d.get("id"), d.get("text_sha256")) for d in side.get("docs", [])]
+
+
+def shard_is_complete(
+    directory: PathLike, build: CacheBuildConfig, k: int, ids: Sequence[str], texts: Sequence[str]
+) -> bool:
+    """A shard counts as done only if its sidecar (build settings, document ids AND text hashes),
+    both files and their checksums all agree: a document whose text changed is compressed again."""
+    directory = Path(directory)
+    path = directory / sidecar_name(k)
+    if not path.is_file():
+        return False
+    try:
+        side = check_sidecar(json.loads(path.read_text()), str(path))
+    except (ValueError, UnicodeDecodeError):  # damaged: the shard is written again
+        return False
+    if side.get("build_sha256") != build_sha256(build) \
+            or _sidecar_keys(side) != _doc_keys(ids, texts):
+        return False
+    for key, sha in (("file", "sha256"), ("texts_file", "texts_sha256")):
+        f = directory / side[key]
+        if not f.is_file() or sha256_file(f) != side[sha]:
+            return False
+    return True
+
+
+def finalize_cache(directory: PathLike, build: CacheBuildConfig, stream: DocumentStream) -> dict[str, Any]:
+    """Merge every shard's sidecar into index.json and write the cache manifest (last)."""
+    directory = Path(directory)
+    n_shards = stream.num_shards(build.docs_per_shard)
+    index: dict[str, dict[str, Any]] = {}
+    files: dict[str, dict[str, Any]] = {}
+    totals = {"tokens": 0, "vectors": 0, "text_bytes": 0}
+    chunk_counts: dict[str, int] = {}
+    for k in range(n_shards):
+        path = directory / sidecar_name(k)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: shard file is missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise ValueError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}: shard is truncated")
-        if self.verify == "checksum" and sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path}: checksum mismatch: the shard is corrupt or was altered")
-        return path
-
-    def _shard(self, k: int):
-        if k not in self._shards:
-            from safetensors import safe_open
-
-            path = self._check_file(shard_name(k))
-            f = safe_open(str(path), framework="pt")  # memory-mapped, read lazily
-            self._shards[k] = (f, check_shard_layout(f, path, self.manifest))
-        return self._shards[k]
-
-    def get(self, doc_id: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One document's [length, decoder_dim] vectors (int8 caches are dequantized)."""
-        if doc_id not in self.index:
-            raise KeyError(f"document id {doc_id!r} is not in cache {self.directory}")
-        e = self.index[doc_id]
-        f, rows = self._shard(e["shard"])
-        if e["offset"] + e["length"] > rows:
-            raise ValueError(f"{self.directory / shard_name(e['shard'])}: document {doc_id!r} is indexed at rows "
-                             f"{e['offset']}..{e['offset'] + e['length']}, but the shard has {rows} rows")
-        span = slice(e["offset"], e["offset"] + e["length"])
-        vec = f.get_slice("vectors")[span]
-        if self.manifest["dtype"] == "int8":
-            vec = dequantize_int8(vec, f.get_slice("scales")[span])
-        return vec.to(dtype)
-
-    def fetch(self, doc_ids: Sequence[str], dtype: torch.dtype = torch.float32) -> CompressedContext:
-        """One row per document id."""
-        return CompressedContext.from_list([self.get(i, dtype) for i in doc_ids], self.decoder)
-
-    def context(self, doc_ids_per_query: Sequence[Sequence[str]], dtype: torch.dtype = torch.float32) -> CompressedContext:
-        """One row per query: its documents' vectors concatenated in the given order, with the
-        document boundaries recorded (each document gets its own special token)."""
-        for q, ids in enumerate(doc_ids_per_query):
-            if not ids:
-                raise ValueError(f"query {q} has no documents")
-        return CompressedContext.from_documents([[self.get(i, dtype) for i in ids] for ids in doc_ids_per_query],
-                                                self.decoder)
-
-    def texts(self) -> dict[str, str]:
-        """Source texts by id (verified against the manifest and the index hashes)."""
-        if self._texts is None:
-            texts: dict[str, str] = {}
-            for k in range(self.manifest["num_shards"]):
-                path = self._check_file(texts_name(k))
-                for line in gzip.decompress(path.read_bytes()).decode("utf-8").splitlines():
-                    rec = json.loads(line)
-                    texts[rec["id"]] = rec["text"]
-            self._texts = texts
-        return self._texts
-
-    def generate(
-        self,
-        model: ARCModel,
-        decoder_model,
-        decoder_tokenizer,
-        questions: Sequence[str],
-        doc_ids_per_question: Sequence[Sequence[str]],
-        max_new_tokens: int = 32,
-        **generate_kwargs,
-    ) -> list[str]:
-        """[BOS][doc1 vectors][marker][doc2 vectors][marker]...[question] -> answer (continuation marker)."""
-        if len(questions) != len(doc_ids_per_question):
-            raise ValueError(f"{len(questions)} questions for {len(doc_ids_per_question)} document lists")
-        dtype = decoder_model.get_input_embeddings().weight.dtype
-        ctx = self.context(doc_ids_per_question, dtype)
-        return model.generate(decoder_model, decoder_tokenizer, self.decoder, ctx, list(questions),
-                              max_new_tokens=max_new_tokens, **generate_kwargs)
-
-
+            raise ValueError(f"{directory}: shard {k} is missing ({sidecar_name(k)}); the build is incomplete, resume it")
+        side = check_sidecar(read_json_file(path), str(path))
+        if side.get("build_sha256") != build_sha256(build):
+            raise ValueError(f"{path}: written by another build (other settings, or a concurrent build into this "
+                             "directory), not this one; resume to rebuild it")
+        if _sidecar_keys(side) != _doc_keys(*stream.shard(k, build.docs_per_shard)):
+            raise ValueError(f"{path}: its documents are not the corpus's shard {k}; the corpus changed, resume")
+        for d in side["docs"]:
+            index[d["id"]] = {"shard": k, "offset": d["offset"], "length": d["length"],
+                              "tokens": d["tokens"], "text_sha256": d["text_sha256"]}
+            if "pooling_factors" in d:
+                index[d["id"]]["pooling_factors"] = d["pooling_factors"]
+                for f in d["pooling_factors"]:
+                    chunk_counts[str(f)] = chunk_counts.get(str(f), 0) + 1
+            totals["tokens"] += d["tokens"]
+            totals["text_bytes"] += d["text_bytes"]
+        totals["vectors"] += side["vectors"]
+        files[side["file"]] = {"sha256": side["sha256"], "bytes": side["bytes"]}
+        files[side["texts_file"]] = {"sha256": side["texts_sha256"], "bytes": side["texts_bytes"]}
+        files[sidecar_name(k)] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    atomic_write_json(directory / INDEX_NAME, {"docs": index})
+    for rel in (INDEX_NAME, BUILD_CONFIG):
+        files[rel] = {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
+    manifest = {
+        "format_version": CACHE_FORMAT_VERSION,
+        **{k: v for k, v in build.to_dict().items() if k != "format_version"},
+        "num_docs": len(stream),
+        "num_shards": n_shards,
+        "skipped_empty": stream.skipped_empty,
+        "dropped_duplicates": stream.dropped_duplicates,
+        **totals,
+        **({"chunks_per_pooling_factor": dict(sorted(chunk_counts.items(), key=lambda kv: int(kv[0])))}
+           if chunk_counts else {}),
+        "files": files,
+    }
+    atomic_write_json(directory / CACHE_MANIFEST, manifest)
+    return manifest
