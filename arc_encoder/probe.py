@@ -55,7 +55,7 @@ attention mask is involved. Losses are natural-log NLL per token; each number co
 standard error over rows (the delta method for ratios), so the precision of a small probe shows.
 Logits are computed only at scored positions (``arc_encoder.scoring``), which keeps a 262k-token
 vocabulary within memory at the default batch.
-``probe_texts`` runs all three on raw held-out texts (`arc-encoder probe`, benchmarks/quality.py).
+``probe_texts`` runs all three on raw held-out texts (`arc-encoder probe`, benchmarks/probe_real.py).
 """
 
 from __future__ import annotations

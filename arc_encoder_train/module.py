@@ -30,7 +30,7 @@ from .distributed import all_reduce_sum, gathered_model, shard_for_fsdp
 def param_groups(model: ARCModel, optim: OptimConfig) -> list[dict]:
     """The reference's AdamW groups over ``model``'s trainable parameters: the encoder and every
     projector's special tokens at ``optim.lr``, the projector MLPs at the projector rate (empty
-    groups left out). Shared by the Lightning module and lean loops (benchmarks/quality_lean.py)."""
+    groups left out)."""
     special = {id(p.special_tokens) for p in model.projectors.values()}
     encoder = [p for p in model.encoder.parameters() if p.requires_grad]
     encoder += [p.special_tokens for p in model.projectors.values() if p.special_tokens.requires_grad]

@@ -39,14 +39,45 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import quality  # noqa: E402  (the quality benchmark's presets, data and decoders)
-
+# Decoder A and the training scale of each preset: the settings of the quality benchmark these
+# numbers were measured with (benchmarks/quality.py, since retired; results/info_*.json record them).
+SCALES = {
+    "tiny": dict(lm_a=dict(vocab_size=1024, hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2,
+                           intermediate_size=256, seq_len=128, batch_size=16, max_steps=300, lr=3e-3),
+                 layers_removed=1, context_tokens=64, target_tokens=32, batch_size=8, projector_hidden=256,
+                 lr=1e-3, projector_lr_ratio=5.0, warmup=20),
+    "gpu": dict(lm_a=dict(vocab_size=8192, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
+                          intermediate_size=1024, seq_len=512, batch_size=256, max_steps=200, lr=2e-3),
+                layers_removed=2, context_tokens=256, target_tokens=64, batch_size=128, projector_hidden=2048,
+                lr=1e-3, projector_lr_ratio=5.0, warmup=50),
+}
 PRESETS = {
     "tiny": dict(base="tiny", stages=(150, 400, 1000), eval_samples=256, eval_batch=32, em_k=2),
     "gpu": dict(base="gpu", stages=(100, 300, 900), eval_samples=1024, eval_batch=128, em_k=2),
 }
+
+
+def data_config(args, scale: dict):
+    """Training and validation text: the data directory's train and validation splits."""
+    from arc_encoder_train.config import DataConfig
+
+    d = Path(args.data_dir)
+    return DataConfig(train_files=[str(d / "train.jsonl.gz")], validation_files=[str(d / "validation.jsonl.gz")],
+                      context_tokens=scale["context_tokens"], target_tokens=scale["target_tokens"],
+                      batch_size=scale["batch_size"], val_batches=2, reconstruction_ratio=0.3)
+
+
+def train_decoder_a(args, scale: dict) -> str:
+    """Decoder A: a small LM trained on the data (once per --work-dir) with the shipped `lm` job."""
+    from arc_encoder_train.config import TinyLMConfig
+    from arc_encoder_train.lm import is_decoder_dir, train_lm
+
+    out = Path(args.work_dir) / "decoders" / "A"
+    if not is_decoder_dir(out):
+        train_lm(TinyLMConfig(out_dir=str(out), **scale["lm_a"]), data_config(args, scale),
+                 progress=not args.no_progress)
+    return str(out)
 FACTORS = (2, 4, 8)
 METRICS_X = ("bits_recovered_per_token", "info_retained", "bits_per_vector")
 METRICS_Y = ("loss_compressed", "gap_closed", "em_at_k", "cont_acc")
@@ -58,7 +89,7 @@ def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, 
     from arc_encoder_train.config import DecoderConfig, OptimConfig, PretrainConfig, RunConfig, TrainerConfig
     from arc_encoder_train.jobs import pretrain
 
-    q = quality.PRESETS[preset["base"]]
+    q = SCALES[preset["base"]]
     ck_dir = Path(args.work_dir) / "checkpoints"
     out = []
     for i, steps in enumerate(stages):
@@ -71,7 +102,7 @@ def train_staged(args, preset: dict, name: str, dec_a: str, factors: tuple[int, 
                                       pooling_factors=tuple(factors), chunk_len=q["context_tokens"] * 4),
                 decoders=[DecoderConfig(name="A", path=dec_a, projector=ProjectorOptions(hidden_dim=q["projector_hidden"]),
                                       dtype="bfloat16" if torch.cuda.is_available() else "float32")],
-                data=quality._data(args, q),
+                data=data_config(args, q),
                 optim=OptimConfig(lr=q["lr"], projector_lr_ratio=q["projector_lr_ratio"], warmup_steps=q["warmup"],
                                 total_steps=stages[-1]),
                 trainer=TrainerConfig(max_steps=steps, val_check_interval=stages[-1] + 1,
@@ -253,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "tiny")
     p.add_argument("--data-dir", default=str(REPO / "arc_encoder" / "resources" / "pydoc_small"))
     p.add_argument("--work-dir", default="runs/info")
-    p.add_argument("--decoder-a", default="", help="local LM as decoder A (default: train one as quality.py does)")
+    p.add_argument("--decoder-a", default="", help="local LM as decoder A (default: train one with the lm job)")
     p.add_argument("--stages", default="", help="override the preset's training stages, e.g. 100,300,900")
     p.add_argument("--output", default="")
     p.add_argument("--no-progress", action="store_true")
@@ -261,12 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     preset = dict(PRESETS[args.preset])
     if args.stages:
         preset["stages"] = tuple(int(x) for x in args.stages.split(","))
-    q = quality.PRESETS[preset["base"]]
-    args.preset = preset["base"]  # quality._data reads it
+    q = SCALES[preset["base"]]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)"
     t_start = time.time()
-    dec_a = args.decoder_a or quality.train_decoder(args, "A", q["lm_a"])[0]
+    dec_a = args.decoder_a or train_decoder_a(args, q)
     runs = {"mixed": train_staged(args, preset, "mixed", dec_a, FACTORS, preset["stages"]),
             "fixed4": train_staged(args, preset, "fixed4", dec_a, (4,), preset["stages"])}
     t_train = time.time() - t_start

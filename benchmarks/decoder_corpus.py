@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Real-text corpus for the stand-in decoders: Debian documentation + PyPI source code.
+"""Real-text corpus: Debian documentation + PyPI source code (the real-LLM run's training and test text).
 
 Why this exists
 ---------------
-A stand-in decoder must learn to read its context, and source code is real text full of the
-natural repetition (identifiers, call patterns) that teaches that. No dataset hub is
-reachable here, so the corpus is built from software packages this project did not write:
+Training and evaluating against real pretrained decoders needs real text that nobody here wrote,
+with the natural repetition (identifiers, call patterns) that a reader of context exploits, and a
+test split no model saw. No dataset hub is reachable here, so the corpus is built from software
+packages this project did not write (``benchmarks/real_run.sh`` builds it on the GPU machine;
+it first served the stand-in decoders of earlier quality runs):
 
 * Debian 12 packages, fetched with ``apt-get download NAME`` (no install needed):
   ``python3.11-doc`` (reStructuredText sources), ``perl-doc`` (POD), ``postgresql-doc-15``
@@ -27,7 +29,7 @@ files are kept once; each file goes to one split by a salted sha256 of its id. T
 does not depend on the order packages are found in, so the same inputs give the same corpus
 digest (a sha256 over every record's id and text hash) on any machine.
 
-Example (see benchmarks/README.md, "Stand-in decoders", for the recorded run)::
+Example (benchmarks/real_run.sh runs the ``build`` step with the PyPI distributions it names)::
 
     mkdir -p .data/debs && (cd .data/debs && apt-get download python3.11-doc perl-doc \\
         postgresql-doc-15 libpython3.11-minimal libpython3.11-stdlib libpython3.11-testsuite)
