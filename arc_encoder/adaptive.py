@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
+from .config import is_int
 from .objectives import IGNORE_INDEX, next_token_logits, token_nll
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class AdaptivePooling:
 
     def __post_init__(self) -> None:
         self.factors = tuple(sorted(set(self.factors)))
-        if not self.factors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.factors):
+        if not self.factors or not all(is_int(f, 1) for f in self.factors):
             raise ValueError(f"factors must be integers >= 1, got {self.factors}")
         if not self.factors[0] <= self.target <= self.factors[-1]:
             raise ValueError(f"target={self.target} must lie within factors [{self.factors[0]}, {self.factors[-1]}]")

@@ -72,13 +72,12 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DtypeName = Literal["float32", "bfloat16", "float16"]
 
 CONFIG_NAME = "arc_config.json"
-# 2: the reference-faithful encoder and projector (issue 11). 1: the earlier semantics,
-# still loaded with their recorded settings (see ``upgrade_v1``).
+# 2: the reference-faithful encoder and projector. 1: the earlier semantics, still loaded with
+# their recorded settings (``upgrade_v1``). What changed, and how each older file loads: CHANGELOG.md.
 FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
-# Format 1 had no key for these settings; this is what it computed. Applied to every
-# format-1 config so an old checkpoint never silently gets the new defaults.
+# What format 1 computed, for the settings it had no key for (CHANGELOG.md).
 LEGACY_ENCODER_OPTIONS: dict[str, Any] = {
     "pooled_residual": False,
     "final_norm": True,
@@ -109,9 +108,14 @@ def _check_literal(name: str, value: Any, allowed_type: Any) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
+def is_int(value: Any, minimum: int) -> bool:
+    """An int (never a bool or a string) >= minimum: JSON and YAML hold "96" and true as well as 96."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def check_int(name: str, value: Any, minimum: int) -> None:
-    """An int (never a bool or a string) >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """`is_int`, or a ValueError naming ``name`` and the value."""
+    if not is_int(value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -392,7 +396,7 @@ class ProjectorConfig(ProjectorOptions):
     # The decoder's path relative to the checkpoint directory, written at save time, so a
     # project moved as a whole still finds its decoder ("": not local, or not recorded).
     decoder_relative: str = ""
-    # Identity of the decoder the projector was trained for (``arc_encoder.model.decoder_identity``:
+    # Identity of the decoder the projector was trained for (``arc_encoder.decoders.decoder_identity``:
     # sha256 of its input embeddings); a different decoder of the same shape is refused.
     # "": checkpoints from before it was recorded (loaded with a warning).
     decoder_sha256: str = ""
@@ -542,7 +546,7 @@ class ARCConfig:
 
 # Which ids the probe's random induction sequences are drawn from (arc_encoder.probe).
 #   "text":       the distinct ids of the held-out passages: ids the tokenizer really produces.
-#   "vocabulary": every id but the special ones (the measure up to issue 22).
+#   "vocabulary": every id but the special ones (the earlier measure, which real LLMs failed).
 InductionTokens = Literal["text", "vocabulary"]
 
 
@@ -550,7 +554,7 @@ InductionTokens = Literal["text", "vocabulary"]
 class ProbeConfig:
     """Sizes of the probe's three measurements and their relative gates (arc_encoder.probe).
 
-    Gates (issue 22), set between the readers and non-readers measured in
+    Relative gates, set between the readers and non-readers measured in
     benchmarks/results/probe_real_cpu.json: second-copy loss at most ``induction_ratio_max`` /
     ``copy_ratio_max`` of the first copy's, and the context removing at least ``gain_ratio_min``
     of the closed-book loss. 16 passages and 16 induction rows keep SmolLM2-135M's probe at ~30 s

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .config import ARCConfig, EncoderConfig, ProjectorConfig
+from .config import ARCConfig, EncoderConfig, ProjectorConfig, is_int
 from .encoder import ARCEncoder, resolve_attn_implementation
 from .model import ARCModel
 from .storage import check_state_dict, load_tensors, read_json_file
@@ -186,7 +186,7 @@ def _pipeline_settings(embedder: Mapping[str, Any], where: str) -> tuple[int, in
         raise _setting(where, "embedder_params.compress_rates", rates,
                        "only a negative rate -pf (pool groups of about pf tokens)")
     removed = embedder.get("n_truncated_layers", 16)
-    if isinstance(removed, bool) or not isinstance(removed, int) or removed < 0:
+    if not is_int(removed, 0):
         raise _setting(where, "embedder_params.n_truncated_layers", removed, "expected an integer >= 0")
     tokens = tuple(_SPECIAL[k] for k in ("cont_tok", "rec_tok") if embedder.get(k, False))
     return -rate, removed, tokens

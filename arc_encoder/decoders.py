@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ArcEncoderWarning
+from .config import ArcEncoderWarning, check_int
 from .storage import check_model_dir
 
 if TYPE_CHECKING:
@@ -62,6 +62,33 @@ def decoder_prefix_ids(tokenizer) -> list[int]:
     front = next((with_special[:i] for i in range(len(with_special) - len(plain) + 1)
                   if with_special[i : i + len(plain)] == plain), [])
     return [int(bos)] if int(bos) in front else []
+
+
+def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True when ``tokenizer`` starts every text with its BOS by itself (Gemma's does; SmolLM2's GGUF
+    tokenizer does not): the decoder was trained to see BOS first (``decoders.decoder_prefix_ids``)."""
+    return bool(decoder_prefix_ids(tokenizer))
+
+
+def resolve_bos(option: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """A projector option's ``bos`` as recorded: "auto" -> "always" when the decoder's tokenizer adds
+    BOS itself, else "reference" (also without a tokenizer); other values as they are."""
+    if option != "auto":
+        return option
+    return "always" if tokenizer is not None and tokenizer_adds_bos(tokenizer) else "reference"
+
+
+def decoder_prefix(bos_policy: str, bos_token_id: int | None, task: str) -> list[int]:
+    """The decoder tokens before a row's compressed context, by its projector's ``bos`` policy
+    (``arc_encoder.config.DecoderBos``): BOS before pretraining windows only under "always",
+    before fine-tuning rows ("qa") and generation under "always" and "reference"."""
+    if bos_token_id is None or bos_policy == "never":
+        return []
+    if bos_policy == "always" or (bos_policy == "reference" and task == "qa"):
+        return [bos_token_id]
+    if bos_policy != "reference":
+        raise ValueError(f"bos policy {bos_policy!r} is not one of reference, always, never")
+    return []
 
 
 def _field(config, name: str, default=None):
@@ -206,8 +233,7 @@ def load_frozen_decoder(
 def check_generation_length(decoder: PreTrainedModel, input_len: int, max_new_tokens: int) -> None:
     """Refuse a generation that cannot fit the decoder's positions (``max_position_embeddings``):
     past them a decoder computes nothing it was trained for, and a huge request never ends."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     config = decoder.config.get_text_config() if hasattr(decoder.config, "get_text_config") else decoder.config
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and input_len + max_new_tokens > limit:

@@ -157,21 +157,6 @@ class GroupPooling:
         return (w @ x) / c
 
 
-def pool_groups(
-    x: torch.Tensor,
-    valid: torch.Tensor | None,
-    pooling_factor: int | Sequence[int],
-    groups: PoolingGroups = "balanced",
-) -> torch.Tensor:
-    """Group means along dim -2 of x [batch, ..., n, d] (valid: [batch, n] right-padded, or None).
-
-    ``pooling_factor``: one factor, or one per row. Padding never enters a mean. Returns
-    [batch, ..., ceil(n / min(pf)), d]; groups a row does not have are zeros.
-    """
-    pfs = [pooling_factor] * x.shape[0] if isinstance(pooling_factor, int) else list(pooling_factor)
-    return GroupPooling(valid, x.shape[-2], pfs, groups, x.dtype, x.device)(x)
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -563,14 +548,6 @@ def backbone_adapter(backbone: PreTrainedModel) -> BackboneAdapter:
     raise ValueError(f"backbone model_type={model_type!r} is not supported: {supported_backbones()}")
 
 
-def backbone_family(backbone: PreTrainedModel) -> BackboneFamily:
-    return backbone_adapter(backbone).family
-
-
-def backbone_blocks(backbone: PreTrainedModel) -> nn.ModuleList:
-    return backbone_adapter(backbone).blocks(backbone)
-
-
 def truncate_backbone(backbone: PreTrainedModel, keep: int) -> None:
     """Drop all blocks after the first ``keep`` (in place), keeping the config consistent."""
     adapter = backbone_adapter(backbone)
@@ -819,30 +796,6 @@ class ARCEncoder(nn.Module):
         if valid is not None or len(set(pfs)) > 1:  # some rows end early: zero what follows
             pooled = pooled.masked_fill(~out_mask[..., None], 0.0)
         return EncoderOutput(pooled, out_mask, compressed_lengths)
-
-    def pooled_block(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        valid: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        pooling_factor: int | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """The last block with pooling: [batch, n, hidden] -> [batch, m, hidden] (before any final norm)."""
-        pooling = self._pooling(hidden, valid, pooling_factor)
-        return self._pooled_block(layer, hidden, valid, pooling, position_embeddings)
-
-    def pooled_attention(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        valid: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        pooling_factor: int | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """Only the pooled block's attention (output projection included, no residual): [batch, m, hidden]."""
-        pooling = self._pooling(hidden, valid, pooling_factor)
-        return self._pooled_attention(layer, hidden, pooling(hidden), valid, pooling, position_embeddings)
 
     def _pooling(self, hidden, valid, pooling_factor) -> GroupPooling:
         pfs = self.row_pooling_factors(hidden.shape[0], pooling_factor)

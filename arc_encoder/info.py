@@ -38,7 +38,8 @@ from .model import ARCModel
 from .chunking import PoolingPlan
 from .bleu import corpus_bleu
 from .objectives import RowScores, target_scores
-from .samples import Batch, collate, decoder_prefix, split_windows, text_sample
+from .samples import Batch, collate, split_windows, text_sample
+from .decoders import decoder_prefix
 
 LN2 = math.log(2.0)
 

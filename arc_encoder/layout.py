@@ -10,7 +10,7 @@ The marker (the projector's ``continuation``, or ``reconstruction`` for the reco
 follows EVERY compressed document; the chunks of one long document are concatenated with no token
 between them; no marker embedding (a projector without that special token, the paper's
 long-context setting) puts none. The prefix is the decoder's BOS where its projector's policy puts
-one (``samples.decoder_prefix``). Labels are the target ids; every other position is
+one (``decoders.decoder_prefix``). Labels are the target ids; every other position is
 ``IGNORE_INDEX``, so only target tokens carry loss.
 """
 

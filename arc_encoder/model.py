@@ -31,7 +31,7 @@ from .encoder import ARCEncoder, EncoderOutput
 from .layout import CompressedContext, DecoderInputs, build_decoder_inputs
 from .objectives import ContextMode, Targets, decoder_loss
 from .projector import Projector
-from .samples import Batch, decoder_prefix, resolve_bos
+from .samples import Batch
 from .storage import PathLike, read_consistently
 
 class ARCModel(nn.Module):
@@ -274,8 +274,8 @@ class ARCModel(nn.Module):
         if len(prompts) != context.embeddings.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {context.embeddings.shape[0]} contexts")
         prompt_ids = decoder_tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        prefix = [decoder_prefix(self.projector(decoder_name).config.bos, decoder_tokenizer.bos_token_id, "qa")
-                  for _ in prompts]
+        bos = self.projector(decoder_name).config.bos
+        prefix = [decoders.decoder_prefix(bos, decoder_tokenizer.bos_token_id, "qa") for _ in prompts]
         inputs = self.build_decoder_inputs(
             decoder.get_input_embeddings(), context, prompt_ids, None, marker, prefix, "left"
         )
@@ -307,12 +307,12 @@ class ARCModel(nn.Module):
 
         ``options`` (default: the reference's) with any field overridden by ``option_values``
         (e.g. ``hidden_dim=256``); widths and the decoder's vocabulary come from the models.
-        ``tokenizer`` (the decoder's) resolves ``bos="auto"`` (`samples.resolve_bos`).
+        ``tokenizer`` (the decoder's) resolves ``bos="auto"`` (`decoders.resolve_bos`).
         """
         if name in self.projectors:
             raise ValueError(f"a projector named {name!r} already exists")
         chosen = dataclasses.replace((options or ProjectorOptions()).options(), **option_values)
-        chosen.bos = resolve_bos(chosen.bos, tokenizer)
+        chosen.bos = decoders.resolve_bos(chosen.bos, tokenizer)
         cfg = ProjectorConfig(
             **dataclasses.asdict(chosen),
             input_dim=self.encoder.hidden_size,

@@ -13,8 +13,8 @@ and a 270M-parameter pretrained LLM:
   be <= ``induction_ratio_max``. A decoder that cannot see 64 tokens back scores ~1.0; real
   LLMs 0.04-0.09. The random tokens are drawn uniformly from the distinct token ids of the
   held-out passages (special tokens excluded): ids this tokenizer really produces on text.
-  Drawing from the whole vocabulary instead (``induction_tokens="vocabulary"``, the measure up
-  to issue 22) also draws ids a model rarely or never saw in training (Gemma 3 has thousands of
+  Drawing from the whole vocabulary instead (``induction_tokens="vocabulary"``, the earlier
+  measure) also draws ids a model rarely or never saw in training (Gemma 3 has thousands of
   reserved ids), which measures those ids' embeddings, not copying.
 * **copy**: the first ``copy_len`` tokens of a held-out window of ``window_len`` tokens, repeated
   after the window; ``copy_ratio = NLL(copy 2) / NLL(copy 1)`` must be <= ``copy_ratio_max``.
@@ -28,7 +28,7 @@ and a 270M-parameter pretrained LLM:
   the end of the copy row's window (prefix + window + window[:copy_len]): causal attention makes
   those tokens' scores exactly those of a row that stops there, and the probe runs 29% fewer tokens.
 
-Up to issue 22 the gates were absolute (second copy <= 1.0 and 0.5 nats/token, gain >= 0.3 nats),
+The gates were absolute at first (second copy <= 1.0 and 0.5 nats/token, gain >= 0.3 nats),
 tuned on small stand-ins trained with planted random-token repeats. SmolLM2-135M, a real reader,
 failed induction at 2.82 nats/token although that is 0.20 of its first copy's 14.0 nats: drawn
 from its whole 49k vocabulary, random tokens are mostly rare ids it copies imperfectly (1.00 nats

@@ -13,8 +13,8 @@ to ones, that goes through the same two layers as the compressed states. Tensors
     net.2.weight     [output_dim, hidden_dim]
     special_tokens   [len(special_tokens), input_dim]   rows in ProjectorConfig.special_tokens order
 
-Format-1 projectors (``bias=True``, ``special_token_space="decoder"``) add ``net.0.bias``,
-``net.2.bias`` and store ``special_tokens`` as [n, output_dim] decoder-space vectors used as is.
+Format-1 projectors (CHANGELOG.md) add ``net.0.bias`` and ``net.2.bias`` and store
+``special_tokens`` as [n, output_dim] decoder-space vectors used as is.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ tokenized as fine-tuning tokenizes it:
 * compressed ``[prefix][compressed context][<Cont>][question]`` per pooling factor;
 
 where the prefix is what the projector's BOS policy puts before fine-tuning rows
-(``samples.decoder_prefix``). ``QAMode.report`` scores exact match after ``normalize_answer`` and
+(``decoders.decoder_prefix``). ``QAMode.report`` scores exact match after ``normalize_answer`` and
 the looser "answer contained in the generation", with 95% Wilson intervals, per kind and
 overall, and the decoder prefill positions each mode used.
 """
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .samples import decoder_prefix
+from .decoders import decoder_prefix
 from .storage import PathLike, atomic_write_text
 
 if TYPE_CHECKING:

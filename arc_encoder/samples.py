@@ -179,42 +179,13 @@ def mixed_pooling(index: int, batch_size: int, factors: Sequence[int]) -> list[i
     return [rng.choice(list(factors)) for _ in range(batch_size)]
 
 
-def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """True when ``tokenizer`` starts every text with its BOS by itself (Gemma's does; SmolLM2's GGUF
-    tokenizer does not): the decoder was trained to see BOS first (``decoders.decoder_prefix_ids``)."""
-    from .decoders import decoder_prefix_ids
-
-    return bool(decoder_prefix_ids(tokenizer))
-
-
-def resolve_bos(option: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
-    """A projector option's ``bos`` as recorded: "auto" -> "always" when the decoder's tokenizer adds
-    BOS itself, else "reference" (also without a tokenizer); other values as they are."""
-    if option != "auto":
-        return option
-    return "always" if tokenizer is not None and tokenizer_adds_bos(tokenizer) else "reference"
-
-
-def decoder_prefix(bos_policy: str, bos_token_id: int | None, task: Task) -> list[int]:
-    """The decoder tokens before a row's compressed context, by its projector's ``bos`` policy
-    (``arc_encoder.config.DecoderBos``): BOS before pretraining windows only under "always",
-    before fine-tuning rows ("qa") and generation under "always" and "reference"."""
-    if bos_token_id is None or bos_policy == "never":
-        return []
-    if bos_policy == "always" or (bos_policy == "reference" and task == "qa"):
-        return [bos_token_id]
-    if bos_policy != "reference":
-        raise ValueError(f"bos policy {bos_policy!r} is not one of reference, always, never")
-    return []
-
-
 def collate(
     samples: Sequence[Sample], decoder: str, task: Task, prefix: int | Sequence[int] | None, index: int = 0
 ) -> Batch:
     """Group samples for one decoder and task (padding happens in ``build_decoder_inputs``).
 
-    ``prefix``: the decoder tokens before every row's compressed context (`decoder_prefix`; one
-    int: that token, e.g. BOS; None: nothing).
+    ``prefix``: the decoder tokens before every row's compressed context (`decoders.decoder_prefix`;
+    one int: that token, e.g. BOS; None: nothing).
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")

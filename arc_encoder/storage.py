@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import is_int
+
 if TYPE_CHECKING:  # torch and safetensors load only where tensors are written or read
     import torch
 
@@ -352,7 +354,7 @@ def check_file_table(files: object, where: str) -> None:
                 or not _SHA256.fullmatch(entry["sha256"]):
             raise ValueError(f"{where}: files[{rel!r}] needs a 'sha256' of 64 hex digits")
         size = entry.get("bytes")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if not is_int(size, 0):
             raise ValueError(f"{where}: files[{rel!r}] needs 'bytes', an integer >= 0 (got {size!r})")
 
 

@@ -169,10 +169,8 @@ class DataConfig:
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         for name in ("context_tokens", "target_tokens", "batch_size", "val_batches", "max_context_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+            check_int(f"data.{name}", getattr(self, name), 1)
+        check_int("data.num_workers", self.num_workers, 0)
         if not 0.0 <= self.reconstruction_ratio <= 1.0:
             raise ValueError(f"data.reconstruction_ratio must be in [0, 1], got {self.reconstruction_ratio}")
 
@@ -238,8 +236,7 @@ class TinyLMConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "seq_len", "batch_size", "max_steps", "num_nodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"lm.{name} must be >= 1, got {getattr(self, name)}")
+            check_int(f"lm.{name}", getattr(self, name), 1)
         if self.strategy == "fsdp":
             raise ValueError("lm.strategy fsdp is not supported (the LM is small); use ddp")
 

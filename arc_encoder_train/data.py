@@ -15,6 +15,7 @@ resumed run continues at its saved `DataPosition` (the same sample of every deco
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from arc_encoder.corpus import stream_records, stream_texts
-from arc_encoder.samples import Batch, Sample, Task, collate, decoder_prefix, is_reconstruction, qa_sample, split_windows, text_sample
+from arc_encoder.samples import Batch, Sample, Task, collate, is_reconstruction, qa_sample, split_windows, text_sample
+from arc_encoder.decoders import decoder_prefix
 
 from .config import DataConfig
 
@@ -50,23 +52,24 @@ class TokenCache:
 
     def __init__(self, max_tokens: int = 200_000_000) -> None:
         self.max_tokens = max_tokens
+        # Per tokenizer (weak keys: an entry goes with its tokenizer, and a tokenizer created later
+        # at the same address never gets another one's ids): {text: ids} and the tokens held.
+        self._stores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, tokenizer, text: str) -> list[int]:
-        # Stored on the tokenizer itself: a cache keyed by id(tokenizer) could hand one
-        # tokenizer's ids to another created later at the same address.
-        store = tokenizer.__dict__.setdefault("_arc_token_ids", {})
-        ids = store.get(text)
+        store = self._stores.setdefault(tokenizer, ({}, [0]))
+        ids = store[0].get(text)
         if ids is None:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            held = tokenizer.__dict__.get("_arc_token_count", 0)
-            if held + len(ids) <= self.max_tokens:
-                store[text] = ids
-                tokenizer.__dict__["_arc_token_count"] = held + len(ids)
+            if store[1][0] + len(ids) <= self.max_tokens:
+                store[0][text] = ids
+                store[1][0] += len(ids)
         return ids
 
-    @staticmethod
-    def held(tokenizer) -> int:
-        return tokenizer.__dict__.get("_arc_token_count", 0)
+    def held(self, tokenizer) -> int:
+        """Tokens held for ``tokenizer``."""
+        store = self._stores.get(tokenizer)
+        return store[1][0] if store is not None else 0
 
 
 _CACHE = TokenCache()  # per process (the loader worker keeps its own across epochs)
@@ -167,7 +170,7 @@ class DataPosition:
 
 
 def row_prefix(dec: DecoderTokenizers, qa: bool) -> list[int]:
-    """The tokens before a row's compressed context, by the decoder's BOS policy (`samples.decoder_prefix`):
+    """The tokens before a row's compressed context, by the decoder's BOS policy (`decoders.decoder_prefix`):
     BOS before fine-tuning rows (reference: the prompt's first part is encoded with BOS), before
     pretraining windows only for decoders whose policy is "always" (e.g. Gemma 3)."""
     return decoder_prefix(dec.bos, dec.tokenizer.bos_token_id, "qa" if qa else "continuation")

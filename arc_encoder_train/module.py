@@ -111,10 +111,6 @@ class ARCTrainingModule(L.LightningModule):
         self._val_totals: dict[str, list[float]] = {}  # metric -> [sum of value * batch size, batch sizes]
 
     @property
-    def next_batch_index(self) -> int:
-        return self.data_position.batch
-
-    @property
     def train_losses(self) -> list[float]:
         """Every training step's loss so far (read at checkpoints and in the summary)."""
         self._train_losses = [float(x) for x in self._train_losses]

@@ -20,7 +20,8 @@ import torch
 
 from arc_encoder.corpus import read_corpus
 from arc_encoder.decoders import load_frozen_decoder
-from arc_encoder.samples import split_windows, tokenizer_adds_bos
+from arc_encoder.samples import split_windows
+from arc_encoder.decoders import tokenizer_adds_bos
 
 
 def continuation_nll(decoder, rows: list[list[int]], first_target: int, batch: int) -> list[float]:

@@ -1,6 +1,6 @@
 """Information kept by compression, and entropy-adaptive pooling, on the quality benchmark's data.
 
-Issue 7, items 1 and 2, on real held-out text (the Python 3.11 docs, TEST split):
+Two questions, on real held-out text (the Python 3.11 docs, TEST split):
 
 1. Does the task-agnostic estimate predict downstream quality? Train an encoder with mixed
    pooling factors (2, 4, 8 per sample) and one with fixed pooling 4 against decoder A, in

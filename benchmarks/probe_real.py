@@ -1,6 +1,6 @@
 """`arc-encoder probe` on real pretrained LLMs and on decoders that cannot read: the numbers behind the gates.
 
-Issue 22: the probe's absolute gates, tuned on small stand-ins, failed SmolLM2-135M (a real reader).
+The probe's earlier absolute gates, tuned on small stand-ins, failed SmolLM2-135M (a real reader).
 This measures the readers and the non-readers with the probe users run, so the relative gates in
 ``ProbeConfig`` sit between them with a margin on both sides:
 
@@ -16,9 +16,9 @@ This measures the readers and the non-readers with the probe users run, so the r
 For each decoder it runs the CLI (``python -m arc_encoder.cli.main probe DIR --data F --json``)
 in a child process and records its JSON, wall and CPU seconds and peak resident memory (from
 ``wait4``). For the real models it adds the decisive variants: random induction tokens from the
-whole vocabulary (``--induction-tokens vocabulary``, the measure up to issue 22) and the other row
+whole vocabulary (``--induction-tokens vocabulary``, the earlier measure) and the other row
 prefix (the old probe's BOS for SmolLM2, whose tokenizer adds none; no BOS for Gemma 3, whose
-tokenizer adds one). ``--baseline-commit`` also runs the probe of that commit (before issue 22)
+tokenizer adds one). ``--baseline-commit`` also runs the probe of that commit (the absolute gates)
 for time and memory.
 
     python benchmarks/probe_real.py controls --decoder smollm2=/work/models/smollm2 \\
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-control", action="append", default=[], metavar="NAME=DIR",
                    help="a decoder to probe with its attention cut to --window tokens and its first token (in process)")
     p.add_argument("--window", type=int, default=16)
-    p.add_argument("--baseline-commit", help="also run this commit's probe (before issue 22) on --baseline runs")
+    p.add_argument("--baseline-commit", help="also run this commit's probe (the absolute gates) on --baseline runs")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME[/LABEL][:ARGS]",
                    help="NAME or NAME/LABEL, then its arguments: e.g. 'smollm2:--passages 16', "
                    "'smollm2/64:--passages 64' or 'gemma3:--passages 16 --batch-size 4'")

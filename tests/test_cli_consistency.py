@@ -1,5 +1,5 @@
 """What a new user meets on the command line: fast help, errors that name the subcommand and
-the flags typed, no silent no-ops, every text input read the same way (issue 15)."""
+the flags typed, no silent no-ops, every text input read the same way."""
 
 import gzip
 import json

@@ -6,7 +6,8 @@ import torch
 
 from arc_encoder import ARCModel
 from arc_encoder.config import ProjectorConfig, ProjectorOptions
-from arc_encoder.samples import collate, decoder_prefix, qa_sample, resolve_bos, text_sample, tokenizer_adds_bos
+from arc_encoder.samples import collate, qa_sample, text_sample
+from arc_encoder.decoders import decoder_prefix, resolve_bos, tokenizer_adds_bos
 from arc_encoder.tiny import tiny_causal_lm, tiny_config, train_tokenizer
 from arc_encoder_train.data import DecoderTokenizers, row_prefix
 

@@ -3,12 +3,23 @@ import math
 import pytest
 import torch
 
-from arc_encoder.encoder import apply_rope, pool_groups
+from arc_encoder.encoder import GroupPooling, apply_rope
 from conftest import FAMILIES, make_encoder
 
 
 def _valid(lengths, n):
     return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def pool_groups(x, valid, pf, groups="balanced"):
+    """Group means along dim -2 of x [batch, ..., n, d] at one pooling factor (the encoder's GroupPooling)."""
+    return GroupPooling(valid, x.shape[-2], [pf] * x.shape[0], groups, x.dtype, x.device)(x)
+
+
+def pooled_attention(enc, layer, hidden, valid, position_embeddings):
+    """Only the pooled block's attention (output projection included, no residual): [batch, m, hidden]."""
+    pooling = enc._pooling(hidden, valid, None)
+    return enc._pooled_attention(layer, hidden, pooling(hidden), valid, pooling, position_embeddings)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -19,7 +30,7 @@ def test_pf1_attention_equals_backbone_bidirectional_attention(family):
     valid = torch.ones(2, 7, dtype=torch.bool)
     pos = torch.arange(7).expand(2, 7)
     pe = enc.backbone.rotary_emb(hidden, position_ids=pos)
-    ours = enc.pooled_attention(layer, hidden, valid, pe)
+    ours = pooled_attention(enc, layer, hidden, valid, pe)
     theirs, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=pe, attention_mask=None)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -81,7 +92,7 @@ def test_pooled_queries_match_explicit_reference(family, positions, pf):
     hidden = torch.randn(2, 7, 32)
     valid = _valid(lengths, 7)
     pe = enc.backbone.rotary_emb(hidden, position_ids=torch.arange(7).expand(2, 7))
-    ours = enc.pooled_attention(layer, hidden, valid, pe)
+    ours = pooled_attention(enc, layer, hidden, valid, pe)
     ref = _reference_pooled_attention(enc, layer, hidden, lengths, pf, positions)
     for b, r in enumerate(ref):
         torch.testing.assert_close(ours[b, : r.shape[0]].double(), r, atol=1e-5, rtol=1e-4)

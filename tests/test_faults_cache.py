@@ -1,4 +1,4 @@
-"""Fault and bad-input tests of compressed caches (issue 14, items 4, 8, 9, 11, 13).
+"""Fault and bad-input tests of compressed caches.
 
 A resumed build redoes shards whose documents changed, concurrent builds into one directory
 are refused, every structural inconsistency of a cache (offsets, dtypes, shard counts,
@@ -44,7 +44,7 @@ def edit_json(path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
-# ---------------------------------------------------------------------------- item 4: changed text, same id
+# ---------------------------------------------------------------------------- changed text, same id
 def test_resume_redoes_a_shard_whose_document_text_changed(setup, tmp_path):
     _, model, _, _, ckpt, _ = setup
     docs = make_docs()
@@ -61,7 +61,7 @@ def test_resume_redoes_a_shard_whose_document_text_changed(setup, tmp_path):
     assert cache.texts()["doc-5"] == docs[5]["text"] and verify_cache(tmp_path / "c") == []
 
 
-# ---------------------------------------------------------------------------- item 8: concurrent builds
+# ---------------------------------------------------------------------------- concurrent builds
 def test_a_second_build_into_the_same_directory_is_refused_while_one_runs(setup, tmp_path):
     _, model, _, _, ckpt, corpus = setup
     out = tmp_path / "c"
@@ -112,7 +112,7 @@ def test_finalize_refuses_a_shard_written_by_another_build(setup, tmp_path):
         build.finalize()
 
 
-# ---------------------------------------------------------------------------- item 9: inconsistent caches
+# ---------------------------------------------------------------------------- inconsistent caches
 def test_an_index_offset_past_its_shard_is_an_error_not_zero_vectors(setup, tmp_path):
     _, model, _, _, ckpt, corpus = setup
     out = tmp_path / "c"
@@ -169,7 +169,7 @@ def test_malformed_cache_manifests_are_one_error_line(built, tmp_path, capsys, e
         assert len(err.strip().splitlines()) == 1
 
 
-# ---------------------------------------------------------------------------- item 13: corpus problems up front
+# ---------------------------------------------------------------------------- corpus problems up front
 def test_a_too_long_document_is_found_before_any_shard_is_written(setup, tmp_path):
     _, model, _, _, ckpt, _ = setup
     docs = make_docs()

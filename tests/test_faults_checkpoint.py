@@ -1,4 +1,4 @@
-"""Fault and bad-input tests of checkpoints and decoders (issue 14, items 3, 7, 10, 12, 13; issue 15.3).
+"""Fault and bad-input tests of checkpoints and decoders.
 
 Every file that decides what a loaded model computes is checked at load; a symlinked
 checkpoint is saved through its link; a projector refuses a decoder it was not trained for;
@@ -54,7 +54,7 @@ def with_decoder(tmp_path, tokenizer):
     return project, model, model.save_pretrained(project / "ck")
 
 
-# ---------------------------------------------------------------------------- item 3: every file verified
+# ---------------------------------------------------------------------------- every file verified
 @pytest.mark.parametrize("rel, edit", [
     ("arc_config.json", lambda d: d["encoder"].update(pooling_factor=8)),
     ("arc_config.json", lambda d: d["encoder"].update(pooled_query_positions="group_mean",
@@ -137,7 +137,7 @@ def test_a_decoder_config_value_of_the_wrong_type_is_a_clear_error(with_decoder,
     assert "hidden_size must be an integer" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------- item 7: symlinked checkpoints
+# ---------------------------------------------------------------------------- symlinked checkpoints
 def test_saving_through_a_symlinked_checkpoint_directory(saved, tmp_path):
     model, path = saved
     link = tmp_path / "link"
@@ -155,7 +155,7 @@ def test_saving_through_a_symlinked_checkpoint_directory(saved, tmp_path):
     assert leftovers == []
 
 
-# ---------------------------------------------------------------------------- item 10: decoder identity
+# ---------------------------------------------------------------------------- decoder identity
 def test_identity_is_the_same_in_every_dtype_and_differs_between_decoders(with_decoder):
     project, model, _ = with_decoder
     a32, _ = load_frozen_decoder(str(project / "dec_a"))
@@ -211,7 +211,7 @@ def test_a_checkpoint_without_a_decoder_identity_loads_with_a_warning(with_decod
         loaded.load_decoder("q", str(project / "dec_b"))
 
 
-# ---------------------------------------------------------------------------- item 12: reproducible bytes, umask
+# ---------------------------------------------------------------------------- reproducible bytes, umask
 def test_saving_twice_gives_identical_bytes_and_the_cache_keeps_accepting_it(saved, tmp_path):
     from arc_encoder.cache.build import build_cache
     from arc_encoder.cache.reader import CompressedCache
@@ -241,7 +241,7 @@ def test_checkpoint_files_and_directories_respect_the_umask(tmp_path, tokenizer,
         assert stat.S_IMODE(p.stat().st_mode) == expected, (p, oct(p.stat().st_mode))
 
 
-# ---------------------------------------------------------------------------- item 13: readers during a re-export
+# ---------------------------------------------------------------------------- readers during a re-export
 def test_a_reader_racing_a_re_export_reads_the_new_checkpoint(saved, monkeypatch):
     from arc_encoder import checkpoint
 
@@ -264,7 +264,7 @@ def test_a_reader_racing_a_re_export_reads_the_new_checkpoint(saved, monkeypatch
     assert len(calls) > 2  # read again after the race
 
 
-# ---------------------------------------------------------------------------- issue 15.3: missing or moved models
+# ---------------------------------------------------------------------------- missing or moved models
 def test_a_moved_project_finds_its_decoder_relative_to_the_checkpoint(with_decoder, tmp_path, capsys):
     project, model, ck = with_decoder
     expected = model.generate(*load_frozen_decoder(str(project / "dec_a")), "q", ["A list is mutable."], ["Lists"],

@@ -1,4 +1,4 @@
-"""Bad command-line input is one `error:` line and exit code 2, never a traceback (issue 14, item 11).
+"""Bad command-line input is one `error:` line and exit code 2, never a traceback.
 
 Devices that do not exist, empty inputs, output paths that cannot be written, a full disk, and
 pooling factors that cannot apply, through the real `arc-encoder` entry point in-process.

@@ -1,4 +1,4 @@
-"""Bad inputs of `arc-encoder` commands (issue 25): tracebacks, a hang, misleading OKs, silent
+"""Bad inputs of `arc-encoder` commands: tracebacks, a hang, misleading OKs, silent
 questionable results and unclear errors, each reproduced, each now one clear line.
 
 Every JSON field is type-checked at load (one error line naming the file and the field);

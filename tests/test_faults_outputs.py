@@ -1,4 +1,4 @@
-"""Outputs never clobber inputs (issue 25: "data lost, exit 0").
+"""Outputs never clobber inputs (no "data lost, exit 0").
 
 An output path equal to, or inside, any input of the command (corpus, checkpoint, decoder,
 curve) is refused before anything is written, with one error line naming both paths; outputs

@@ -1,4 +1,4 @@
-"""Training runs as a user runs them (issue 25): concurrent launches, stops, logs that survive,
+"""Training runs as a user runs them: concurrent launches, stops, logs that survive,
 short runs, fast --help and clear errors.
 
 * Two launches of one run: the second is refused (the run's lock, like cache builds').

@@ -1,4 +1,4 @@
-"""Fault and bad-input tests of the training run directory (issue 14, items 1, 2, 5, 6, 13).
+"""Fault and bad-input tests of the training run directory.
 
 Each test reproduces a failure found by fault testing: data loss through a bad run name or a
 name that matches an export, resumes that silently accept changed settings, failed runs that
@@ -92,7 +92,7 @@ def test_run_and_export_directories_must_not_overlap(setup, tmp_path):
         jobs.prepare_pretrain(same)
 
 
-# ---------------------------------------------------------------------------- item 5: resume with changed settings
+# ---------------------------------------------------------------------------- resume with changed settings
 def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_recorded(setup, tmp_path):
     cfg = pretrain_cfg(setup, tmp_path, steps=2, name="r")
     cfg = replace(cfg, optim=replace(cfg.optim, total_steps=3))  # a cycle of 3 steps, stopped after 2
@@ -125,7 +125,7 @@ def test_resume_refuses_changed_settings_unless_the_change_is_allowed_and_record
     assert "config_changes" not in launches[0] and launches[1]["config_changes"] == {"optim.lr": [cfg.optim.lr, 1e-2]}
 
 
-# ---------------------------------------------------------------------------- item 6: failures inside fit
+# ---------------------------------------------------------------------------- failures inside fit
 def _data_file(tmp_path: Path, name: str, content: str) -> str:
     path = tmp_path / name
     path.write_text(content)
@@ -202,7 +202,7 @@ def test_a_run_that_fails_after_a_checkpoint_is_kept_for_resume(setup, tmp_path,
     assert sorted(steps) == [0, 1, 2, 3], steps
 
 
-# ---------------------------------------------------------------------------- item 13: smaller
+# ---------------------------------------------------------------------------- smaller
 @pytest.mark.parametrize("key", ["max_steps", "checkpoint_every_n_steps", "val_check_interval", "log_every_n_steps",
                                  "accumulate_grad_batches", "num_nodes"])
 def test_meaningless_trainer_settings_are_refused(key):

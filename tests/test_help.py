@@ -1,5 +1,5 @@
 """`--help` explains: every key and option has a description, section headers are readable,
-each training job shows its real defaults and only the keys it reads (issue 15)."""
+each training job shows its real defaults and only the keys it reads."""
 
 import argparse
 import dataclasses

@@ -30,7 +30,7 @@ SHORT_TRAINING = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3
                   "3", "--optim.warmup_steps", "2", "--data.val_batches", "1", "--data.num_workers", "0",
                   "--trainer.progress_bar", "false"]
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
-# Noise a first run must not print (issue 15): what each looked like before.
+# Noise a first run must not print: what each looked like before.
 NOISE = ("LOAD REPORT", "Loading weights", "Tip:", "Epoch 0/", "deprecated", "Warning", "GPU available")
 
 

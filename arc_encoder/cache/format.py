@@ -26,7 +26,7 @@ import torch
 from ..adaptive import AdaptivePooling
 from ..checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from ..checkpoint import read_config
-from ..config import ARCConfig, dataclass_from_dict, torch_dtype
+from ..config import ARCConfig, check_int, dataclass_from_dict, is_int, torch_dtype
 from ..corpus import CorpusFormat, DocumentStream
 from ..storage import (
     DirectoryLock,
@@ -121,9 +121,7 @@ class CacheBuildConfig:
         if self.corpus_format not in get_args(CorpusFormat):
             raise ValueError(f"corpus_format={self.corpus_format!r} is not one of {list(get_args(CorpusFormat))}")
         for name in ("docs_per_shard", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         for name in ("checkpoint", "checkpoint_sha256", "decoder", "corpus", "decoder_path"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -265,14 +263,10 @@ _DOC_INTS = {"offset": 0, "length": 1, "tokens": 0, "text_bytes": 0}
 
 def check_sidecar(side: Any, where: str) -> dict[str, Any]:
     """A shard sidecar's structure (every field its JSON type); a ValueError names the file and field."""
-    def is_int(v: Any, low: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
     if not isinstance(side, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(side).__name__}")
     for key, low in _SIDECAR_INTS.items():
-        if not is_int(side.get(key), low):
-            raise ValueError(f"{where}: {key} must be an integer >= {low}, got {side.get(key)!r}")
+        check_int(f"{where}: {key}", side.get(key), low)
     for key in _SIDECAR_STRS:
         if not isinstance(side.get(key), str) or not side[key]:
             raise ValueError(f"{where}: {key} must be a non-empty string, got {side.get(key)!r}")
@@ -286,8 +280,7 @@ def check_sidecar(side: Any, where: str) -> dict[str, Any]:
         if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not isinstance(d.get("text_sha256"), str):
             raise ValueError(f"{where}: docs[{i}] needs a string id and text_sha256")
         for key, low in _DOC_INTS.items():
-            if not is_int(d.get(key), low):
-                raise ValueError(f"{where}: docs[{i}].{key} must be an integer >= {low}, got {d.get(key)!r}")
+            check_int(f"{where}: docs[{i}].{key}", d.get(key), low)
         factors = d.get("pooling_factors", [1])
         if not isinstance(factors, list) or not factors or not all(is_int(f, 1) for f in factors):
             raise ValueError(f"{where}: docs[{i}].pooling_factors must be a list of integers >= 1, got {factors!r}")
@@ -316,9 +309,7 @@ def check_cache_manifest(data: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: format_version {data.get('format_version')!r} is not {CACHE_FORMAT_VERSION}")
     check_file_table(data.get("files"), where)
     for key, minimum in _MANIFEST_COUNTS.items():
-        value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+        check_int(f"{where}: {key}", data.get(key), minimum)
     missing = [k for k in _MANIFEST_REQUIRED if k not in data]
     if missing:
         raise ValueError(f"{where}: missing {missing}")
@@ -328,8 +319,7 @@ def check_cache_manifest(data: Any, where: str) -> dict[str, Any]:
     except (TypeError, ValueError) as err:  # TypeError: a required setting is missing
         raise ValueError(f"{where}: {err}") from err
     for key in ("decoder_hidden_size", "pooling_factor"):
-        if isinstance(data.get(key), bool) or not isinstance(data.get(key), int) or data[key] < 1:
-            raise ValueError(f"{where}: {key} must be an integer >= 1, got {data.get(key)!r}")
+        check_int(f"{where}: {key}", data.get(key), 1)
     return data
 
 
@@ -354,7 +344,7 @@ def read_index(directory: PathLike, manifest: dict[str, Any]) -> dict[str, dict[
         raise ValueError(f"{path}: {len(docs)} documents, the manifest says num_docs {manifest['num_docs']}")
     shards = set()
     for doc_id, e in docs.items():
-        ok = isinstance(e, dict) and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool) and e[k] >= low
+        ok = isinstance(e, dict) and all(is_int(e.get(k), low)
                                          for k, low in (("shard", 0), ("offset", 0), ("length", 1)))
         if not ok:
             raise ValueError(f"{path}: document {doc_id!r} needs integer shard, offset >= 0 and length >= 1")

@@ -1,4 +1,4 @@
-"""`arc-encoder probe`: does a frozen decoder read its context? (issue 22's relative gates)
+"""`arc-encoder probe`: does a frozen decoder read its context? (relative gates)
 
 ARC's reconstruction objective needs a decoder that copies text it has just seen, as real LLMs
 do; a stand-in decoder that cannot will not learn from any encoder. The probe measures it on
@@ -105,7 +105,7 @@ def add_probe_command(sub) -> None:
                    help=f"random induction sequences (default {d.induction_rows})")
     p.add_argument("--induction-tokens", choices=get_args(InductionTokens), default=d.induction_tokens,
                    help="draw random induction tokens from the held-out text's distinct ids (default) or from the "
-                   "whole vocabulary but special tokens (the measure up to issue 22)")
+                   "whole vocabulary but special tokens (the earlier measure)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows per forward pass")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random sequences and passage offsets")
     p.add_argument("--induction-ratio-max", type=float, default=d.induction_ratio_max,
