@@ -82,7 +82,7 @@ def run_quickstart(
     from .cache.retrieve import BM25Retriever
     from .cache.store import CompressedCache
     from .checkpoint import read_config
-    from .model import ARCModel, compute_dtype
+    from .model import ARCModel, compute_dtype, resolve_base_model
     from .qa import first_line, qa_prompt
     from .samples import decoder_prefix
 
@@ -92,7 +92,9 @@ def run_quickstart(
     start = time.perf_counter()
     model = ARCModel.from_pretrained(checkpoint, decoders=[name], device=device).eval()
     decoder, tokenizer, decoder_path = model.load_decoder(name, device=device, dtype=compute_dtype(device))
-    say(f"checkpoint   {checkpoint}: encoder {model.config.encoder.base_model} ({model.config.encoder.tuning}), "
+    enc = model.config.encoder
+    base = resolve_base_model(enc) if enc.tuning == "lora" else enc.base_model
+    say(f"checkpoint   {checkpoint}: encoder {'a LoRA delta on ' if enc.tuning == 'lora' else ''}{base}, "
         f"decoder {name} at {decoder_path}; loaded in {time.perf_counter() - start:.0f} s")
     t = time.perf_counter()
     built = build_cache(checkpoint, name, docs, cache_dir, model=model, resume=Path(cache_dir).exists(),

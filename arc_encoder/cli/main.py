@@ -99,8 +99,40 @@ def cmd_info(args: argparse.Namespace) -> None:
     for name, p in cfg.projectors.items():
         print(f"projector    {name}: {p.input_dim} -> {p.hidden_dim} -> {p.output_dim} "
               f"(activation {p.activation}, decoder {p.decoder or '?'})")
+    if enc.tuning == "lora":
+        print(f"tuning       LoRA r{enc.lora_rank} + the last {enc.full_blocks} block(s): a delta on the base model whose "
+              f"weights have sha256 {enc.base_sha256[:12]}...")
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"files        {len(manifest['files'])}, {total / 2**20:.1f} MiB")
+    for line in model_card_lines(args.checkpoint):
+        print(line)
+
+
+def model_card_lines(checkpoint: str) -> list[str]:
+    """The measured numbers of a checkpoint's model_card.json (written by whoever trained it), as lines."""
+    from ..storage import read_json_file
+
+    path = Path(checkpoint) / "model_card.json"
+    if not path.is_file():
+        return []
+    card = read_json_file(path)
+    measured = card.get("measured", {}) if isinstance(card, dict) else {}
+    lines = [f"card         {path} (README.md beside it)"]
+    qa = measured.get("qa_cpu")
+    if isinstance(qa, dict):
+        modes = [(k, qa.get(k)) for k in ("closed_book", "open_book", "compressed_x4", "compressed_x8")]
+        lines.append(f"QA EM        {qa.get('questions')} held-out questions: " + ", ".join(
+            f"{k.replace('_', ' ')} {m['exact_match']:.2f} ({m['prefill_positions']:.0f} positions)"
+            for k, m in modes if isinstance(m, dict)))
+    for key, label in (("continuation_h200_before_qa_finetune", "before QA FT"),
+                       ("continuation_cpu_this_checkpoint", "this ckpt")):
+        points = measured.get(key, {}).get("points") if isinstance(measured.get(key), dict) else None
+        for name, p in (points or {}).items():
+            lines.append(f"continuation {label}, {name}: none {p['loss_none']:.2f} / compressed {p['loss_compressed']:.2f} "
+                         f"/ full {p['loss_full']:.2f} nats/token, recon acc {p['recon_acc']:.2f}")
+    if isinstance(card, dict) and card.get("limits"):
+        lines.append(f"limits       {card['limits']}")
+    return lines
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
