@@ -49,6 +49,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BUILTIN_TINY = "builtin:tiny-lm"
+KNOWN_PREFIX = "known:"  # known:smollm2-135m: a registry model, converted once (arc_encoder.gguf)
 # A tiny decoder trained by this project and shipped in the package, so the quickstart
 # needs no LM training; used when run.tiny_lm is left at its defaults.
 BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder.resources") / "tiny_lm"))
@@ -67,7 +68,7 @@ class DecoderSpec:
     name: str = "tiny"
     """the projector's name (what --decoder NAME selects in `arc-encoder` commands)"""
     path: str = BUILTIN_TINY
-    """local HF causal-LM directory, or builtin:tiny-lm (the tiny decoder shipped in the package)"""
+    """local HF causal-LM directory, builtin:tiny-lm (the tiny decoder shipped in the package), or known:NAME (a registry model converted once, e.g. known:smollm2-135m)"""
     tokenizer: str = ""
     """its tokenizer's directory (default: path)"""
     dtype: DtypeName = "float32"
@@ -194,6 +195,9 @@ class PretrainConfig:
     encoder_build: EncoderBuild = field(default_factory=EncoderBuild)
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
     """frozen decoders, one projector each (a YAML list; its keys: --decoders.help DecoderSpec)"""
+    from_checkpoint: str = ""
+    """continue pretraining this checkpoint (its encoder, and its projectors for the decoders it has; a decoder
+    it lacks gets a new projector) instead of cutting a new encoder from encoder.base_model"""
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=tiny_optim)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -244,7 +248,15 @@ class LMConfig:
 # ---------------------------------------------------------------------------- building blocks
 
 def resolve_path(path: str, run: RunSpec, progress: bool = True) -> str:
-    """builtin:tiny-lm -> a trained tiny decoder dir (trained once, then reused)."""
+    """builtin:tiny-lm -> a trained tiny decoder dir (trained once, then reused); known:NAME -> a registry
+    model's conversion (``arc_encoder.gguf.KNOWN_MODELS``, made once from its installed wheel)."""
+    if path.startswith(KNOWN_PREFIX):
+        from arc_encoder.gguf import KNOWN_MODELS, ensure_converted
+
+        name = path[len(KNOWN_PREFIX):]
+        if name not in KNOWN_MODELS:
+            raise ValueError(f"{path!r}: not a known model; known: {', '.join(KNOWN_PREFIX + n for n in KNOWN_MODELS)}")
+        return str(ensure_converted(KNOWN_MODELS[name]))
     if path != BUILTIN_TINY:
         return path
     from .lm import is_decoder_dir, train_lm
@@ -669,13 +681,26 @@ def prepare_pretrain(cfg: PretrainConfig) -> tuple[ARCTrainingModule, ARCDataMod
     from .data import DecoderTokenizers
     from .module import ARCTrainingModule
 
+    if cfg.from_checkpoint:
+        _check_source(cfg.from_checkpoint)
     _outputs_apart(cfg.run, _inputs(cfg))
     run_dir, export_dir = run_dirs(cfg.run, "pretrain", cfg)
     with _released_on_error(run_dir):
         cfg.data.check()
         L.seed_everything(cfg.run.seed, verbose=False)
         decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
-        model = build_model(cfg, decoders, paths, toks)
+        if cfg.from_checkpoint:  # continue: the checkpoint's encoder (a delta stays a delta) and projectors
+            model = _load_checkpoint(cfg.from_checkpoint)
+            for spec in cfg.decoders:
+                if spec.name in model.projectors:
+                    model.check_decoder(spec.name, decoders[spec.name], spec.allow_other_decoder)
+                else:
+                    model.add_decoder(spec.name, decoders[spec.name], spec.projector, decoder_path=paths[spec.name],
+                                      tokenizer=toks[spec.name])
+            model.projectors = torch_module_dict({n: model.projectors[n] for n in decoders})
+            model.config.projectors = {n: model.config.projectors[n] for n in decoders}
+        else:
+            model = build_model(cfg, decoders, paths, toks)
         dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
         module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps)
         return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
@@ -702,6 +727,12 @@ def pretrain(cfg: PretrainConfig) -> str:
     return line
 
 
+def torch_module_dict(modules: dict):
+    from torch import nn
+
+    return nn.ModuleDict(modules)
+
+
 def _check_source(path: str) -> None:
     """from_checkpoint exists: said before anything about the run's own directories."""
     if not Path(path).is_dir():
@@ -719,10 +750,11 @@ def _inputs(cfg) -> dict[str, str]:
     inputs = {"from_checkpoint": getattr(cfg, "from_checkpoint", "")}
     decoders = cfg.decoders if hasattr(cfg, "decoders") else [cfg.decoder]
     for spec in decoders:
-        inputs[f"decoder {spec.name!r}"] = "" if spec.path == BUILTIN_TINY else spec.path
+        inputs[f"decoder {spec.name!r}"] = "" if spec.path == BUILTIN_TINY or spec.path.startswith(KNOWN_PREFIX) else spec.path
         inputs[f"decoder {spec.name!r} tokenizer"] = spec.tokenizer
     if hasattr(cfg, "encoder"):
-        inputs["encoder.base_model"] = "" if cfg.encoder.base_model == BUILTIN_TINY else cfg.encoder.base_model
+        base = cfg.encoder.base_model
+        inputs["encoder.base_model"] = "" if base == BUILTIN_TINY or base.startswith(KNOWN_PREFIX) else base
         inputs["encoder_build.tokenizer"] = cfg.encoder_build.tokenizer
     for split in ("train_files", "validation_files"):
         for i, path in enumerate(getattr(cfg.data, split) or []):
