@@ -11,7 +11,6 @@ input is a parameter, and the tests run the same path on tiny models.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,21 +42,9 @@ class Answer:
 
 def read_questions(path: PathLike) -> list[dict]:
     """JSONL rows {question, answer} (the QA format of `arc-encoder eval make-qa`); one error line per bad row."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
-                                                for k in ("question", "answer")):
-            raise ValueError(f"{path}:{n}: a row needs the strings 'question' and 'answer'")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no questions")
-    return rows
+    from .qa import read_qa_rows
+
+    return read_qa_rows(path, need=("question", "answer"))
 
 
 def shown_question(question: str) -> str:

@@ -49,7 +49,7 @@ def test_the_main_job_runs_on_tiny_models_and_reuses_its_cache(tmp_path, tokeniz
 def test_bad_inputs_are_one_line(tmp_path, tokenizer, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: a row needs"):
+    with pytest.raises(ValueError, match="bad.jsonl, line 1: field 'answer'"):
         read_questions(bad)
     assert main(["quickstart", "--checkpoint", str(tmp_path / "none"), "--cache", str(tmp_path / "c")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
