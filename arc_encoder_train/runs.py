@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -111,6 +112,21 @@ def received_signal() -> int | None:
     return _received[0] if _received else None
 
 
+def _quiet_killed_loader_workers() -> None:
+    """After a stop signal, a DataLoader iterator collected later finds its worker killed by the same
+    signal and reports it from ``__del__`` as an "Exception ignored" traceback: expected, not news.
+    Only that report is silenced; every other unraisable exception still prints."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and _received:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGINT raise `RunStopped` (once: a second signal while the run winds down is only
@@ -123,6 +139,7 @@ def stop_on_signals() -> Iterator[None]:
         first = not _received
         _received.append(signum)
         if first:
+            _quiet_killed_loader_workers()
             raise RunStopped(signum)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -21,7 +21,7 @@ residual stream is large: RMS ~ 800 after 16 layers, no final norm).
    the rest of the chunk). Held-out R^2 (local: per window; global: over all held-out vectors)
    and cosine.
 2. ``--steps`` steps of training a fresh reference projector (640 -> 2048 -> 576, no bias, + its
-   special tokens; same seed, same batches in the same order in both arms) through the frozen
+   special tokens; per ``--seeds`` seed, the same init and batches in both arms) through the frozen
    decoder, alternating reconstruction and continuation batches: held-out NLL of the first
    ``--reconstruction-tokens`` decoder tokens of the context and of the next
    ``--continuation-tokens``.
@@ -223,16 +223,12 @@ def run_arm(arm: str, args, decoder, train: list[dict], held: list[dict]) -> tup
             probes[name]["per_window_r2"] = [round(v, 4) for v in r2_per_window(pred, hy, hon)]
 
     # 2. a fresh projector trained through the frozen decoder
-    def nll_from(ctx: torch.Tensor, rows: list[dict], task: str) -> torch.Tensor:
-        context = CompressedContext(ctx, torch.full((len(rows),), ctx.shape[1], dtype=torch.long), "smollm2")
+    def nll_from(ctx: torch.Tensor, rows: list[dict], task: str, name: str) -> torch.Tensor:
+        context = CompressedContext(ctx, torch.full((len(rows),), ctx.shape[1], dtype=torch.long), name)
         inp = model.build_decoder_inputs(emb, context, [[] for _ in rows], [r[task] for r in rows], task,
                                          [[] for _ in rows])
         return target_nll(decoder, inp.inputs_embeds, inp.attention_mask, inp.labels)
 
-    torch.manual_seed(args.seed)
-    model.add_decoder("smollm2", decoder, decoder_path=args.decoder)
-    projector = model.projector("smollm2").float()
-    opt = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
 
     def lr_at(step: int) -> float:
@@ -241,28 +237,40 @@ def run_arm(arm: str, args, decoder, train: list[dict], held: list[dict]) -> tup
         progress = (step - warmup) / max(1, args.steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    gen = torch.Generator().manual_seed(args.seed)
-    losses, t0 = [], time.perf_counter()
-    for step in range(args.steps):
-        task = "reconstruction" if step % 2 == 0 else "continuation"
-        idx = torch.randint(len(train), (args.batch,), generator=gen).tolist()
-        for group in opt.param_groups:
-            group["lr"] = args.lr * lr_at(step)
-        loss = nll_from(projector(train_x[idx]), [train[i] for i in idx], task).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(round(loss.item(), 4))
-        print(f"[{arm}] step {step + 1}/{args.steps} {task} loss {loss.item():.3f}", flush=True)
-    train_s = time.perf_counter() - t0
     scores: dict[str, list[float]] = {}
-    if args.steps:
+    losses: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for seed in (int(x) for x in args.seeds.split(",")) if args.steps else ():
+        torch.manual_seed(seed)  # the projector's init; ``gen`` below: the batches
+        name = f"smollm2_seed{seed}"
+        model.add_decoder(name, decoder, decoder_path=args.decoder)
+        projector = model.projector(name).float()
+        opt = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        losses[f"seed{seed}"] = []
+        for step in range(args.steps):
+            task = "reconstruction" if step % 2 == 0 else "continuation"
+            idx = torch.randint(len(train), (args.batch,), generator=gen).tolist()
+            for group in opt.param_groups:
+                group["lr"] = args.lr * lr_at(step)
+            loss = nll_from(projector(train_x[idx]), [train[i] for i in idx], task, name).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[f"seed{seed}"].append(round(loss.item(), 4))
+            print(f"[{arm} seed {seed}] step {step + 1}/{args.steps} {task} loss {loss.item():.3f}", flush=True)
         with torch.no_grad():
             for task in ("reconstruction", "continuation"):
-                scores[task] = []
+                key = f"{task}_seed{seed}"
+                scores[key] = []
                 for i in range(0, len(held), args.encode_batch):
                     rows = held[i : i + args.encode_batch]
-                    scores[task] += nll_from(projector(held_x[i : i + args.encode_batch]), rows, task).tolist()
+                    scores[key] += nll_from(projector(held_x[i : i + args.encode_batch]), rows, task, name).tolist()
+    train_s = time.perf_counter() - t0
+    seeds = sorted({k.rsplit("_seed", 1)[1] for k in scores})
+    for task in ("reconstruction", "continuation") if len(seeds) > 1 else ():
+        per_seed = [scores[f"{task}_seed{seed}"] for seed in seeds]
+        scores[f"{task}_mean_over_seeds"] = [sum(v) / len(v) for v in zip(*per_seed)]
     result = {
         "sliding_window_layers": arm,
         "band_tokens_each_side": window - 1 if window else None,
@@ -292,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--continuation-tokens", type=int, default=64, help="decoder tokens after the context scored")
     p.add_argument("--train-windows", type=int, default=32)
     p.add_argument("--heldout-windows", type=int, default=16)
-    p.add_argument("--steps", type=int, default=40, help="projector steps (alternating reconstruction, continuation)")
+    p.add_argument("--steps", type=int, default=150, help="projector steps (alternating reconstruction, continuation)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated: one projector run per seed (init and batches)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--encode-batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

@@ -131,7 +131,7 @@ ENCODER_VALUES = dict(
     pooled_query_input="pooled_queries", pooling_groups="fixed_tail",
     pooled_residual=False, final_norm=True, chunk_len=64, max_chunks=5, attn_implementation="eager",
     pooling_factors=(2, 8), tuning="lora", lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "v_proj"),
-    full_blocks=2, base_sha256="ab" * 32, sliding_window_layers="full",
+    full_blocks=2, base_sha256="ab" * 32, sliding_window_layers="band",
 )
 
 

@@ -349,3 +349,36 @@ def test_mixed_pooling_pretrain_draws_factors_and_saves_them(setup, tmp_path):
     bad.encoder.pooling_factors = [3, 5]  # the default factor 2 must be one of them
     with pytest.raises(ValueError, match="must be one of"):
         jobs.prepare_pretrain(bad)
+
+
+def test_pretrain_continues_from_a_checkpoint(setup, tmp_path):
+    """`pretrain --from_checkpoint`: the run starts from the checkpoint's encoder and projectors (a decoder it
+    lacks gets a new projector) and exports a new checkpoint; the source is untouched."""
+    from arc_encoder import ARCModel
+
+    cfg = pretrain_cfg(setup, tmp_path, steps=3)
+    jobs.pretrain(cfg)
+    source = tmp_path / "ckpt" / "t"
+    before = ARCModel.from_pretrained(source)
+    root, _, decs, _ = setup
+    more = replace(cfg, from_checkpoint=str(source), run=replace(cfg.run, name="t2"),
+                   decoders=cfg.decoders + [DecoderConfig(name="b", path=decs["b"], projector=ProjectorOptions(hidden_dim=16))])
+    module, _, _, _ = jobs.prepare_pretrain(more)
+    start = module.model.state_dict()
+    for key, value in before.state_dict().items():
+        assert torch.equal(start[key], value), key  # the checkpoint's weights, not a fresh encoder
+    assert set(module.model.projectors.keys()) == {"a", "b"}
+    line = jobs.pretrain(replace(more, run=replace(more.run, name="t3")))
+    assert line.startswith("pretrain done: 3 steps")
+    after = ARCModel.from_pretrained(tmp_path / "ckpt" / "t3")
+    assert any(not torch.equal(after.state_dict()[k], v) for k, v in before.state_dict().items())
+    assert set(ARCModel.from_pretrained(source).projectors.keys()) == {"a"}
+
+
+def test_known_model_paths_resolve_to_their_conversion(monkeypatch, tmp_path):
+    import arc_encoder.gguf as gguf
+
+    monkeypatch.setattr(gguf, "ensure_converted", lambda model: tmp_path / model.name)
+    assert jobs.resolve_path("known:smollm2-135m", RunConfig()) == str(tmp_path / "smollm2-135m")
+    with pytest.raises(ValueError, match="not a known model; known: known:smollm2-135m"):
+        jobs.resolve_path("known:llama-70b", RunConfig())

@@ -117,8 +117,13 @@ def cmd_query(args: argparse.Namespace) -> None:
     model = ARCModel.from_pretrained(checkpoint, decoders=[cache.decoder], device=device).eval()
     decoder, tokenizer, _ = model.load_decoder(cache.decoder, args.decoder_path, device,
                                                allow_other_decoder=args.allow_other_decoder)
+    question = args.question
+    if args.qa:  # the prompt a checkpoint fine-tuned on `eval make-qa` rows was trained on
+        from ..qa import qa_prompt, with_example
+
+        question = qa_prompt(with_example(question.strip(), shots=1))
     context = cache.context([doc_ids], decoder.get_input_embeddings().weight.dtype)
-    answer = model.generate(decoder, tokenizer, cache.decoder, context, [args.question],
+    answer = model.generate(decoder, tokenizer, cache.decoder, context, [question],
                             max_new_tokens=args.max_new_tokens, do_sample=False)
     print(format_answer(answer[0]))
 
@@ -164,6 +169,9 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("cache", help="cache directory (built by `cache build`)")
     q.add_argument("question", help="the question: BM25 retrieves with it, and the decoder reads it after the documents")
     q.add_argument("--top-k", type=positive_int, default=3, help="documents retrieved with BM25 (default 3)")
+    q.add_argument("--qa", action="store_true", help="give the decoder the question as `eval make-qa` rows and "
+                   "`finetune` train it (a blank line, one worked example, the question, a newline): what a checkpoint "
+                   "fine-tuned on such rows, like checkpoints/smollm2-arc, expects")
     q.add_argument("--doc-id", action="append", help="use these documents instead of retrieval (repeatable)")
     q.add_argument("--checkpoint", help="checkpoint directory (default: the one recorded in the cache)")
     q.add_argument("--decoder-path", help="local HF decoder (default: the path recorded in the checkpoint)")

@@ -31,6 +31,22 @@ from ..arguments import (
 )
 
 
+def _result_header(benchmark: str, args: argparse.Namespace, device: str, decoder_path: str) -> dict:
+    """What every eval JSON starts with: which command, when, where, on which checkpoint, decoder and data."""
+    import torch
+
+    return {
+        "benchmark": benchmark,
+        "command": "arc-encoder " + " ".join(shlex.quote(a) for a in args.argv),
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "decoder": args.decoder,
+        "decoder_path": decoder_path,
+        "data": str(Path(args.data).resolve()),
+    }
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     if args.plot:
         pyplot()  # fails before any work when matplotlib is missing
@@ -85,14 +101,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             point["trained_factor"] = not enc.untrained_factors([what]) if isinstance(what, int) else True
             points.append(point)
     result = {
-        "benchmark": "info",
-        "command": "arc-encoder eval info " + " ".join(shlex.quote(a) for a in args.argv),
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-        "decoder": args.decoder,
-        "decoder_path": dec_path,
-        "data": str(Path(args.data).resolve()),
+        **_result_header("info", args, device, dec_path),
         "context_tokens": args.context_tokens,
         "target_tokens": args.target_tokens,
         "trained_pooling_factors": list(trained),
@@ -119,7 +128,7 @@ def format_table(points: list[dict]) -> str:
         rows.append(f"{p['label'] + flag:<22}{p['chunk_len']:>6}{p['rate_vectors_per_token']:>8.3f}"
                     f"{p['bits_none_per_token']:>9.2f}{p['bits_recovered_per_token']:>7.2f}"
                     f"{p['bits_per_vector']:>9.2f}{100 * p['info_retained']:>7.1f}{p['loss_compressed']:>7.3f}"
-                    f"{100 * p['gap_closed']:>6.0f}{p['em_at_k']:>6.2f}{p['recon_acc']:>7.3f}{rec}")
+                    f"{100 * p['gap_closed']:>6.0f}{p['em_at_k']:>6.2f}{p.get('recon_acc', float('nan')):>7.3f}{rec}")
     if points:
         p = points[0]
         rows.append(f"closed book loss {p['loss_none']:.3f}, open book {p['loss_full']:.3f} (nats/token); "
@@ -263,14 +272,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
         if rep["pooling_factor"] is not None:
             rep["trained_factor"] = not enc.untrained_factors([rep["pooling_factor"]])
     result = {
-        "benchmark": "qa",
-        "command": "arc-encoder eval qa " + " ".join(shlex.quote(a) for a in args.argv),
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-        "decoder": args.decoder,
-        "decoder_path": dec_path,
-        "data": str(Path(args.data).resolve()),
+        **_result_header("qa", args, device, dec_path),
         "data_sha256": sha256_file(args.data),
         "rows": len(rows),
         "max_new_tokens": args.max_new_tokens,

