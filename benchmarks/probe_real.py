@@ -260,7 +260,7 @@ def key_numbers(result: dict) -> dict:
 
 
 def recorded_stand_ins() -> dict:
-    """Ratios of the issue-12 stand-ins from their recorded probe (old measure: BOS first, random tokens from
+    """Ratios of the earlier tiny stand-ins from their recorded probe (old measure: BOS first, random tokens from
     the whole vocabulary, copy repeated right after itself); their weights are not kept in git."""
     src = REPO / "benchmarks/results/decoders_final_h100.json"
     rec = json.loads(src.read_text())["test_probe"]
